@@ -1,0 +1,193 @@
+"""Numeric tests of the candidate ops against hand computations and a numpy reference."""
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+from istanas_tf import genotypes
+from istanas_tf import operations as ops
+
+
+def reference_conv(x, kernel, stride, dilation, depthwise):
+    """Direct NHWC convolution with PyTorch's symmetric padding (k - 1) * d / 2.
+
+    x: [H, W, C_in]; kernel: [k, k, C_in, C_out] (depthwise: [k, k, C, 1]).
+    """
+    k = kernel.shape[0]
+    pad = (k - 1) * dilation // 2
+    xp = np.pad(x, [(pad, pad), (pad, pad), (0, 0)])
+    height = (x.shape[0] + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    width = (x.shape[1] + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    channels_out = x.shape[2] if depthwise else kernel.shape[3]
+    out = np.zeros([height, width, channels_out])
+    for i in range(height):
+        for j in range(width):
+            for a in range(k):
+                for b in range(k):
+                    pixel = xp[i * stride + a * dilation, j * stride + b * dilation]
+                    if depthwise:
+                        out[i, j] += pixel * kernel[a, b, :, 0]
+                    else:
+                        out[i, j] += pixel @ kernel[a, b]
+    return out
+
+
+@pytest.mark.parametrize("kernel_size,stride,dilation,depthwise,size", [
+    (3, 1, 1, False, 6), (3, 2, 1, False, 6), (3, 2, 1, False, 7), (5, 2, 1, True, 8),
+    (3, 2, 2, True, 8), (5, 2, 2, True, 7), (3, 1, 2, True, 7), (5, 1, 2, True, 6),
+])
+def test_symmetric_conv_matches_pytorch_padding(kernel_size, stride, dilation, depthwise,
+                                                size):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=[1, size, size, 3]).astype(np.float32)
+    layer = ops.SymmetricConv(4, kernel_size, stride, dilation, depthwise=depthwise)
+    y = layer(x).numpy()[0]
+    kernel = layer.conv.weights[0].numpy()
+    expected = reference_conv(x[0].astype(np.float64), kernel.astype(np.float64), stride,
+                              dilation, depthwise)
+    assert y.shape == expected.shape
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stride2_samples_pytorch_positions_not_tf_same():
+    # A 1x1-centred delta kernel at stride 2 must return the even pixels (0, 2, 4, ...),
+    # the centres symmetric padding gives; TF 'same' would return the odd ones.
+    x = np.arange(36, dtype=np.float32).reshape([1, 6, 6, 1])
+    layer = ops.SymmetricConv(1, 3, stride=2)
+    layer(x)
+    kernel = np.zeros([3, 3, 1, 1], np.float32)
+    kernel[1, 1] = 1.0
+    layer.conv.kernel.assign(kernel)
+    np.testing.assert_array_equal(layer(x).numpy()[0, :, :, 0], x[0, ::2, ::2, 0])
+
+
+def test_avg_pool_corner_averages_the_four_valid_values():
+    x = np.arange(16, dtype=np.float32).reshape([1, 4, 4, 1])
+    y = ops.Pool("avg", stride=1)(x).numpy()[0, :, :, 0]
+    # Corner (0, 0) window covers pixels (0,0),(0,1),(1,0),(1,1) = 0, 1, 4, 5 -> 2.5;
+    # counting the 5 pad zeros would give 10 / 9.
+    assert y[0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
+    # An edge pixel (0, 1) averages 6 valid values: 0+1+2+4+5+6 = 18 -> 3.
+    assert y[0, 1] == pytest.approx(18 / 6)
+    # Interior (1, 1): all 9 values 0,1,2,4,5,6,8,9,10 -> 5.
+    assert y[1, 1] == pytest.approx(5.0)
+
+
+def test_avg_pool_stride2_windows():
+    x = np.arange(16, dtype=np.float32).reshape([1, 4, 4, 1])
+    y = ops.Pool("avg", stride=2)(x).numpy()[0, :, :, 0]
+    # Windows centred at (0,0), (0,2), (2,0), (2,2) of the symmetric padding.
+    assert y.shape == (2, 2)
+    assert y[0, 0] == pytest.approx(2.5)
+    assert y[0, 1] == pytest.approx((1 + 2 + 3 + 5 + 6 + 7) / 6)
+    assert y[1, 1] == pytest.approx((5 + 6 + 7 + 9 + 10 + 11 + 13 + 14 + 15) / 9)
+
+
+def test_max_pool_border_never_returns_pad():
+    # All values negative: a zero pad would win the max at every border pixel.
+    x = -1.0 - np.arange(25, dtype=np.float32).reshape([1, 5, 5, 1])
+    for stride in (1, 2):
+        y = ops.Pool("max", stride=stride)(x).numpy()
+        assert np.all(y < 0)
+    y = ops.Pool("max", stride=1)(x).numpy()[0, :, :, 0]
+    assert y[0, 0] == -1.0  # max of -1, -2, -6, -7
+    assert y[4, 4] == -19.0  # max of -19, -20, -24, -25
+
+
+def test_factorized_reduce_reads_shifted_input():
+    x = np.random.default_rng(1).uniform(0.1, 1.0, size=[1, 6, 6, 2]).astype(np.float32)
+    layer = ops.FactorizedReduce(4, affine=False)
+    layer(x, training=False)
+    identity = np.eye(2, dtype=np.float32).reshape([1, 1, 2, 2])
+    layer.conv1.kernel.assign(identity)
+    layer.conv2.kernel.assign(identity)
+    y = layer(x, training=False).numpy()[0]
+    scale = 1.0 / np.sqrt(1.0 + ops.BN_EPSILON)  # fresh BN: mean 0, variance 1
+    np.testing.assert_allclose(y[..., :2], x[0, ::2, ::2] * scale, rtol=1e-6)
+    np.testing.assert_allclose(y[..., 2:], x[0, 1::2, 1::2] * scale, rtol=1e-6)
+
+
+def test_batch_norm_uses_pytorch_eps_and_momentum():
+    bn = ops.batch_norm()
+    assert bn.epsilon == 1e-5 and bn.momentum == 0.9
+    bn_free = ops.batch_norm(affine=False)
+    bn_free.build((None, 4, 4, 3))
+    assert bn_free.trainable_weights == []
+
+
+C = 8
+
+
+@pytest.mark.parametrize("name,stride,options,expected", [
+    # sep_conv kxk: 2 * (depthwise k*k*C + pointwise C*C + BN 2*C).
+    ("sep_conv_3x3", 1, ops.OpOptions(), 2 * (9 * C + C * C + 2 * C)),
+    ("sep_conv_5x5", 2, ops.OpOptions(), 2 * (25 * C + C * C + 2 * C)),
+    # dil_conv kxk: depthwise k*k*C + pointwise C*C + BN 2*C.
+    ("dil_conv_3x3", 1, ops.OpOptions(), 9 * C + C * C + 2 * C),
+    ("dil_conv_5x5", 2, ops.OpOptions(), 25 * C + C * C + 2 * C),
+    # skip at stride 2 = FactorizedReduce: two 1x1 convs C -> C/2, BN 2*C.
+    ("skip_connect", 2, ops.OpOptions(), 2 * C * (C // 2) + 2 * C),
+    ("skip_connect", 1, ops.OpOptions(), 0),
+    ("skip_connect", 1, ops.OpOptions(bn_after_identity=True), 2 * C),
+    ("max_pool_3x3", 2, ops.OpOptions(), 0),
+    ("avg_pool_3x3", 1, ops.OpOptions(bn_after_pool=True), 2 * C),
+    # Affine-free BN (two-stage super-net): only the conv kernels remain.
+    ("sep_conv_3x3", 1, ops.OpOptions(affine=False), 2 * (9 * C + C * C)),
+    ("max_pool_3x3", 1, ops.OpOptions(affine=False, bn_after_pool=True), 0),
+])
+def test_op_parameter_counts(name, stride, options, expected):
+    layer = ops.make_op(name, C, stride, options)
+    y = layer(tf.zeros([2, 8, 8, C]), training=True)
+    assert y.shape == (2, 8 // stride, 8 // stride, C)
+    assert sum(int(np.prod(w.shape)) for w in layer.trainable_weights) == expected
+
+
+ALL_LAYERS = [
+    ops.SymmetricConv(4, 3, 2, 1, depthwise=False),
+    ops.ReLUConvBN(4, 1, 1, affine=False),
+    ops.SepConv(4, 5, 2, affine=True),
+    ops.DilConv(4, 3, 1, 2, affine=False),
+    ops.FactorizedReduce(4),
+    ops.Pool("avg", 2, bn=True, affine=False),
+    ops.Identity(bn=True),
+    ops.DropPath(seed=3),
+]
+
+
+@pytest.mark.parametrize("layer", ALL_LAYERS, ids=lambda l: type(l).__name__)
+def test_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(restored) is type(layer)
+    x = np.random.default_rng(0).normal(size=[2, 8, 8, 4]).astype(np.float32)
+    if not isinstance(layer, ops.DropPath):
+        y = layer(x)
+        restored(x)
+        restored.set_weights(layer.get_weights())
+        np.testing.assert_allclose(restored(x), y, rtol=1e-6)
+
+
+def test_drop_path_identity_at_inference_and_unbiased_in_training():
+    x = tf.ones([20000, 1, 1, 1])
+    layer = ops.DropPath(seed=0)
+    np.testing.assert_array_equal(layer(x, rate=0.3, training=False), x)
+    y = layer(x, rate=0.3, training=True).numpy().ravel()
+    # Each sample is either dropped (0) or scaled by 1 / 0.7.
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.7], rtol=1e-6)
+    assert abs(np.mean(y == 0) - 0.3) < 0.02
+    assert abs(y.mean() - 1.0) < 0.03
+    np.testing.assert_array_equal(layer(x, rate=0.0, training=True), x)
+
+
+def test_ops_registry_matches_primitives_and_rejects_unknown():
+    assert tuple(ops.OPS) == genotypes.PRIMITIVES
+    with pytest.raises(ValueError, match="valid ops: max_pool_3x3"):
+        ops.make_op("conv_7x1_1x7", 4, 1)
+
+
+def test_factorized_reduce_rejects_odd_channels():
+    with pytest.raises(ValueError, match="even output channel count.*got 5"):
+        ops.FactorizedReduce(5)
