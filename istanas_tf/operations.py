@@ -14,7 +14,9 @@ Numerics follow the published PyTorch code (METHOD.md section 1), not Keras defa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Callable
 
 import keras
@@ -28,10 +30,30 @@ BN_EPSILON = 1e-5
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
 
+_SYNCHRONIZED = threading.local()
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+    """Within this scope, new BN layers use global-batch statistics under tf.distribute.
+
+    With it, N replicas compute the same BN statistics as one device on the whole batch
+    (the super-net's search then does not depend on the replica count); without it,
+    each replica normalises with its own share of the batch (cheaper on many GPUs).
+    """
+    previous = getattr(_SYNCHRONIZED, "enabled", False)
+    _SYNCHRONIZED.enabled = enabled
+    try:
+        yield
+    finally:
+        _SYNCHRONIZED.enabled = previous
+
+
 def batch_norm(affine: bool = True, name: str | None = None) -> keras.layers.Layer:
     """BatchNorm with PyTorch's eps and momentum; ``affine=False`` drops gamma and beta."""
     return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name)
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name,
+        synchronized=getattr(_SYNCHRONIZED, "enabled", False))
 
 
 def _pad_symmetric(x: tf.Tensor, pad: int, value: float = 0.0) -> tf.Tensor:
@@ -84,7 +106,8 @@ class SymmetricConv(keras.layers.Layer):
             self.conv = keras.layers.Conv2D(filters, **common)
 
     def build(self, input_shape):
-        self.conv.build(input_shape)  # the kernel depends only on the channel count
+        # The kernel depends only on the channel count; the padded size is known at call.
+        self.conv.build((None, None, None, input_shape[-1]))
 
     def call(self, x):
         if self._subsample_first:

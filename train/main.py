@@ -16,22 +16,109 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging  # noqa: E402
 
-MODES = ("describe",)
+MODES = ("search", "describe")
 
 
 def define_flags():
     """Defines the flags (in a function so tests can import this module)."""
-    flags.DEFINE_enum("mode", "describe", MODES, "What to run.")
+    flags.DEFINE_enum("mode", "search", MODES, "What to run.")
+    # Network and genotype.
     flags.DEFINE_string("genotype", "ISTA_twostage",
-                        "A named genotype or the path of a genotype .json file.")
-    flags.DEFINE_string("dataset", "cifar10",
-                        "cifar10 | cifar100 | imagenet2012 (alias imagenet).")
+                        "describe: a named genotype or the path of a genotype .json file.")
     flags.DEFINE_integer("init_channels", None,
-                         "Initial channels C (default: 36 CIFAR, 48 ImageNet).")
-    flags.DEFINE_integer("layers", None, "Number of cells (default: 20 CIFAR, 14 ImageNet).")
+                         "Initial channels C (default: search 16; describe 36 CIFAR, "
+                         "48 ImageNet).")
+    flags.DEFINE_integer("layers", None,
+                         "Cells (default: search 8; describe 20 CIFAR, 14 ImageNet).")
     flags.DEFINE_boolean("auxiliary", False, "Auxiliary head after cell 2*layers//3.")
     flags.DEFINE_boolean("bn_after_param_free_ops", False,
                          "BN after pooling and identity ops (one-stage networks).")
+    flags.DEFINE_string("diagram", None, "describe: also write the cells' diagram (PNG) here.")
+    # Search.
+    flags.DEFINE_enum("method", "ista", ["ista", "darts"],
+                      "ista: sparse ISTA-NAS super-net; darts: dense first-order DARTS.")
+    flags.DEFINE_string("model_dir", None, "Run directory; rerunning the command resumes.")
+    flags.DEFINE_integer("epochs", 50, "Search epochs.")
+    flags.DEFINE_integer("batch_size", 256, "Global batch size (over all replicas).")
+    flags.DEFINE_float("learning_rate", 0.1, "Weight lr at epoch 0 (cosine schedule).")
+    flags.DEFINE_float("learning_rate_min", 0.001, "Weight lr at the last epoch.")
+    flags.DEFINE_float("momentum", 0.9, "Weight SGD momentum.")
+    flags.DEFINE_float("weight_decay", 3e-4, "L2 added to the weight gradients.")
+    flags.DEFINE_float("grad_clip", 5.0, "Global-norm clipping of the weight gradients.")
+    flags.DEFINE_float("arch_learning_rate", 6e-4, "Architecture Adam lr.")
+    flags.DEFINE_float("arch_weight_decay", 1e-3, "L2 added to the architecture gradients.")
+    flags.DEFINE_integer("proj_dims", 7, "Rows m of each node's random matrix A.")
+    flags.DEFINE_integer("sparseness", 2, "Ops kept per node (k).")
+    flags.DEFINE_float("lam", 1e-5, "LASSO penalty of the recovery.")
+    flags.DEFINE_boolean("distinct_inputs", False,
+                         "A node's picks must read different predecessors.")
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "tf.distribute strategy (multi_worker reads TF_CONFIG).")
+    flags.DEFINE_integer("steps_per_epoch", None, "Cap on training steps per epoch.")
+    flags.DEFINE_integer("eval_steps", None,
+                         "Cap on evaluation steps per epoch (0: no evaluation).")
+    flags.DEFINE_boolean("progress", True, "Progress bar within each epoch.")
+    # Data.
+    flags.DEFINE_string("dataset", "cifar10",
+                        "cifar10 | cifar100 | imagenet2012 | folder:PATH "
+                        "(PATH/<split>/<class>/*.jpg|png).")
+    flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+    flags.DEFINE_string("manual_dir", None, "Manual download directory (imagenet2012).")
+    flags.DEFINE_float("train_portion", 0.5,
+                       "Fraction of the training split that trains the weights; the rest "
+                       "trains the architecture.")
+    flags.DEFINE_integer("cutout_length", 0, "Cutout square side (0: off).")
+    flags.DEFINE_boolean("deterministic", False, "Reproducible data order and kernels.")
+    flags.DEFINE_integer("seed", 0, "Seed of A, b, the weights and the data order.")
+    flags.DEFINE_boolean("skip_corrupt_images", False,
+                         "Skip (and count) unreadable images instead of failing.")
+    flags.DEFINE_list("mean", None, "Per-channel mean override (3 floats, 0-1 scale).")
+    flags.DEFINE_list("std", None, "Per-channel std override (3 floats, 0-1 scale).")
+    flags.DEFINE_integer("max_examples_per_class", 0,
+                         "Folder datasets: keep the first N files of each class (0: all).")
+
+
+def _floats(name, values):
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{name} must be 3 comma-separated floats, got {values}") from None
+
+
+def data_config(FLAGS):
+    from istanas_tf import data
+    return data.DataConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+        train_portion=FLAGS.train_portion, cutout_length=FLAGS.cutout_length,
+        deterministic=FLAGS.deterministic, seed=FLAGS.seed,
+        skip_corrupt_images=FLAGS.skip_corrupt_images, mean=_floats("mean", FLAGS.mean),
+        std=_floats("std", FLAGS.std), max_examples_per_class=FLAGS.max_examples_per_class)
+
+
+def run_search(FLAGS):
+    from istanas_tf import search_model, training
+    if not FLAGS.model_dir:
+        raise ValueError("--model_dir is required for --mode=search (the run directory)")
+    network = search_model.SearchNetworkConfig(
+        channels=FLAGS.init_channels or 16, layers=FLAGS.layers or 8, method=FLAGS.method,
+        proj_dims=FLAGS.proj_dims, sparseness=FLAGS.sparseness, lam=FLAGS.lam,
+        distinct_inputs=FLAGS.distinct_inputs, seed=FLAGS.seed)
+    config = training.SearchConfig(
+        model_dir=FLAGS.model_dir, network=network, data=data_config(FLAGS),
+        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+        learning_rate_min=FLAGS.learning_rate_min, momentum=FLAGS.momentum,
+        weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
+        arch_learning_rate=FLAGS.arch_learning_rate,
+        arch_weight_decay=FLAGS.arch_weight_decay, strategy=FLAGS.strategy,
+        steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
+        deterministic=FLAGS.deterministic, verbose=FLAGS.progress)
+    config.validate()
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
+    result = training.run_search(config)
+    print(json.dumps(result))
 
 
 _DESCRIBE_DATASETS = {"cifar10": ("cifar", 10), "cifar100": ("cifar", 100),
@@ -39,15 +126,19 @@ _DESCRIBE_DATASETS = {"cifar10": ("cifar", 10), "cifar100": ("cifar", 100),
 
 
 def run_describe(FLAGS):
-    from istanas_tf import networks
+    from istanas_tf import genotypes, networks
     if FLAGS.dataset not in _DESCRIBE_DATASETS:
         raise ValueError(f"--dataset={FLAGS.dataset!r} is not supported by --mode=describe; "
                          f"valid: {', '.join(_DESCRIBE_DATASETS)}")
     family, num_classes = _DESCRIBE_DATASETS[FLAGS.dataset]
+    genotype = genotypes.get_genotype(FLAGS.genotype)
     summary = networks.describe(
-        FLAGS.genotype, family, num_classes, channels=FLAGS.init_channels,
-        layers=FLAGS.layers, auxiliary=FLAGS.auxiliary,
-        bn_after_param_free_ops=FLAGS.bn_after_param_free_ops)
+        genotype, family, num_classes, channels=FLAGS.init_channels, layers=FLAGS.layers,
+        auxiliary=FLAGS.auxiliary, bn_after_param_free_ops=FLAGS.bn_after_param_free_ops)
+    if FLAGS.diagram:
+        from istanas_tf import diagram
+        diagram.save_genotype_diagram(genotype, FLAGS.diagram, title=FLAGS.genotype)
+        summary["diagram"] = FLAGS.diagram
     print(json.dumps(summary))
 
 
@@ -55,9 +146,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
+    from istanas_tf.training import NonFiniteLossError
     try:
-        {"describe": run_describe}[FLAGS.mode](FLAGS)
-    except (ValueError, FileNotFoundError) as error:
+        {"search": run_search, "describe": run_describe}[FLAGS.mode](FLAGS)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
         # Library errors name the flag, file or value: show them without a stack trace.
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)

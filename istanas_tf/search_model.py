@@ -1,0 +1,376 @@
+"""The search super-net: sparse ISTA-NAS cells and the dense DARTS baseline.
+
+Every candidate op of every edge exists (any op may be selected later), but a cell's
+``call`` runs only the ops on the current support (METHOD.md sections 2-3, DESIGN.md
+decision 1). The support is Python data: when recovery changes it, the training loop
+traces its step functions again. The architecture weights on the support are tensors
+computed from the trainable codes ``b`` inside the step, so gradients reach ``b``.
+
+``method="darts"`` is DARTS' first-order super-net in the same code: every edge runs all
+seven ops, weighted by a softmax over the edge's architecture parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from istanas_tf import genotypes
+from istanas_tf import operations as ops
+from istanas_tf import sparse_coding
+
+NUM_OPS = len(genotypes.PRIMITIVES)
+METHODS = ("ista", "darts")
+
+
+def num_candidates(node: int) -> int:
+    """Candidates of intermediate node ``node``: 7 ops on each of its node + 2 inputs."""
+    return NUM_OPS * (node + 2)
+
+
+class SearchCell(keras.layers.Layer):
+    """A super-net cell holding all candidate ops, running only the supported ones.
+
+    Args:
+      channels: C of the cell's ops.
+      reduction: ops reading the two cell inputs use stride 2.
+      reduction_prev: s0 is preprocessed by FactorizedReduce.
+      options: BN switches of the candidate ops (affine-free BN in the two-stage net).
+      steps: intermediate nodes.
+
+    ``call(s0, s1, supports, weights)`` takes, per node, a tuple of flat candidate
+    indices (``predecessor * 7 + op``, Python ints) and a weight tensor of that length.
+    """
+
+    def __init__(self, channels: int, reduction: bool, reduction_prev: bool,
+                 options: ops.OpOptions, steps: int = genotypes.STEPS, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.reduction = reduction
+        self.reduction_prev = reduction_prev
+        self.options = options
+        self.steps = steps
+        if reduction_prev:
+            self.preprocess0 = ops.FactorizedReduce(channels, affine=options.affine,
+                                                    name="preprocess0")
+        else:
+            self.preprocess0 = ops.ReLUConvBN(channels, affine=options.affine,
+                                              name="preprocess0")
+        self.preprocess1 = ops.ReLUConvBN(channels, affine=options.affine, name="preprocess1")
+        self.candidates = []
+        for node in range(steps):
+            node_ops = []
+            for index in range(num_candidates(node)):
+                predecessor, op = divmod(index, NUM_OPS)
+                stride = 2 if reduction and predecessor < 2 else 1
+                name = genotypes.PRIMITIVES[op]
+                node_ops.append(ops.make_op(name, channels, stride, options,
+                                            layer_name=f"node{node}_in{predecessor}_{name}"))
+            self.candidates.append(node_ops)
+
+    def build(self, *args, **kwargs):
+        """Candidate ops create their weights on their first call (SearchNetwork.build_all)."""
+
+    def call(self, s0, s1, supports, weights, training=None):
+        states = [self.preprocess0(s0, training=training),
+                  self.preprocess1(s1, training=training)]
+        for node in range(self.steps):
+            total = 0.0
+            for position, index in enumerate(supports[node]):
+                op = self.candidates[node][index]
+                out = op(states[index // NUM_OPS], training=training)
+                total = total + weights[node][position] * out
+            states.append(total)
+        return tf.concat(states[2:], axis=-1)
+
+    def active_ops(self, supports) -> list[keras.layers.Layer]:
+        """The candidate ops a forward pass with ``supports`` runs."""
+        return [self.candidates[node][index] for node in range(self.steps)
+                for index in supports[node]]
+
+    def candidate_ops(self, node: int) -> list[keras.layers.Layer]:
+        return self.candidates[node]
+
+
+class DartsArchitecture(keras.layers.Layer):
+    """DARTS' architecture parameters for one cell type: one logit per (edge, op).
+
+    Node weights are a softmax over each edge's 7 ops; the genotype keeps, per node, the
+    2 edges with the strongest op and the strongest op on each (DARTS' top-2 rule).
+    """
+
+    def __init__(self, steps: int = genotypes.STEPS, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = steps
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        self.logits = [
+            self.add_weight(shape=(node + 2, NUM_OPS), name=f"alpha{node}",
+                            initializer=keras.initializers.Constant(
+                                1e-3 * rng.standard_normal((node + 2, NUM_OPS))))
+            for node in range(steps)]
+
+    def support_tuple(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(range(num_candidates(node))) for node in range(self.steps))
+
+    def alphas(self, support) -> list[tf.Tensor]:
+        del support  # dense: always every candidate
+        return [tf.reshape(tf.nn.softmax(logits, axis=-1), [-1]) for logits in self.logits]
+
+    def picks(self) -> list[genotypes.Pick]:
+        picks = []
+        for logits in self.logits:
+            weights = tf.nn.softmax(logits, axis=-1).numpy()
+            strongest = weights.max(axis=1)
+            edges = sorted(np.argsort(-strongest, kind="stable")[:2])
+            edges = sorted(edges, key=lambda e: -strongest[e])
+            picks += [(genotypes.PRIMITIVES[int(weights[e].argmax())], int(e)) for e in edges]
+        return picks
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchNetworkConfig:
+    """Settings of the super-net (METHOD.md sections 2-3).
+
+    Attributes:
+      num_classes: classifier outputs.
+      channels: C (16 in the paper's two-stage search).
+      layers: cells (8); reductions at layers // 3 and 2 * layers // 3.
+      method: ``"ista"`` (sparse ISTA-NAS cells) or ``"darts"`` (dense softmax cells).
+      proj_dims: m, rows of each A_j (7).
+      sparseness: k, ops kept per node (2).
+      lam: LASSO penalty (1e-5).
+      distinct_inputs: the k picks of a node must read different predecessors.
+      seed: seed of A, of the initial b and of the weights.
+      sync_batch_norm: BN statistics over the global batch under tf.distribute, so that
+        a multi-replica search computes what one device would.
+    """
+
+    num_classes: int = 10
+    channels: int = 16
+    layers: int = 8
+    method: str = "ista"
+    proj_dims: int = 7
+    sparseness: int = 2
+    lam: float = 1e-5
+    distinct_inputs: bool = False
+    seed: int = 0
+    sync_batch_norm: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method={self.method!r} is not valid; valid: "
+                             f"{', '.join(METHODS)}")
+        if self.layers < 3:
+            raise ValueError(f"--layers must be at least 3, got {self.layers}")
+        if self.channels < 2 or self.channels % 2:
+            raise ValueError(f"--init_channels must be an even number >= 2 (FactorizedReduce "
+                             f"halves it), got {self.channels}")
+
+
+class SearchNetwork(keras.Model):
+    """The super-net: stem, ``layers`` search cells, global pool and classifier.
+
+    The two-stage net uses affine-free BN in all cells and a BN after each pooling op;
+    the stem BN keeps its affine parameters (METHOD.md section 3).
+    """
+
+    def __init__(self, config: SearchNetworkConfig, **kwargs):
+        super().__init__(**kwargs)
+        config.validate()
+        self.config = config
+        with ops.synchronized_batch_norm(config.sync_batch_norm):
+            self._build_layers(config)
+        self._supports = self._read_supports()
+
+    def _build_layers(self, config: SearchNetworkConfig) -> None:
+        c = config.channels
+        self.stem_conv = ops.SymmetricConv(3 * c, 3, name="stem_conv")
+        self.stem_bn = ops.batch_norm(name="stem_bn")
+        options = ops.OpOptions(affine=False, bn_after_pool=True)
+        self.cells = []
+        channels, reduction_prev = c, False
+        for i in range(config.layers):
+            reduction = i in (config.layers // 3, 2 * config.layers // 3)
+            if reduction:
+                channels *= 2
+            self.cells.append(SearchCell(channels, reduction, reduction_prev, options,
+                                         name=f"cell{i}"))
+            reduction_prev = reduction
+        self.classifier = keras.layers.Dense(config.num_classes, name="classifier")
+        if config.method == "ista":
+            make = lambda cell_type, seed: sparse_coding.ArchitectureEncoding(
+                proj_dims=config.proj_dims, sparseness=config.sparseness, lam=config.lam,
+                distinct_inputs=config.distinct_inputs, seed=seed, name=f"{cell_type}_code")
+        else:
+            make = lambda cell_type, seed: DartsArchitecture(seed=seed,
+                                                             name=f"{cell_type}_alphas")
+        # Distinct seeds: the normal and reduction encodings draw different A and b.
+        self.architectures = {"normal": make("normal", 2 * config.seed + 1),
+                              "reduce": make("reduce", 2 * config.seed + 2)}
+
+    # ------------------------------------------------------------------ architecture
+    def _read_supports(self):
+        return {cell_type: arch.support_tuple() for cell_type, arch in self.architectures.items()}
+
+    @property
+    def supports(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """The current support per cell type, as Python data (static in traced steps)."""
+        return self._supports
+
+    def sync_supports(self) -> bool:
+        """Re-reads the supports from the architecture state (after recovery or restore).
+
+        Returns whether they changed, i.e. whether traced step functions are stale.
+        """
+        supports = self._read_supports()
+        changed = supports != self._supports
+        self._supports = supports
+        return changed
+
+    def recover(self) -> dict[str, np.ndarray]:
+        """Runs the LASSO recovery of every node (ISTA) and refreshes the supports.
+
+        The 8 nodes of both cell types are solved in one batched call. Returns the
+        per-node distance ``||z_new - z_last||_2`` per cell type (zeros for DARTS, whose
+        architecture needs no recovery).
+        """
+        if self.config.method != "ista":
+            return {cell_type: np.zeros(arch.steps)
+                    for cell_type, arch in self.architectures.items()}
+        cell_types = list(self.architectures)
+        encodings = [self.architectures[cell_type] for cell_type in cell_types]
+        distances = {}
+        for cell_type, encoding, recovery in zip(
+                cell_types, encodings, sparse_coding.solve_jointly(encodings)):
+            encoding.commit(recovery)
+            distances[cell_type] = recovery.distances.numpy()
+        self.sync_supports()
+        return distances
+
+    def z_values(self, cell_type: str) -> list[np.ndarray]:
+        """The last recovered z of each node of ``cell_type`` (ISTA only), [n_j] each."""
+        encoding = self.architectures[cell_type]
+        z = encoding.z.numpy()
+        return [z[j, :n] for j, n in enumerate(encoding.num_candidates)]
+
+    def genotype(self) -> genotypes.Genotype:
+        return genotypes.genotype_from_picks(self.architectures["normal"].picks(),
+                                             self.architectures["reduce"].picks())
+
+    @property
+    def architecture_variables(self) -> list:
+        """Trainable architecture variables: the b of every node (or DARTS' alphas)."""
+        return [v for arch in self.architectures.values() for v in arch.trainable_variables]
+
+    @property
+    def weight_variables(self) -> list:
+        """Every trainable network weight (all candidate ops), excluding architecture."""
+        arch_ids = {id(v) for v in self.architecture_variables}
+        return [v for v in self.trainable_variables if id(v) not in arch_ids]
+
+    def active_weight_variables(self) -> list:
+        """Trainable weights a forward pass with the current supports touches."""
+        active = set()
+        for cell in self.cells:
+            cell_type = "reduce" if cell.reduction else "normal"
+            for op in cell.active_ops(self._supports[cell_type]):
+                active.update(id(v) for v in op.trainable_variables)
+        inactive = {id(v) for cell in self.cells for node in range(cell.steps)
+                    for op in cell.candidate_ops(node) for v in op.trainable_variables}
+        inactive -= active
+        return [v for v in self.weight_variables if id(v) not in inactive]
+
+    # ------------------------------------------------------------------ forward
+    def build(self, *args, **kwargs):
+        """Weights are created by build_all (every candidate op, not only the support)."""
+
+    def build_all(self, image_size: int) -> None:
+        """Creates the weights of every candidate op with one dense forward pass."""
+        dense = {cell_type: tuple(tuple(range(num_candidates(node)))
+                                  for node in range(genotypes.STEPS))
+                 for cell_type in self.architectures}
+        ones = {cell_type: [tf.ones([num_candidates(node)]) for node in range(genotypes.STEPS)]
+                for cell_type in self.architectures}
+        self._forward(tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False)
+        self.built = True
+
+    def _forward(self, images, supports, weights, training):
+        s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
+        for cell in self.cells:
+            cell_type = "reduce" if cell.reduction else "normal"
+            s0, s1 = s1, cell(s0, s1, supports=supports[cell_type],
+                              weights=weights[cell_type], training=training)
+        return self.classifier(tf.reduce_mean(s1, axis=[1, 2]))
+
+    def call(self, images, training=None):
+        weights = {cell_type: arch.alphas(self._supports[cell_type])
+                   for cell_type, arch in self.architectures.items()}
+        return self._forward(images, self._supports, weights, training)
+
+    # ------------------------------------------------------------------ steps
+    def compile(self, weight_optimizer, arch_optimizer, **kwargs):
+        """Sets both optimizers and builds their slots up front (DESIGN.md decision 5)."""
+        super().compile(optimizer=weight_optimizer, **kwargs)
+        self.arch_optimizer = arch_optimizer
+        weight_optimizer.build(self.weight_variables)
+        arch_optimizer.build(self.architecture_variables)
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ("loss", "arch_loss")}
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.accuracy]
+
+    def _loss(self, labels, logits):
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                                   from_logits=True)
+        # Mean over the global batch: gradients summed over replicas are exact.
+        return per_example, tf.nn.compute_average_loss(per_example)
+
+    def train_step(self, data):
+        """One architecture step then one weight step (METHOD.md section 3).
+
+        Args:
+          data: ``((weight_images, weight_labels), (arch_images, arch_labels))``.
+        """
+        (images, labels), (arch_images, arch_labels) = data
+        arch_vars = self.architecture_variables
+        with tf.GradientTape() as tape:
+            per_example, loss = self._loss(arch_labels, self(arch_images, training=True))
+        _apply(self.arch_optimizer, tape.gradient(loss, arch_vars), arch_vars)
+        self.trackers["arch_loss"].update_state(per_example)
+
+        weight_vars = self.active_weight_variables()
+        with tf.GradientTape() as tape:
+            logits = self(images, training=True)
+            per_example, loss = self._loss(labels, logits)
+        _apply(self.optimizer, tape.gradient(loss, weight_vars), weight_vars)
+        self.trackers["loss"].update_state(per_example)
+        self.accuracy.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        images, labels = data
+        logits = self(images, training=False)
+        per_example, _ = self._loss(labels, logits)
+        self.trackers["loss"].update_state(per_example)
+        self.accuracy.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def _apply(optimizer, gradients, variables) -> None:
+    """Applies the gradients that exist.
+
+    A supported op can still be disconnected from the loss (e.g. a genotype whose normal
+    cells never read the previous cell leaves the reduction cells unused); like PyTorch,
+    such variables are left alone rather than decayed.
+    """
+    pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+    if pairs:
+        optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])

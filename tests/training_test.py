@@ -1,0 +1,188 @@
+"""The search loop end to end through train/main.py: artifacts, resume, bad input."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from istanas_tf import data
+from istanas_tf import genotypes
+from istanas_tf import search_model
+from istanas_tf import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "train" / "main.py")
+EPOCHS = 3
+
+
+def _tiny_flags(folder, model_dir, **overrides):
+    flags = {
+        "flagfile": str(REPO / "train/configs/cifar10_two_stage_cpu.cfg"),
+        "dataset": f"folder:{folder}", "model_dir": str(model_dir),
+        "max_examples_per_class": 48, "init_channels": 4, "layers": 3, "batch_size": 16,
+        "epochs": EPOCHS, "eval_steps": 2, "learning_rate": 0.05, "deterministic": True,
+        "seed": 3, "progress": False,
+    }
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def _run_main(args, timeout=600):
+    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _final_state(model_dir):
+    """Every saved variable of the final checkpoint (model and optimizers), by key."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    keys = [k for k in reader.get_variable_to_shape_map() if not k.startswith("_")
+            and "save_counter" not in k]
+    # The architecture state and the weights of every cell must be in there.
+    for part in ("normal_code.Sb_0", "reduce_code.Sz", "normal_code.Ssupport",
+                 "cell1.Spreprocess0", "moving_mean"):
+        assert any(part in k for k in keys), part
+    return {k: reader.get_tensor(k) for k in keys}
+
+
+@pytest.fixture(scope="module")
+def finished_run(cifar10_folder, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("search")
+    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir, result
+
+
+def test_search_writes_every_artifact(finished_run):
+    model_dir, result = finished_run
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    for key in ("loss", "arch_loss", "accuracy", "val_accuracy", "lr", "step_time_s",
+                "recovery_time_s", "z_distance", "genotype"):
+        assert key in rows[-1]
+    assert rows[0]["lr"] > rows[-1]["lr"]  # cosine schedule
+    genotype = genotypes.load_json(model_dir / "genotype.json")
+    assert len(genotype.normal) == len(genotype.reduce) == 8  # two picks per node
+    assert genotypes.to_json_dict(genotype) == summary["genotype"]
+    for epoch in (1, 2, 3):
+        assert (model_dir / "genotypes" / f"epoch_{epoch:03d}.json").exists()
+        assert (model_dir / "cells" / f"epoch_{epoch:03d}.png").exists()
+    assert (model_dir / "cells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--epochs=3" in (model_dir / "flags.txt").read_text()
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-3")
+    events = list((model_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
+            for v in e.summary.value}
+    assert {"loss", "accuracy", "val_accuracy", "lr", "recovery_time_s", "genotype",
+            "genotype/cells", "abs_z/normal"} <= tags
+    # The summary line per epoch is on the log (stderr through absl).
+    assert result.stderr.count("epoch ") >= 3
+
+
+def test_describe_accepts_the_searched_genotype(finished_run):
+    model_dir, _ = finished_run
+    result = _run_main(["--mode=describe", f"--genotype={model_dir / 'genotype.json'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["params"] > 0
+
+
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(finished_run, cifar10_folder):
+    model_dir, _ = finished_run
+    before = (model_dir / "metrics.jsonl").read_text()
+    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (model_dir / "metrics.jsonl").read_text() == before
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(finished_run, cifar10_folder,
+                                                                 tmp_path):
+    reference_dir, _ = finished_run
+    model_dir = tmp_path / "killed"
+    args = _tiny_flags(cifar10_folder, model_dir)
+    process = subprocess.Popen([sys.executable, MAIN, *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = model_dir / "checkpoints" / "ckpt-1.index"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
+    done = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(done) < EPOCHS
+
+    result = _run_main(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed" in result.stderr
+    assert genotypes.load_json(model_dir / "genotype.json") == \
+        genotypes.load_json(reference_dir / "genotype.json")
+    resumed, reference = _final_state(model_dir), _final_state(reference_dir)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+    rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+
+
+def test_model_dir_of_another_run_is_refused_naming_the_flags(finished_run, cifar10_folder):
+    model_dir, _ = finished_run
+    result = _run_main(_tiny_flags(cifar10_folder, model_dir, sparseness=3, lam=1e-4))
+    assert result.returncode == 2
+    assert "--lam: recorded 1e-05, now 0.0001" in result.stderr
+    assert "--sparseness: recorded 2, now 3" in result.stderr
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("learning_rate", "0", "--learning_rate must be > 0"),
+    ("learning_rate", "-0.1", "--learning_rate must be > 0"),
+    ("epochs", "0", "--epochs must be >= 1"),
+    ("train_portion", "1.0", "--train_portion"),
+    ("train_portion", "0", "--train_portion"),
+])
+def test_bad_flags_fail_with_a_message_naming_the_flag(tmp_path, cifar10_folder, flag, value,
+                                                       message):
+    result = _run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}),
+                       timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _tiny_config(cifar10_folder, model_dir, **overrides):
+    return training.SearchConfig(
+        model_dir=str(model_dir),
+        network=search_model.SearchNetworkConfig(channels=4, layers=3, seed=1),
+        data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=16,
+                             deterministic=True, seed=1),
+        **{**dict(epochs=2, batch_size=16, learning_rate=0.05, eval_steps=1, verbose=False),
+           **overrides})
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar10_folder, tmp_path):
+    config = _tiny_config(cifar10_folder, tmp_path / "nan", epochs=1)
+    run = training.SearchRun(config)
+    run.run()
+    checkpoint = tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints"))
+    assert checkpoint.endswith("ckpt-1")
+
+    run = training.SearchRun(dataclasses.replace(config, epochs=2))
+    stem_kernel = run.model.stem_conv.conv.kernel
+    stem_kernel.assign(np.full(stem_kernel.shape, np.nan, np.float32))
+    with pytest.raises(training.NonFiniteLossError, match="epoch 2.*last good checkpoint"):
+        run.run()
+    assert tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints")) == checkpoint
+    reader = tf.train.load_checkpoint(checkpoint)
+    assert all(np.all(np.isfinite(reader.get_tensor(k)))
+               for k in reader.get_variable_to_shape_map()
+               if reader.get_variable_to_dtype_map()[k].is_floating)
