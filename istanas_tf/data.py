@@ -873,7 +873,7 @@ class _Batching:
 def _batching(batch_size: int, input_context) -> _Batching:
     if input_context is None:
         return _Batching(batch_size, batch_size, 1, 0)
-    _check_divisible(batch_size, input_context.num_replicas_in_sync)
+    check_divisible(batch_size, input_context.num_replicas_in_sync)
     per_replica = input_context.get_per_replica_batch_size(batch_size)
     replicas_per_pipeline = (input_context.num_replicas_in_sync
                              // input_context.num_input_pipelines)
@@ -881,7 +881,7 @@ def _batching(batch_size: int, input_context) -> _Batching:
                      input_context.num_input_pipelines, input_context.input_pipeline_id)
 
 
-def _check_divisible(global_batch_size: int, replicas: int) -> None:
+def check_divisible(global_batch_size: int, replicas: int) -> None:
     if global_batch_size % replicas:
         lower = max(replicas, global_batch_size // replicas * replicas)
         raise DataError(
@@ -1119,7 +1119,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy, config: DataConfig,
     Raises:
       DataError: ``global_batch_size`` is not a multiple of the replica count.
     """
-    _check_divisible(global_batch_size, strategy.num_replicas_in_sync)
+    check_divisible(global_batch_size, strategy.num_replicas_in_sync)
     return strategy.distribute_datasets_from_function(
         lambda input_context: make_dataset(
             config, info, split, training=training, batch_size=global_batch_size,

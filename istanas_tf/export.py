@@ -1,0 +1,224 @@
+"""A servable SavedModel of an evaluation network (DESIGN.md decision 7).
+
+:func:`export_saved_model` writes ``<export_dir>/<model_name>/<version>/``, the layout
+TF Serving polls, through ``keras.export.ExportArchive``. The signature takes raw pixels
+and does the normalisation itself, so a client needs no knowledge of the training
+statistics:
+
+  ``serving_default`` / ``serve``
+    input  ``images``: float32 ``[N, H, W, 3]``, raw 0-255 pixel values
+    output ``logits``: float32 ``[N, classes]`` (the network in inference mode)
+           ``probabilities``: float32 ``[N, classes]``, softmax of the logits
+           ``classes``: int64 ``[N]``, argmax of the logits
+           ``class_names``: string ``[N]``, only when class names are given
+
+The batch size is dynamic. The class names are a constant in the graph (behind the
+``class_names`` output) and a plain text file, one name a line, in
+``assets.extra/class_names.txt`` for clients that only want the label map.
+
+A version directory appears in one ``os.rename``: the archive is written into a hidden
+sibling (``.tmp-<version>-<random>``, a name TF Serving ignores) and renamed at the end,
+so a crash never leaves a half-written version behind. Only local file systems are
+supported (an object store has no atomic directory rename).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from istanas_tf import data
+
+ENDPOINT = "serve"
+CLASS_NAMES_FILE = os.path.join("assets.extra", "class_names.txt")
+
+_VERSION_DIR = re.compile(r"[0-9]+")
+
+
+def existing_versions(model_dir: str) -> list[int]:
+    """Versions already under ``model_dir``: its subdirectories named by an integer."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(model_dir)
+                  if _VERSION_DIR.fullmatch(name)
+                  and os.path.isdir(os.path.join(model_dir, name)))
+
+
+def next_version(model_dir: str) -> int:
+    """One more than the largest existing version, or 1 for a new model directory."""
+    versions = existing_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def input_description(image_size: tuple[int, int]) -> str:
+    """The message a client gets when its images do not match the signature."""
+    height, width = image_size
+    return f"images must be float32 [N, {height}, {width}, 3] raw 0-255 pixels"
+
+
+def make_serving_fn(model: keras.Model, *, image_size: tuple[int, int],
+                    mean: Sequence[float], std: Sequence[float],
+                    class_names: Sequence[str] | None = None):
+    """The serving function: raw pixels in, a dict of named outputs out.
+
+    Args:
+      model: a network whose ``call(images, training=False)`` returns logits
+        ``[N, classes]`` for normalised images.
+      image_size: ``(H, W)``, the spatial size the network was trained on.
+      mean, std: 3 floats each, the normalisation statistics in [0, 1] pixel units.
+      class_names: optional label names; ``class_names[i]`` names class ``i``.
+
+    Returns:
+      ``serve(images) -> dict``, with ``images`` float32 ``[N, H, W, 3]`` in [0, 255].
+    """
+    height, width = image_size
+    message = input_description(image_size)
+
+    def serve(images):
+        # A loaded signature does not enforce the placeholder's static shape, so check
+        # at run time, and make the network depend on the check: unordered, a wrong rank
+        # can reach the convolutions first and abort the process (a oneDNN CHECK
+        # failure) instead of raising.
+        shape = tf.shape(images)
+        # Padded to 4 entries so that any rank compares without a shape error.
+        head = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)[:4]
+        shape_ok = tf.logical_and(tf.equal(tf.size(shape), 4),
+                                  tf.reduce_all(tf.equal(head[1:], [height, width, 3])))
+        check = tf.debugging.Assert(shape_ok, [message + "; got shape", shape], summarize=8)
+        with tf.control_dependencies([check]):
+            images = tf.identity(images)
+        logits = model(data.normalize(images / 255.0, mean, std), training=False)
+        logits = tf.cast(logits, tf.float32)
+        classes = tf.argmax(logits, axis=-1, output_type=tf.int64)
+        outputs = {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1),
+                   "classes": classes}
+        if class_names is not None:
+            if logits.shape[-1] != len(class_names):
+                raise ValueError(f"{len(class_names)} class names given for a model with "
+                                 f"{logits.shape[-1]} classes")
+            outputs["class_names"] = tf.gather(tf.constant(list(class_names), tf.string),
+                                               classes)
+        return outputs
+
+    return serve
+
+
+def export_saved_model(model: keras.Model, export_dir: str, model_name: str,
+                       version: int | None, *, image_size: tuple[int, int],
+                       mean: Sequence[float], std: Sequence[float],
+                       class_names: Sequence[str] | None = None,
+                       overwrite: bool = False) -> str:
+    """Writes a servable SavedModel to ``<export_dir>/<model_name>/<version>/``.
+
+    Args:
+      model: a built network (e.g. from ``networks.build_network``); it runs with
+        ``training=False``.
+      export_dir: the model base directory TF Serving is pointed at (local path).
+      model_name: the subdirectory for this model.
+      version: a non-negative integer, or None for one more than the largest existing.
+      image_size: ``(H, W)`` of the images the signature accepts.
+      mean, std: per-channel normalisation in [0, 1] units (``DatasetInfo.mean/std``).
+      class_names: optional label names, exported as the ``class_names`` output.
+      overwrite: replace an existing version directory instead of refusing.
+
+    Returns:
+      The version directory.
+
+    Raises:
+      FileExistsError: the version exists and ``overwrite`` is False.
+      ValueError: an invalid name, version, size or normalisation.
+    """
+    image_size = _check_arguments(model_name, version, image_size, mean, std, class_names)
+    model_dir = os.path.join(export_dir, model_name)
+    os.makedirs(model_dir, exist_ok=True)
+    if version is None:
+        version = next_version(model_dir)
+    version_dir = os.path.join(model_dir, str(version))
+    if not overwrite:
+        _refuse_existing(version_dir)
+
+    # os.mkdir rather than tempfile.mkdtemp: mkdtemp's mode 0700 would stay on the
+    # version directory and hide it from a server running as another user.
+    temp_dir = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(temp_dir)
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        endpoint = archive.add_endpoint(
+            ENDPOINT,
+            make_serving_fn(model, image_size=image_size, mean=mean, std=std,
+                            class_names=class_names),
+            input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32,
+                                           name="images")])
+        endpoint.get_concrete_function()  # trace now: a mismatch raises before writing
+        archive.write_out(temp_dir, verbose=False)
+        if class_names is not None:
+            _write_class_names(os.path.join(temp_dir, CLASS_NAMES_FILE), class_names)
+        _move_into_place(temp_dir, version_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    logging.info("Exported SavedModel (signature serving_default, input images "
+                 "[N, %d, %d, 3]) to %s", image_size[0], image_size[1], version_dir)
+    return version_dir
+
+
+def _check_arguments(model_name, version, image_size, mean, std, class_names):
+    if (not model_name or model_name in (".", "..") or os.sep in model_name
+            or (os.altsep and os.altsep in model_name)):
+        raise ValueError(f"model_name must be a plain directory name, got {model_name!r}")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or version < 0):
+        raise ValueError(f"version must be a non-negative integer or None, got {version!r}")
+    image_size = tuple(int(v) for v in image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image_size must be (height, width), got {image_size}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each, std positive; got mean={mean}, "
+                         f"std={std}")
+    if class_names is not None and any("\n" in name for name in class_names):
+        raise ValueError("class names must not contain newlines")
+    return image_size
+
+
+def _refuse_existing(version_dir: str) -> None:
+    if os.path.exists(version_dir):
+        raise FileExistsError(
+            f"version directory {version_dir} already exists; pass overwrite=True "
+            "(--overwrite) to replace it, or choose another version")
+
+
+def _write_class_names(path: str, class_names: Sequence[str]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(f"{name}\n" for name in class_names))
+
+
+def _move_into_place(temp_dir: str, version_dir: str, overwrite: bool) -> None:
+    """Renames the finished export to ``version_dir``.
+
+    With ``overwrite``, the old version is first renamed to a hidden sibling and
+    deleted only after the new one is in place (and renamed back if that fails), so the
+    directory is at every moment either the old or the new version, or briefly absent.
+    """
+    if not os.path.exists(version_dir):
+        os.rename(temp_dir, version_dir)
+        return
+    if not overwrite:
+        _refuse_existing(version_dir)  # created by someone else while we exported
+    model_dir, version = os.path.split(version_dir)
+    old_dir = os.path.join(model_dir, f".old-{version}-{uuid.uuid4().hex[:8]}")
+    os.rename(version_dir, old_dir)
+    try:
+        os.rename(temp_dir, version_dir)
+    except BaseException:
+        os.rename(old_dir, version_dir)
+        raise
+    shutil.rmtree(old_dir, ignore_errors=True)
