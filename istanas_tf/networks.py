@@ -182,6 +182,9 @@ class _Network(keras.Model):
         self.auxiliary_head = (AuxiliaryHead(num_classes, self.imagenet, name="auxiliary_head")
                                if auxiliary else None)
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.top1 = keras.metrics.SparseCategoricalAccuracy(name="top1")
+        self.top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")
 
     def build(self, *args, **kwargs):
         """Sublayers create their weights on their first call (shapes vary by input)."""
@@ -198,6 +201,66 @@ class _Network(keras.Model):
         if aux_logits is not None:
             return logits, aux_logits
         return logits
+
+    # ------------------------------------------------------------------ training
+    def compile(self, optimizer, auxiliary_weight: float = 0.4, label_smoothing: float = 0.0,
+                **kwargs):
+        """Sets the optimizer and the loss recipe (METHOD.md section 5), builds the slots.
+
+        Args:
+          optimizer: e.g. ``optimizers.TorchSGD``; under mixed precision wrap it in
+            ``keras.optimizers.LossScaleOptimizer``.
+          auxiliary_weight: weight of the auxiliary head's cross-entropy (0.4).
+          label_smoothing: ImageNet uses 0.1.
+        """
+        super().compile(optimizer=optimizer, **kwargs)
+        self.auxiliary_weight = auxiliary_weight
+        self.label_smoothing = label_smoothing
+        optimizer.build(self.trainable_variables)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.top1, self.top5]
+
+    def _cross_entropy(self, labels, logits):
+        """Per-example cross-entropy (with label smoothing) in float32, and its global mean."""
+        logits = tf.cast(logits, tf.float32)
+        if self.label_smoothing:
+            targets = tf.one_hot(labels, self.num_classes)
+            per_example = keras.losses.categorical_crossentropy(
+                targets, logits, from_logits=True, label_smoothing=self.label_smoothing)
+        else:
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                                       from_logits=True)
+        # Mean over the global batch: gradients summed over replicas are exact.
+        return per_example, tf.nn.compute_average_loss(per_example)
+
+    def train_step(self, data):
+        """Cross-entropy (+ auxiliary_weight * auxiliary cross-entropy), one optimizer step."""
+        images, labels = data
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            logits = outputs[0] if isinstance(outputs, tuple) else outputs
+            per_example, loss = self._cross_entropy(labels, logits)
+            if isinstance(outputs, tuple):
+                loss = loss + self.auxiliary_weight * self._cross_entropy(labels, outputs[1])[1]
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply(gradients, variables)
+        self.loss_tracker.update_state(per_example)
+        self.top1.update_state(labels, logits)
+        self.top5.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        images, labels = data
+        logits = self(images, training=False)
+        per_example, _ = self._cross_entropy(labels, logits)
+        self.loss_tracker.update_state(per_example)
+        self.top1.update_state(labels, logits)
+        self.top5.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
 
     def get_config(self):
         return {"genotype": genotypes.to_json_dict(self.genotype), "channels": self.channels,

@@ -207,6 +207,54 @@ def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str)
             "--learning_rate or --arch_learning_rate and resume or start a new --model_dir.")
 
 
+class RunState:
+    """What a run keeps in its directory: checkpoints, metrics.jsonl, TensorBoard.
+
+    Every variable is checkpointed by Keras path (see :func:`variables_by_path`), with
+    the epoch counter. On a multi-worker run every worker saves (saving is collective),
+    but only the chief into the run directory; only the chief writes logs.
+
+    Args:
+      model_dir: the run directory.
+      strategy: the run's tf.distribute strategy.
+      variables: groups of variables by name, e.g. model / optimizer variables.
+    """
+
+    def __init__(self, model_dir: str, strategy: tf.distribute.Strategy,
+                 variables: dict[str, list]):
+        self.model_dir = model_dir
+        self.chief = is_chief(strategy)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.checkpoint = tf.train.Checkpoint(
+            epoch=self.epoch, **{name: variables_by_path(group)
+                                 for name, group in variables.items()})
+        self.checkpoint_dir = os.path.join(model_dir, "checkpoints")
+        directory = self.checkpoint_dir if self.chief else tempfile.mkdtemp(
+            prefix="istanas_worker_ckpt_")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=3)
+        self.metrics_log = run_dir.MetricsLog(model_dir)
+        self.writer = (tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
+                       if self.chief else tf.summary.create_noop_writer())
+
+    def latest_checkpoint(self) -> str | None:
+        return tf.train.latest_checkpoint(self.checkpoint_dir)
+
+    def restore(self) -> bool:
+        """Restores the latest checkpoint of the run directory, if any; True if it did."""
+        latest = self.latest_checkpoint()
+        if not latest:
+            return False
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        logging.info("Resumed %s at epoch %d", latest, int(self.epoch.numpy()))
+        if self.chief:
+            self.metrics_log.truncate_after(int(self.epoch.numpy()))
+        return True
+
+    def save(self, epoch: int) -> None:
+        self.epoch.assign(epoch)
+        self.manager.save(checkpoint_number=epoch)
+
+
 class SearchRun:
     """Builds (or restores) the search state of ``config`` and runs the remaining epochs."""
 
@@ -218,7 +266,7 @@ class SearchRun:
             tf.config.experimental.enable_op_determinism()
         self.strategy = make_strategy(config.strategy)
         self.chief = is_chief(self.strategy)
-        data._check_divisible(config.batch_size, self.strategy.num_replicas_in_sync)
+        data.check_divisible(config.batch_size, self.strategy.num_replicas_in_sync)
         self.info = data.get_dataset_info(config.data)
         self.resumed = run_dir.check_run_config(config.model_dir, config.run_settings(),
                                                 RESUMABLE_CHANGES)
@@ -233,30 +281,18 @@ class SearchRun:
                 config.arch_learning_rate, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
                 l2=config.arch_weight_decay)
             self.model.compile(self.weight_optimizer, self.arch_optimizer)
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            self.checkpoint = tf.train.Checkpoint(
-                model=variables_by_path(self.model.variables),
-                weight_optimizer=variables_by_path(self.weight_optimizer.variables),
-                arch_optimizer=variables_by_path(self.arch_optimizer.variables),
-                epoch=self.epoch)
-        # Non-chief workers take part in saving (it is collective) into a scratch dir.
-        checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-        if not self.chief:
-            checkpoint_dir = tempfile.mkdtemp(prefix="istanas_worker_ckpt_")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir, max_to_keep=3)
-        self.metrics_log = run_dir.MetricsLog(config.model_dir)
-        latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self.state = RunState(config.model_dir, self.strategy, {
+                "model": self.model.variables,
+                "weight_optimizer": self.weight_optimizer.variables,
+                "arch_optimizer": self.arch_optimizer.variables})
+        self.epoch = self.state.epoch
+        self.metrics_log = self.state.metrics_log
+        self.writer = self.state.writer
+        if self.state.restore():
             self.model.sync_supports()
-            logging.info("Resumed %s at epoch %d", latest, int(self.epoch.numpy()))
-            if self.chief:
-                self.metrics_log.truncate_after(int(self.epoch.numpy()))
         else:
             # Draw A, initialise b (done by the encodings), recover z and its support.
             self.model.recover()
-        self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "tensorboard"))
-                       if self.chief else tf.summary.create_noop_writer())
         self._train_fn = None
         self._eval_fn = None
 
@@ -349,7 +385,6 @@ class SearchRun:
         recovery_time = time.perf_counter() - recovery_start
         changed = self.model.supports != supports_before
         genotype = self.model.genotype()
-        self.epoch.assign(epoch + 1)
 
         row = {"epoch": epoch + 1, "lr": lr, **logs, **eval_logs,
                "train_time_s": train_time, "step_time_s": step_time,
@@ -361,7 +396,7 @@ class SearchRun:
             run_dir.write_genotype(config.model_dir, genotype, epoch + 1)
             self._write_diagram(genotype, epoch + 1)
             self._write_summaries(row, epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        self.state.save(epoch + 1)
         logging.info(
             "epoch %d/%d  lr %.4g  loss %.4f  acc %.4f  arch_loss %.4f  val_acc %s  "
             "step %.3fs  recovery %.1fms  support %s", epoch + 1, config.epochs, lr,

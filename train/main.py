@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging  # noqa: E402
 
-MODES = ("search", "describe")
+MODES = ("search", "train", "eval", "describe")
 
 
 def define_flags():
@@ -38,12 +38,31 @@ def define_flags():
     flags.DEFINE_enum("method", "ista", ["ista", "darts"],
                       "ista: sparse ISTA-NAS super-net; darts: dense first-order DARTS.")
     flags.DEFINE_string("model_dir", None, "Run directory; rerunning the command resumes.")
-    flags.DEFINE_integer("epochs", 50, "Search epochs.")
-    flags.DEFINE_integer("batch_size", 256, "Global batch size (over all replicas).")
-    flags.DEFINE_float("learning_rate", 0.1, "Weight lr at epoch 0 (cosine schedule).")
-    flags.DEFINE_float("learning_rate_min", 0.001, "Weight lr at the last epoch.")
+    flags.DEFINE_integer("epochs", None, "Epochs (default: search 50, train 600).")
+    flags.DEFINE_integer("batch_size", None,
+                         "Global batch size over all replicas (default: search 256, train 96).")
+    flags.DEFINE_float("learning_rate", None, "Peak weight lr (default: search 0.1, train 0.025).")
+    flags.DEFINE_float("learning_rate_min", None,
+                       "Weight lr at the last epoch (default: search 0.001, train 0).")
     flags.DEFINE_float("momentum", 0.9, "Weight SGD momentum.")
     flags.DEFINE_float("weight_decay", 3e-4, "L2 added to the weight gradients.")
+    # Retraining a genotype (--mode=train) and evaluation (--mode=eval).
+    flags.DEFINE_float("auxiliary_weight", 0.4, "train: weight of the auxiliary loss.")
+    flags.DEFINE_float("drop_path_prob", 0.2, "train: drop path rate at the last epoch.")
+    flags.DEFINE_enum("lr_schedule", "cosine", ["cosine", "warmup_linear"],
+                      "train: cosine (CIFAR) or 5-epoch warm-up then linear decay (ImageNet).")
+    flags.DEFINE_integer("warmup_epochs", 5, "train: warm-up epochs of warmup_linear.")
+    flags.DEFINE_float("label_smoothing", 0.0, "train: label smoothing (ImageNet 0.1).")
+    flags.DEFINE_enum("mixed_precision", None, ["float16", "bfloat16"],
+                      "train: mixed precision policy (float16 uses loss scaling).")
+    flags.DEFINE_boolean("jit_compile", False, "train: XLA-compile the training step.")
+    flags.DEFINE_string("export_dir", None,
+                        "train: SavedModel root (default MODEL_DIR/export).")
+    flags.DEFINE_string("model_name", "istanas", "train: SavedModel name (TF Serving).")
+    flags.DEFINE_string("saved_model", None,
+                        "eval: a SavedModel version directory to evaluate instead of "
+                        "--model_dir's checkpoint.")
+    flags.DEFINE_enum("split", "test", ["test", "train"], "eval: the split to evaluate.")
     flags.DEFINE_float("grad_clip", 5.0, "Global-norm clipping of the weight gradients.")
     flags.DEFINE_float("arch_learning_rate", 6e-4, "Architecture Adam lr.")
     flags.DEFINE_float("arch_weight_decay", 1e-3, "L2 added to the architecture gradients.")
@@ -107,9 +126,9 @@ def run_search(FLAGS):
         distinct_inputs=FLAGS.distinct_inputs, seed=FLAGS.seed)
     config = training.SearchConfig(
         model_dir=FLAGS.model_dir, network=network, data=data_config(FLAGS),
-        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        learning_rate_min=FLAGS.learning_rate_min, momentum=FLAGS.momentum,
-        weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
+        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min),
+        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
         arch_learning_rate=FLAGS.arch_learning_rate,
         arch_weight_decay=FLAGS.arch_weight_decay, strategy=FLAGS.strategy,
         steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
@@ -118,6 +137,46 @@ def run_search(FLAGS):
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
     result = training.run_search(config)
+    print(json.dumps(result))
+
+
+def _given(**values):
+    """The flags set on the command line or in a flagfile (None: the mode's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def run_train(FLAGS):
+    from istanas_tf import retraining
+    if not FLAGS.model_dir:
+        raise ValueError("--model_dir is required for --mode=train (the run directory)")
+    config = retraining.TrainConfig(
+        model_dir=FLAGS.model_dir, genotype=FLAGS.genotype, data=data_config(FLAGS),
+        channels=FLAGS.init_channels, layers=FLAGS.layers, auxiliary=FLAGS.auxiliary,
+        auxiliary_weight=FLAGS.auxiliary_weight, drop_path_prob=FLAGS.drop_path_prob,
+        bn_after_param_free_ops=FLAGS.bn_after_param_free_ops,
+        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min),
+        lr_schedule=FLAGS.lr_schedule, warmup_epochs=FLAGS.warmup_epochs,
+        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
+        label_smoothing=FLAGS.label_smoothing, mixed_precision=FLAGS.mixed_precision,
+        jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
+        steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
+        deterministic=FLAGS.deterministic, seed=FLAGS.seed, export_dir=FLAGS.export_dir,
+        model_name=FLAGS.model_name, verbose=FLAGS.progress)
+    config.validate()
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
+    print(json.dumps(retraining.run_training(config)))
+
+
+def run_eval(FLAGS):
+    from istanas_tf import retraining
+    if not FLAGS.model_dir and not FLAGS.saved_model:
+        raise ValueError("--mode=eval needs --model_dir (a run directory with a checkpoint) "
+                         "or --saved_model (an exported SavedModel version directory)")
+    result = retraining.evaluate(data_config(FLAGS), split=FLAGS.split,
+                                 model_dir=FLAGS.model_dir, saved_model=FLAGS.saved_model,
+                                 batch_size=FLAGS.batch_size or 256)
     print(json.dumps(result))
 
 
@@ -148,7 +207,8 @@ def main(argv):
     FLAGS = flags.FLAGS
     from istanas_tf.training import NonFiniteLossError
     try:
-        {"search": run_search, "describe": run_describe}[FLAGS.mode](FLAGS)
+        {"search": run_search, "train": run_train, "eval": run_eval,
+         "describe": run_describe}[FLAGS.mode](FLAGS)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
         # Library errors name the flag, file or value: show them without a stack trace.
         logging.error("%s", error)
