@@ -241,7 +241,8 @@ class _Network(keras.Model):
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             outputs = self(images, training=True)
-            logits = outputs[0] if isinstance(outputs, tuple) else outputs
+            # float32 for the loss and metrics under mixed precision.
+            logits = tf.cast(outputs[0] if isinstance(outputs, tuple) else outputs, tf.float32)
             per_example, loss = self._cross_entropy(labels, logits)
             if isinstance(outputs, tuple):
                 loss = loss + self.auxiliary_weight * self._cross_entropy(labels, outputs[1])[1]
@@ -255,7 +256,7 @@ class _Network(keras.Model):
 
     def test_step(self, data):
         images, labels = data
-        logits = self(images, training=False)
+        logits = tf.cast(self(images, training=False), tf.float32)
         per_example, _ = self._cross_entropy(labels, logits)
         self.loss_tracker.update_state(per_example)
         self.top1.update_state(labels, logits)

@@ -176,23 +176,17 @@ class TrainRun:
         self.info = data.get_dataset_info(config.data)
         run_dir.check_run_config(config.model_dir, config.run_settings(self.genotype),
                                  RESUMABLE_CHANGES)
-        previous_policy = keras.mixed_precision.global_policy()
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
-        try:
-            with self.strategy.scope():
-                self.model = build_evaluation_network(config, self.genotype, self.info)
-                self.optimizer = optimizers.TorchSGD(
-                    config.learning_rate, momentum=config.momentum, l2=config.weight_decay,
-                    clip_global_norm=config.grad_clip)
-                if config.mixed_precision == "float16":
-                    self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-                self.model.compile(self.optimizer, auxiliary_weight=config.auxiliary_weight,
-                                   label_smoothing=config.label_smoothing)
-                self.state = training.RunState(config.model_dir, self.strategy, {
-                    "model": self.model.variables, "optimizer": self.optimizer.variables})
-        finally:
-            keras.mixed_precision.set_global_policy(previous_policy)
+        with training.mixed_precision_policy(config.mixed_precision), self.strategy.scope():
+            self.model = build_evaluation_network(config, self.genotype, self.info)
+            self.optimizer = optimizers.TorchSGD(
+                config.learning_rate, momentum=config.momentum, l2=config.weight_decay,
+                clip_global_norm=config.grad_clip)
+            if config.mixed_precision == "float16":
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            self.model.compile(self.optimizer, auxiliary_weight=config.auxiliary_weight,
+                               label_smoothing=config.label_smoothing)
+            self.state = training.RunState(config.model_dir, self.strategy, {
+                "model": self.model.variables, "optimizer": self.optimizer.variables})
         self.state.restore()
         self._train_fn = self._step_fn(self.model.train_step)
         self._eval_fn = self._step_fn(self.model.test_step)

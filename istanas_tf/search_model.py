@@ -328,6 +328,7 @@ class SearchNetwork(keras.Model):
         return [*self.trackers.values(), self.accuracy]
 
     def _loss(self, labels, logits):
+        logits = tf.cast(logits, tf.float32)  # float32 loss under mixed precision
         per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
                                                                    from_logits=True)
         # Mean over the global batch: gradients summed over replicas are exact.
@@ -343,14 +344,17 @@ class SearchNetwork(keras.Model):
         arch_vars = self.architecture_variables
         with tf.GradientTape() as tape:
             per_example, loss = self._loss(arch_labels, self(arch_images, training=True))
-        _apply(self.arch_optimizer, tape.gradient(loss, arch_vars), arch_vars)
+            # Loss scaling (a LossScaleOptimizer under mixed_float16; else the identity).
+            scaled_loss = self.arch_optimizer.scale_loss(loss)
+        _apply(self.arch_optimizer, tape.gradient(scaled_loss, arch_vars), arch_vars)
         self.trackers["arch_loss"].update_state(per_example)
 
         weight_vars = self.active_weight_variables()
         with tf.GradientTape() as tape:
             logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
-        _apply(self.optimizer, tape.gradient(loss, weight_vars), weight_vars)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        _apply(self.optimizer, tape.gradient(scaled_loss, weight_vars), weight_vars)
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}

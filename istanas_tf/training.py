@@ -10,6 +10,7 @@ changed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,6 +55,7 @@ class SearchConfig:
       steps_per_epoch: cap on training steps per epoch (None: the whole split).
       eval_steps: cap on evaluation steps per epoch (None: the whole architecture split).
       deterministic: reproducible order and kernels (``--seed``).
+      mixed_precision: None, ``float16`` (both optimizers scale the loss) or ``bfloat16``.
       verbose: show a progress bar within the epoch.
     """
 
@@ -75,6 +77,7 @@ class SearchConfig:
     steps_per_epoch: int | None = None
     eval_steps: int | None = None
     deterministic: bool = False
+    mixed_precision: str | None = None
     verbose: bool = True
 
     def validate(self) -> None:
@@ -98,6 +101,9 @@ class SearchConfig:
              f"--steps_per_epoch must be >= 1, got {self.steps_per_epoch}"),
             (self.eval_steps is None or self.eval_steps >= 0,
              f"--eval_steps must be >= 0, got {self.eval_steps}"),
+            (self.mixed_precision in (None, "float16", "bfloat16"),
+             f"--mixed_precision={self.mixed_precision!r} is not valid; valid: float16, "
+             "bfloat16 (or unset)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -140,6 +146,18 @@ def variables_by_path(variables) -> dict[str, Any]:
                              "give the layers distinct names")
         mapping[variable.path] = variable
     return mapping
+
+
+@contextlib.contextmanager
+def mixed_precision_policy(mixed_precision: str | None):
+    """Builds layers under ``mixed_<mixed_precision>`` (None: float32), then restores."""
+    previous = keras.mixed_precision.global_policy()
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy(f"mixed_{mixed_precision}")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def cosine_learning_rate(epoch: int, epochs: int, lr_max: float, lr_min: float) -> float:
@@ -268,10 +286,14 @@ class SearchRun:
         self.chief = is_chief(self.strategy)
         data.check_divisible(config.batch_size, self.strategy.num_replicas_in_sync)
         self.info = data.get_dataset_info(config.data)
-        self.resumed = run_dir.check_run_config(config.model_dir, config.run_settings(),
-                                                RESUMABLE_CHANGES)
+        # Only the chief records the settings: workers share the run directory, and two
+        # writers would race on run_config.json's temporary file.
+        self.resumed = (run_dir.check_run_config(config.model_dir, config.run_settings(),
+                                                 RESUMABLE_CHANGES) if self.chief else
+                        bool(tf.train.latest_checkpoint(
+                            os.path.join(config.model_dir, "checkpoints"))))
         network_config = dataclasses.replace(config.network, num_classes=self.info.num_classes)
-        with self.strategy.scope():
+        with mixed_precision_policy(config.mixed_precision), self.strategy.scope():
             self.model = search_model.SearchNetwork(network_config, name="search_network")
             self.model.build_all(self.info.image_size[0])
             self.weight_optimizer = optimizers.TorchSGD(
@@ -280,6 +302,10 @@ class SearchRun:
             self.arch_optimizer = optimizers.TorchAdam(
                 config.arch_learning_rate, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
                 l2=config.arch_weight_decay)
+            if config.mixed_precision == "float16":
+                self.weight_optimizer = keras.optimizers.LossScaleOptimizer(
+                    self.weight_optimizer)
+                self.arch_optimizer = keras.optimizers.LossScaleOptimizer(self.arch_optimizer)
             self.model.compile(self.weight_optimizer, self.arch_optimizer)
             self.state = RunState(config.model_dir, self.strategy, {
                 "model": self.model.variables,

@@ -54,7 +54,7 @@ def define_flags():
     flags.DEFINE_integer("warmup_epochs", 5, "train: warm-up epochs of warmup_linear.")
     flags.DEFINE_float("label_smoothing", 0.0, "train: label smoothing (ImageNet 0.1).")
     flags.DEFINE_enum("mixed_precision", None, ["float16", "bfloat16"],
-                      "train: mixed precision policy (float16 uses loss scaling).")
+                      "Mixed precision policy (float16 scales the loss of every optimizer).")
     flags.DEFINE_boolean("jit_compile", False, "train: XLA-compile the training step.")
     flags.DEFINE_string("export_dir", None,
                         "train: SavedModel root (default MODEL_DIR/export).")
@@ -132,7 +132,8 @@ def run_search(FLAGS):
         arch_learning_rate=FLAGS.arch_learning_rate,
         arch_weight_decay=FLAGS.arch_weight_decay, strategy=FLAGS.strategy,
         steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
-        deterministic=FLAGS.deterministic, verbose=FLAGS.progress)
+        deterministic=FLAGS.deterministic, mixed_precision=FLAGS.mixed_precision,
+        verbose=FLAGS.progress)
     config.validate()
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))

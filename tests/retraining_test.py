@@ -1,0 +1,173 @@
+"""Retraining a genotype: CPU config end to end, export accuracy, mixed precision, ImageNet."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from istanas_tf import data
+from istanas_tf import retraining
+from istanas_tf import search_model
+from istanas_tf import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "train" / "main.py")
+
+
+def _run_main(args, timeout=900):
+    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _last_json(result):
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar10_folder, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("train")
+    result = _run_main([
+        f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
+        f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
+        "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
+        "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir, _last_json(result)
+
+
+def test_cpu_config_trains_exports_and_reports_top1_top5(trained_run):
+    model_dir, summary = trained_run
+    rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"]  # loss falls
+    assert rows[0]["drop_path_rate"] == 0.0 and 0 < rows[-1]["drop_path_rate"] < 0.2
+    assert 0.0 <= summary["test_top1"] <= summary["test_top5"] <= 1.0
+    assert pathlib.Path(summary["export"], "saved_model.pb").exists()
+    final = json.loads((model_dir / "final_metrics.json").read_text())
+    assert final["test_top1"] == summary["test_top1"]
+
+
+def test_export_and_checkpoint_evaluate_to_the_reported_accuracy(trained_run, cifar10_folder):
+    model_dir, summary = trained_run
+    common = [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=60"]
+    for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
+        result = _run_main(["--mode=eval", source, *common], timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        evaluation = _last_json(result)
+        assert evaluation["examples"] == 600
+        assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
+        assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=1e-6)
+        assert set(evaluation["per_class_accuracy"]) >= {"airplane", "truck"}
+
+
+def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
+    result = _run_main(["--mode=eval", f"--model_dir={tmp_path}",
+                        f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
+    assert result.returncode == 2 and "holds no checkpoint" in result.stderr
+    result = _run_main(["--mode=eval", f"--saved_model={tmp_path}",
+                        f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
+    assert result.returncode == 2 and "holds no SavedModel" in result.stderr
+    # A 3-class dataset against a 10-class checkpoint.
+    folder = tmp_path / "three"
+    for split in ("train", "test"):
+        for name in ("a", "b", "c"):
+            (folder / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(
+                folder / split / name / "0.png")
+    model_dir, _ = trained_run
+    result = _run_main(["--mode=eval", f"--model_dir={model_dir}", f"--dataset=folder:{folder}"])
+    assert result.returncode == 2
+    assert "has 3 classes but the checkpoint" in result.stderr and "trained for 10" in result.stderr
+
+
+def test_unparseable_genotype_file_names_the_field(tmp_path, cifar10_folder):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"normal": [["sep_conv_3x3", 0]] * 8, "reduce": [["nope", 0]] * 8}))
+    result = _run_main(["--mode=train", f"--genotype={path}", f"--model_dir={tmp_path / 'r'}",
+                        f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
+    assert result.returncode == 2
+    assert "reduce[0] (node 0): unknown op 'nope'" in result.stderr
+
+
+def _changed(before, variables):
+    return [not np.array_equal(b, v.numpy()) for b, v in zip(before, variables)]
+
+
+def test_mixed_float16_every_optimizer_changes_its_variables(cifar10_folder, tmp_path):
+    folder_data = data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=8,
+                                  deterministic=True)
+    run = training.SearchRun(training.SearchConfig(
+        model_dir=str(tmp_path / "search"), data=folder_data, epochs=1, batch_size=8,
+        network=search_model.SearchNetworkConfig(channels=4, layers=3),
+        steps_per_epoch=3, eval_steps=0, mixed_precision="float16", verbose=False))
+    assert run.model.cells[0].preprocess1.conv.conv.compute_dtype == "float16"
+    arch_before = [v.numpy() for v in run.model.architecture_variables]
+    weights = run.model.active_weight_variables()
+    weights_before = [v.numpy() for v in weights]
+    row = run.run()
+    assert np.isfinite(row["loss"]) and np.isfinite(row["arch_loss"])
+    assert all(_changed(arch_before, run.model.architecture_variables))
+    assert np.mean(_changed(weights_before, weights)) > 0.9
+
+    train = retraining.TrainRun(retraining.TrainConfig(
+        model_dir=str(tmp_path / "train"), data=folder_data, channels=4, layers=3, epochs=1,
+        batch_size=8, steps_per_epoch=3, eval_steps=1, mixed_precision="float16",
+        verbose=False))
+    variables = train.model.trainable_variables
+    before = [v.numpy() for v in variables]
+    for epoch in range(1):
+        row = train._run_epoch(epoch, 3)
+    assert np.isfinite(row["loss"])
+    # Every weight but the auxiliary head (its loss is in, so it moves too).
+    assert np.mean(_changed(before, variables)) > 0.95
+
+
+def _image_folder(root, size, classes=3, per_class=4):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.jpg")
+    return root
+
+
+def _imagenet_config(tmp_path, dataset, **data_kwargs):
+    return retraining.TrainConfig(
+        model_dir=str(tmp_path / "run"), genotype="ISTA_ImageNet",
+        data=data.DataConfig(dataset=dataset, **data_kwargs), channels=8, layers=3,
+        epochs=1, batch_size=4, steps_per_epoch=2, eval_steps=1, lr_schedule="warmup_linear",
+        label_smoothing=0.1, drop_path_prob=0.0, learning_rate=0.1, verbose=False)
+
+
+def test_imagenet_path_on_a_224_folder_end_to_end(tmp_path):
+    folder = _image_folder(tmp_path / "images", 224)
+    run = retraining.TrainRun(_imagenet_config(tmp_path, f"folder:{folder}"))
+    assert type(run.model).__name__ == "NetworkImageNet"
+    result = run.run()
+    assert np.isfinite(result["test_loss"])
+    assert pathlib.Path(result["export"], "saved_model.pb").exists()
+
+
+def test_imagenet_path_on_tfds_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=8):
+        run = retraining.TrainRun(_imagenet_config(tmp_path, "imagenet2012"))
+        assert run.info.num_classes == 1000
+        row = run._run_epoch(0, 2)
+    assert np.isfinite(row["loss"])
+
+
+def test_warmup_then_linear_decay_schedule():
+    config = retraining.TrainConfig(model_dir="unused", epochs=250, learning_rate=0.5,
+                                    lr_schedule="warmup_linear", warmup_epochs=5)
+    lrs = [retraining.learning_rate_at(config, e) for e in range(250)]
+    assert lrs[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert lrs[5] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 / 245)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
