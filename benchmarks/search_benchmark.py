@@ -134,7 +134,8 @@ def _worker(args: argparse.Namespace) -> dict:
     strategy = training.make_strategy("default")
     network_config = search_model.SearchNetworkConfig(
         num_classes=args.num_classes, channels=args.channels, layers=args.layers,
-        method=method, seed=args.seed)
+        method=method, seed=args.seed,
+        sync_batch_norm=False)  # SearchRun syncs BN only with more than one replica
     config = training.SearchConfig(model_dir="unused", network=network_config)
     with strategy.scope():
         model = search_model.SearchNetwork(network_config, name="search_network")

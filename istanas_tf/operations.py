@@ -266,9 +266,9 @@ class Pool(keras.layers.Layer):
     """3x3 max or average pooling with PyTorch's padding 1, optionally followed by BN.
 
     Average pooling divides by the number of valid pixels (``count_include_pad=False``);
-    max pooling ignores the padding (pads with -inf). Both equal TF's stride-1 ``'SAME'``
-    pooling, which is symmetric for a 3x3 window; stride 2 keeps every second output
-    from (0, 0), exactly the windows PyTorch's symmetric padding produces.
+    max pooling ignores the padding (pads with -inf). At stride 1 both equal TF's
+    ``'SAME'`` pooling, which is symmetric for a 3x3 window; at stride 2 the input is
+    padded by 1 on every side and pooled ``'VALID'``, the windows PyTorch produces.
     """
 
     def __init__(self, kind: str, stride: int = 1, bn: bool = False, affine: bool = True,
@@ -287,10 +287,18 @@ class Pool(keras.layers.Layer):
         return self.batch_norm
 
     def call(self, x, training=None):
-        pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
-        y = pool(x, ksize=3, strides=1, padding="SAME")
-        if self.stride > 1:
-            y = y[:, ::self.stride, ::self.stride, :]
+        if self.stride == 1:
+            pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
+            y = pool(x, ksize=3, strides=1, padding="SAME")
+        elif self.kind == "max":
+            y = tf.nn.max_pool2d(_pad_symmetric(x, 1, float("-inf")), 3, self.stride, "VALID")
+        else:
+            # Window sums over the zero-padded input, divided by each window's count of
+            # valid pixels (pooling a padded ones mask gives count / 9).
+            sums = tf.nn.avg_pool2d(_pad_symmetric(x, 1), 3, self.stride, "VALID")
+            ones = _pad_symmetric(tf.ones_like(x[:1, :, :, :1]), 1)
+            valid = tf.nn.avg_pool2d(ones, 3, self.stride, "VALID")
+            y = sums / valid
         if self.batch_norm is not None:
             y = self.batch_norm(y, training=training)
         return y

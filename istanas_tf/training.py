@@ -292,7 +292,11 @@ class SearchRun:
                                                  RESUMABLE_CHANGES) if self.chief else
                         bool(tf.train.latest_checkpoint(
                             os.path.join(config.model_dir, "checkpoints"))))
-        network_config = dataclasses.replace(config.network, num_classes=self.info.num_classes)
+        # Synchronized BN only matters (and only costs) with more than one replica.
+        network_config = dataclasses.replace(
+            config.network, num_classes=self.info.num_classes,
+            sync_batch_norm=(config.network.sync_batch_norm
+                             and self.strategy.num_replicas_in_sync > 1))
         with mixed_precision_policy(config.mixed_precision), self.strategy.scope():
             self.model = search_model.SearchNetwork(network_config, name="search_network")
             self.model.build_all(self.info.image_size[0])

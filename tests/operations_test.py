@@ -191,3 +191,20 @@ def test_ops_registry_matches_primitives_and_rejects_unknown():
 def test_factorized_reduce_rejects_odd_channels():
     with pytest.raises(ValueError, match="even output channel count.*got 5"):
         ops.FactorizedReduce(5)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("size", [7, 8])
+def test_strided_pools_match_pytorch_reference(kind, size):
+    # PyTorch MaxPool2d(3, 2, padding=1) / AvgPool2d(3, 2, 1, count_include_pad=False).
+    x = np.random.default_rng(5).normal(size=[2, size, size, 3]).astype(np.float32)
+    out = (size - 1) // 2 + 1
+    expected = np.zeros([2, out, out, 3])
+    for i in range(out):
+        for j in range(out):
+            rows = slice(max(2 * i - 1, 0), min(2 * i + 2, size))
+            cols = slice(max(2 * j - 1, 0), min(2 * j + 2, size))
+            window = x[:, rows, cols, :]
+            expected[:, i, j] = window.max(axis=(1, 2)) if kind == "max" \
+                else window.mean(axis=(1, 2))
+    np.testing.assert_allclose(ops.Pool(kind, stride=2)(x), expected, rtol=1e-5, atol=1e-6)
