@@ -193,6 +193,11 @@ class TrainRun:
 
     def _step_fn(self, step):
         if self.config.jit_compile:
+            if not tf.config.list_physical_devices("GPU"):
+                # Measured (benchmarks/train_step_benchmark.py): XLA's CPU depthwise convs
+                # make the step ~14x slower here; it is meant for GPUs and TPUs.
+                logging.warning("--jit_compile on a CPU-only machine: XLA's CPU kernels for "
+                                "depthwise convolutions are slow; expect a slower step")
             step = tf.function(step, jit_compile=True)
         return training._distributed_step(self.strategy, step, self.model)
 
