@@ -8,6 +8,15 @@ computed from the trainable codes ``b`` inside the step, so gradients reach ``b`
 
 ``method="darts"`` is DARTS' first-order super-net in the same code: every edge runs all
 seven ops, weighted by a softmax over the edge's architecture parameters.
+
+``one_stage=True`` is the one-stage ISTA-NAS super-net (METHOD.md section 4), again the
+same code: affine BN everywhere, a BN after every pooling op and after the stride-1
+identity, an auxiliary head, drop path, and the gamma/beta of the BNs inside candidate
+ops frozen (not trained, batch statistics still used) until their node stops searching.
+Freezing is bookkeeping, not ``Variable.trainable``: the frozen variables are left out
+of the lists the train step differentiates, so the weight optimizer is built over all of
+them up front (DESIGN.md decision 5) and a node can be unfrozen between epochs. The
+network it converges to is absorbed into an evaluation network by ``absorption.absorb``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from istanas_tf import genotypes
+from istanas_tf import networks
 from istanas_tf import operations as ops
 from istanas_tf import sparse_coding
 
@@ -41,19 +51,28 @@ class SearchCell(keras.layers.Layer):
       reduction_prev: s0 is preprocessed by FactorizedReduce.
       options: BN switches of the candidate ops (affine-free BN in the two-stage net).
       steps: intermediate nodes.
+      drop_path: drop each supported op's output path in training (one-stage cells; the
+        identity is dropped too, as in the one-stage evaluation cell).
+      seed: seed of the drop path noise.
 
-    ``call(s0, s1, supports, weights)`` takes, per node, a tuple of flat candidate
-    indices (``predecessor * 7 + op``, Python ints) and a weight tensor of that length.
+    ``call(s0, s1, supports, weights, drop_path_rate)`` takes, per node, a tuple of flat
+    candidate indices (``predecessor * 7 + op``, Python ints) and a weight tensor of
+    that length.
     """
 
     def __init__(self, channels: int, reduction: bool, reduction_prev: bool,
-                 options: ops.OpOptions, steps: int = genotypes.STEPS, **kwargs):
+                 options: ops.OpOptions, steps: int = genotypes.STEPS,
+                 drop_path: bool = False, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev
         self.options = options
         self.steps = steps
+        self.drop_path = drop_path
+        self.seed = seed
+        # One layer serves every op: each call draws fresh noise from its seed generator.
+        self.drop_path_layer = ops.DropPath(seed=seed, name="drop_path") if drop_path else None
         if reduction_prev:
             self.preprocess0 = ops.FactorizedReduce(channels, affine=options.affine,
                                                     name="preprocess0")
@@ -75,7 +94,7 @@ class SearchCell(keras.layers.Layer):
     def build(self, *args, **kwargs):
         """Candidate ops create their weights on their first call (SearchNetwork.build_all)."""
 
-    def call(self, s0, s1, supports, weights, training=None):
+    def call(self, s0, s1, supports, weights, drop_path_rate=0.0, training=None):
         states = [self.preprocess0(s0, training=training),
                   self.preprocess1(s1, training=training)]
         for node in range(self.steps):
@@ -83,6 +102,8 @@ class SearchCell(keras.layers.Layer):
             for position, index in enumerate(supports[node]):
                 op = self.candidates[node][index]
                 out = op(states[index // NUM_OPS], training=training)
+                if self.drop_path_layer is not None:
+                    out = self.drop_path_layer(out, rate=drop_path_rate, training=training)
                 total = total + weights[node][position] * out
             states.append(total)
         return tf.concat(states[2:], axis=-1)
@@ -94,6 +115,12 @@ class SearchCell(keras.layers.Layer):
 
     def candidate_ops(self, node: int) -> list[keras.layers.Layer]:
         return self.candidates[node]
+
+    def candidate_batch_norms(self, node: int) -> list[keras.layers.BatchNormalization]:
+        """Every BN inside the candidate ops of ``node`` (not the preprocessing BNs)."""
+        return [layer for op in self.candidates[node]
+                for layer in op._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 class DartsArchitecture(keras.layers.Layer):
@@ -148,6 +175,11 @@ class SearchNetworkConfig:
       seed: seed of A, of the initial b and of the weights.
       sync_batch_norm: BN statistics over the global batch under tf.distribute, so that
         a multi-replica search computes what one device would.
+      one_stage: the one-stage super-net of METHOD.md section 4 (``method="ista"`` only):
+        affine BN, BN after pooling and identity ops, frozen gamma/beta inside candidate
+        ops, auxiliary head, drop path, one batch per step.
+      auxiliary_weight: weight of the auxiliary cross-entropy (one-stage; 0.4).
+      drop_path_rate: initial drop path rate (one-stage; a variable the loop ramps).
     """
 
     num_classes: int = 10
@@ -160,11 +192,19 @@ class SearchNetworkConfig:
     distinct_inputs: bool = False
     seed: int = 0
     sync_batch_norm: bool = True
+    one_stage: bool = False
+    auxiliary_weight: float = 0.4
+    drop_path_rate: float = 0.0
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method={self.method!r} is not valid; valid: "
                              f"{', '.join(METHODS)}")
+        if self.one_stage and self.method != "ista":
+            raise ValueError(f"the one-stage search needs --method=ista, got "
+                             f"--method={self.method!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"--drop_path_prob must be in [0, 1), got {self.drop_path_rate}")
         if self.layers < 3:
             raise ValueError(f"--layers must be at least 3, got {self.layers}")
         if self.channels < 2 or self.channels % 2:
@@ -176,7 +216,12 @@ class SearchNetwork(keras.Model):
     """The super-net: stem, ``layers`` search cells, global pool and classifier.
 
     The two-stage net uses affine-free BN in all cells and a BN after each pooling op;
-    the stem BN keeps its affine parameters (METHOD.md section 3).
+    the stem BN keeps its affine parameters (METHOD.md section 3). The one-stage net
+    (``config.one_stage``) is described in the module docstring.
+
+    One-stage state, per cell type and node j, in variables (checkpointed): whether the
+    node has stopped searching (``freeze_node``; its b is no longer trained) and whether
+    the BN gamma/beta inside its candidate ops are trainable (``unfreeze_node``).
     """
 
     def __init__(self, config: SearchNetworkConfig, **kwargs):
@@ -186,21 +231,32 @@ class SearchNetwork(keras.Model):
         with ops.synchronized_batch_norm(config.sync_batch_norm):
             self._build_layers(config)
         self._supports = self._read_supports()
+        self._frozen = self._read_flags("frozen")
+        self._bn_trainable = self._read_flags("bn_trainable")
 
     def _build_layers(self, config: SearchNetworkConfig) -> None:
         c = config.channels
+        one_stage = config.one_stage
         self.stem_conv = ops.SymmetricConv(3 * c, 3, name="stem_conv")
         self.stem_bn = ops.batch_norm(name="stem_bn")
-        options = ops.OpOptions(affine=False, bn_after_pool=True)
+        if one_stage:
+            options = ops.OpOptions(affine=True, bn_after_pool=True, bn_after_identity=True)
+        else:
+            options = ops.OpOptions(affine=False, bn_after_pool=True)
         self.cells = []
         channels, reduction_prev = c, False
         for i in range(config.layers):
-            reduction = i in (config.layers // 3, 2 * config.layers // 3)
+            reduction = i in networks.reduction_layers(config.layers)
             if reduction:
                 channels *= 2
             self.cells.append(SearchCell(channels, reduction, reduction_prev, options,
+                                         drop_path=one_stage, seed=config.seed * 1000 + i,
                                          name=f"cell{i}"))
             reduction_prev = reduction
+        self.aux_position = 2 * config.layers // 3
+        self.auxiliary_head = (networks.AuxiliaryHead(config.num_classes,
+                                                      name="auxiliary_head")
+                               if one_stage else None)
         self.classifier = keras.layers.Dense(config.num_classes, name="classifier")
         if config.method == "ista":
             make = lambda cell_type, seed: sparse_coding.ArchitectureEncoding(
@@ -212,10 +268,87 @@ class SearchNetwork(keras.Model):
         # Distinct seeds: the normal and reduction encodings draw different A and b.
         self.architectures = {"normal": make("normal", 2 * config.seed + 1),
                               "reduce": make("reduce", 2 * config.seed + 2)}
+        if one_stage:
+            # Drop path rate, ramped by the training loop; a variable so traced steps read
+            # the current value and checkpoints keep it.
+            self.drop_path_rate = self.add_weight(
+                shape=(), initializer=keras.initializers.Constant(config.drop_path_rate),
+                trainable=False, name="drop_path_rate")
+            # Freeze flags per cell type, [steps] int32 (1 = set): checkpointed with the
+            # model's variables, read into Python data by sync_supports().
+            for cell_type in self.architectures:
+                for flag in ("frozen", "bn_trainable"):
+                    setattr(self, f"{cell_type}_{flag}", self.add_weight(
+                        shape=(genotypes.STEPS,), dtype="int32", initializer="zeros",
+                        trainable=False, name=f"{cell_type}_{flag}"))
+        else:
+            self.drop_path_rate = 0.0
 
     # ------------------------------------------------------------------ architecture
     def _read_supports(self):
         return {cell_type: arch.support_tuple() for cell_type, arch in self.architectures.items()}
+
+    def _read_flags(self, flag: str) -> dict[str, tuple[bool, ...]]:
+        if not self.config.one_stage:
+            return {cell_type: (False,) * genotypes.STEPS for cell_type in self.architectures}
+        return {cell_type: tuple(bool(v) for v in getattr(self, f"{cell_type}_{flag}").numpy())
+                for cell_type in self.architectures}
+
+    def _check_node(self, cell_type: str, node: int) -> None:
+        if not self.config.one_stage:
+            raise ValueError("freezing nodes is part of the one-stage search "
+                             "(SearchNetworkConfig(one_stage=True))")
+        if cell_type not in self.architectures:
+            raise ValueError(f"unknown cell type {cell_type!r}; valid: "
+                             f"{', '.join(self.architectures)}")
+        if not 0 <= node < genotypes.STEPS:
+            raise ValueError(f"node must be in [0, {genotypes.STEPS}), got {node}")
+
+    def _set_flag(self, flag: str, cell_type: str, node: int) -> None:
+        self._check_node(cell_type, node)
+        variable = getattr(self, f"{cell_type}_{flag}")
+        variable.assign(tf.tensor_scatter_nd_update(variable, [[node]], [1]))
+        self.sync_supports()
+
+    def unfreeze_node(self, cell_type: str, node: int) -> None:
+        """Makes the BN gamma/beta inside node ``node``'s candidate ops trainable.
+
+        Applies to every cell of ``cell_type`` ("normal" or "reduce"), whose cells share
+        the architecture. The next traced step trains them (the step is traced again).
+        """
+        self._set_flag("bn_trainable", cell_type, node)
+
+    def freeze_node(self, cell_type: str, node: int) -> None:
+        """Stops the search of one node (METHOD.md section 4): its b is no longer
+        trained, and the BN gamma/beta inside its candidate ops become trainable."""
+        self._set_flag("frozen", cell_type, node)
+        self.unfreeze_node(cell_type, node)
+
+    @property
+    def frozen_nodes(self) -> dict[str, tuple[bool, ...]]:
+        """Per cell type and node, whether its search has stopped (static data)."""
+        return self._frozen
+
+    def _bn_affine(self, cell_type: str, node: int) -> list:
+        return [v for cell in self.cells if _cell_type(cell) == cell_type
+                for bn in cell.candidate_batch_norms(node) for v in (bn.gamma, bn.beta)]
+
+    def frozen_bn_affine_variables(self) -> list:
+        """The gamma/beta of candidate-op BNs that the train step leaves alone."""
+        if not self.config.one_stage:
+            return []
+        return [v for cell_type, flags in self._bn_trainable.items()
+                for node, trainable in enumerate(flags) if not trainable
+                for v in self._bn_affine(cell_type, node)]
+
+    def trainable_bn_affine_variables(self) -> list:
+        """The gamma/beta of candidate-op BNs that are currently trained (when on the
+        support): those of the nodes unfrozen by ``unfreeze_node``."""
+        if not self.config.one_stage:
+            return []
+        return [v for cell_type, flags in self._bn_trainable.items()
+                for node, trainable in enumerate(flags) if trainable
+                for v in self._bn_affine(cell_type, node)]
 
     @property
     def supports(self) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -223,13 +356,15 @@ class SearchNetwork(keras.Model):
         return self._supports
 
     def sync_supports(self) -> bool:
-        """Re-reads the supports from the architecture state (after recovery or restore).
+        """Re-reads the supports (and one-stage freeze flags) from the architecture state
+        (after recovery, freezing or restore).
 
         Returns whether they changed, i.e. whether traced step functions are stale.
         """
-        supports = self._read_supports()
-        changed = supports != self._supports
-        self._supports = supports
+        state = (self._read_supports(), self._read_flags("frozen"),
+                 self._read_flags("bn_trainable"))
+        changed = state != (self._supports, self._frozen, self._bn_trainable)
+        self._supports, self._frozen, self._bn_trainable = state
         return changed
 
     def recover(self) -> dict[str, np.ndarray]:
@@ -267,6 +402,13 @@ class SearchNetwork(keras.Model):
         """Trainable architecture variables: the b of every node (or DARTS' alphas)."""
         return [v for arch in self.architectures.values() for v in arch.trainable_variables]
 
+    def active_architecture_variables(self) -> list:
+        """The architecture variables a step trains: the b of nodes not yet frozen."""
+        if not self.config.one_stage:
+            return self.architecture_variables
+        return [arch.b[node] for cell_type, arch in self.architectures.items()
+                for node in range(arch.steps) if not self._frozen[cell_type][node]]
+
     @property
     def weight_variables(self) -> list:
         """Every trainable network weight (all candidate ops), excluding architecture."""
@@ -274,7 +416,10 @@ class SearchNetwork(keras.Model):
         return [v for v in self.trainable_variables if id(v) not in arch_ids]
 
     def active_weight_variables(self) -> list:
-        """Trainable weights a forward pass with the current supports touches."""
+        """Trainable weights a forward pass with the current supports touches.
+
+        One-stage: without the frozen BN gamma/beta of candidate ops.
+        """
         active = set()
         for cell in self.cells:
             cell_type = "reduce" if cell.reduction else "normal"
@@ -283,6 +428,7 @@ class SearchNetwork(keras.Model):
         inactive = {id(v) for cell in self.cells for node in range(cell.steps)
                     for op in cell.candidate_ops(node) for v in op.trainable_variables}
         inactive -= active
+        inactive |= {id(v) for v in self.frozen_bn_affine_variables()}
         return [v for v in self.weight_variables if id(v) not in inactive]
 
     # ------------------------------------------------------------------ forward
@@ -296,21 +442,32 @@ class SearchNetwork(keras.Model):
                  for cell_type in self.architectures}
         ones = {cell_type: [tf.ones([num_candidates(node)]) for node in range(genotypes.STEPS)]
                 for cell_type in self.architectures}
-        self._forward(tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False)
+        self._forward(tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False,
+                      auxiliary=True)
         self.built = True
 
-    def _forward(self, images, supports, weights, training):
+    def _forward(self, images, supports, weights, training, auxiliary=False):
+        """Returns ``(logits, aux_logits)``; aux_logits is None unless ``auxiliary`` and
+        the network has an auxiliary head."""
         s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
-        for cell in self.cells:
+        aux_logits = None
+        for i, cell in enumerate(self.cells):
             cell_type = "reduce" if cell.reduction else "normal"
             s0, s1 = s1, cell(s0, s1, supports=supports[cell_type],
-                              weights=weights[cell_type], training=training)
-        return self.classifier(tf.reduce_mean(s1, axis=[1, 2]))
+                              weights=weights[cell_type],
+                              drop_path_rate=self.drop_path_rate, training=training)
+            if i == self.aux_position and self.auxiliary_head is not None and auxiliary:
+                aux_logits = self.auxiliary_head(s1, training=training)
+        return self.classifier(tf.reduce_mean(s1, axis=[1, 2])), aux_logits
 
     def call(self, images, training=None):
+        """Returns logits, or ``(logits, aux_logits)`` in training with the auxiliary head
+        (one-stage), as the evaluation network does."""
         weights = {cell_type: arch.alphas(self._supports[cell_type])
                    for cell_type, arch in self.architectures.items()}
-        return self._forward(images, self._supports, weights, training)
+        logits, aux_logits = self._forward(images, self._supports, weights, training,
+                                           auxiliary=bool(training))
+        return logits if aux_logits is None else (logits, aux_logits)
 
     # ------------------------------------------------------------------ steps
     def compile(self, weight_optimizer, arch_optimizer, **kwargs):
@@ -319,8 +476,9 @@ class SearchNetwork(keras.Model):
         self.arch_optimizer = arch_optimizer
         weight_optimizer.build(self.weight_variables)
         arch_optimizer.build(self.architecture_variables)
-        self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss", "arch_loss")}
+        # The one-stage step has a single loss (on the same batch for both optimizers).
+        names = ("loss",) if self.config.one_stage else ("loss", "arch_loss")
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
     @property
@@ -338,8 +496,11 @@ class SearchNetwork(keras.Model):
         """One architecture step then one weight step (METHOD.md section 3).
 
         Args:
-          data: ``((weight_images, weight_labels), (arch_images, arch_labels))``.
+          data: ``((weight_images, weight_labels), (arch_images, arch_labels))``;
+            one-stage: ``(images, labels)`` (see _one_stage_train_step).
         """
+        if self.config.one_stage:
+            return self._one_stage_train_step(data)
         (images, labels), (arch_images, arch_labels) = data
         arch_vars = self.architecture_variables
         with tf.GradientTape() as tape:
@@ -355,6 +516,30 @@ class SearchNetwork(keras.Model):
             per_example, loss = self._loss(labels, logits)
             scaled_loss = self.optimizer.scale_loss(loss)
         _apply(self.optimizer, tape.gradient(scaled_loss, weight_vars), weight_vars)
+        self.trackers["loss"].update_state(per_example)
+        self.accuracy.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _one_stage_train_step(self, data):
+        """One forward/backward of CE + auxiliary_weight * CE_aux on one batch, then an
+        architecture step on the b of unfrozen nodes and a weight step on the active,
+        unfrozen weights (METHOD.md section 4)."""
+        images, labels = data
+        arch_vars = self.active_architecture_variables()
+        weight_vars = self.active_weight_variables()
+        with tf.GradientTape() as tape:
+            logits, aux_logits = self(images, training=True)
+            per_example, loss = self._loss(labels, logits)
+            loss = loss + self.config.auxiliary_weight * self._loss(labels, aux_logits)[1]
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, arch_vars + weight_vars)
+        if arch_vars:
+            # One backward pass for both optimizers: re-scale the architecture gradients
+            # from the weight optimizer's loss scale to the architecture optimizer's.
+            rescale = self.arch_optimizer.scale_loss(1.0) / self.optimizer.scale_loss(1.0)
+            _apply(self.arch_optimizer, [None if g is None else g * rescale
+                                         for g in gradients[:len(arch_vars)]], arch_vars)
+        _apply(self.optimizer, gradients[len(arch_vars):], weight_vars)
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
@@ -378,3 +563,7 @@ def _apply(optimizer, gradients, variables) -> None:
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
     if pairs:
         optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+
+def _cell_type(cell: SearchCell) -> str:
+    return "reduce" if cell.reduction else "normal"
