@@ -30,7 +30,6 @@ from istanas_tf import run_dir
 from istanas_tf import training
 
 LR_SCHEDULES = ("cosine", "warmup_linear")
-MIXED_PRECISION = (None, "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +87,8 @@ class TrainConfig:
     verbose: bool = True
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
-            (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.learning_rate_min <= self.learning_rate,
-             f"--learning_rate_min must be in [0, --learning_rate], got "
-             f"{self.learning_rate_min}"),
+        """Raises ValueError naming the flag of the first invalid setting."""
+        training.check_settings(training.loop_checks(self) + [
             (self.lr_schedule in LR_SCHEDULES,
              f"--lr_schedule={self.lr_schedule!r} is not valid; valid: "
              f"{', '.join(LR_SCHEDULES)}"),
@@ -102,19 +96,9 @@ class TrainConfig:
              f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}"),
             (0 <= self.label_smoothing < 1,
              f"--label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.mixed_precision in MIXED_PRECISION,
-             f"--mixed_precision={self.mixed_precision!r} is not valid; valid: "
-             "float16, bfloat16 (or unset)"),
-            (self.grad_clip > 0, f"--grad_clip must be > 0, got {self.grad_clip}"),
-            (self.strategy in training.STRATEGIES,
-             f"--strategy={self.strategy!r} is not valid; valid: "
-             f"{', '.join(training.STRATEGIES)}"),
             (self.channels is None or self.channels >= 2,
              f"--init_channels must be >= 2, got {self.channels}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
         if self.layers is not None:
             networks.check_layers(self.layers)
         self.data.validate()

@@ -33,6 +33,44 @@ from istanas_tf import search_model
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
+MIXED_PRECISION = (None, "float16", "bfloat16")
+
+
+def loop_checks(config) -> list[tuple[bool, str]]:
+    """(ok, message) checks of the settings every run of the loop shares.
+
+    ``config`` is a SearchConfig or a retraining TrainConfig: both carry the epoch,
+    batch, optimizer, strategy and precision fields these checks read.
+    """
+    return [
+        (config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}"),
+        (config.batch_size >= 1, f"--batch_size must be >= 1, got {config.batch_size}"),
+        (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
+        (0 <= config.learning_rate_min <= config.learning_rate,
+         f"--learning_rate_min must be in [0, --learning_rate], got "
+         f"{config.learning_rate_min}"),
+        (config.grad_clip > 0, f"--grad_clip must be > 0, got {config.grad_clip}"),
+        (config.weight_decay >= 0, f"--weight_decay must be >= 0, got {config.weight_decay}"),
+        (0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}"),
+        (config.strategy in STRATEGIES,
+         f"--strategy={config.strategy!r} is not valid; valid: {', '.join(STRATEGIES)}"),
+        (config.steps_per_epoch is None or config.steps_per_epoch >= 1,
+         f"--steps_per_epoch must be >= 1, got {config.steps_per_epoch}"),
+        (config.eval_steps is None or config.eval_steps >= 0,
+         f"--eval_steps must be >= 0, got {config.eval_steps}"),
+        (config.mixed_precision in MIXED_PRECISION,
+         f"--mixed_precision={config.mixed_precision!r} is not valid; valid: float16, "
+         "bfloat16 (or unset)"),
+    ]
+
+
+def check_settings(checks: list[tuple[bool, str]]) -> None:
+    """Raises ValueError with the message of the first failed (ok, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped before saving anything from it."""
 
@@ -82,32 +120,12 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
-            (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.learning_rate_min <= self.learning_rate,
-             f"--learning_rate_min must be in [0, --learning_rate], got "
-             f"{self.learning_rate_min}"),
+        check_settings(loop_checks(self) + [
             (self.arch_learning_rate > 0,
              f"--arch_learning_rate must be > 0, got {self.arch_learning_rate}"),
-            (self.grad_clip > 0, f"--grad_clip must be > 0, got {self.grad_clip}"),
-            (self.weight_decay >= 0 and self.arch_weight_decay >= 0,
-             "--weight_decay and --arch_weight_decay must be >= 0"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (self.strategy in STRATEGIES,
-             f"--strategy={self.strategy!r} is not valid; valid: {', '.join(STRATEGIES)}"),
-            (self.steps_per_epoch is None or self.steps_per_epoch >= 1,
-             f"--steps_per_epoch must be >= 1, got {self.steps_per_epoch}"),
-            (self.eval_steps is None or self.eval_steps >= 0,
-             f"--eval_steps must be >= 0, got {self.eval_steps}"),
-            (self.mixed_precision in (None, "float16", "bfloat16"),
-             f"--mixed_precision={self.mixed_precision!r} is not valid; valid: float16, "
-             "bfloat16 (or unset)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            (self.arch_weight_decay >= 0,
+             f"--arch_weight_decay must be >= 0, got {self.arch_weight_decay}"),
+        ])
         self.network.validate()
         self.data.validate()
 
