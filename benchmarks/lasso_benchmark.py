@@ -39,10 +39,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
-import scipy.optimize  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from istanas_tf import sparse_coding  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from lasso_oracle import kkt_violation, objective, scipy_lasso  # noqa: E402
 
 LAM = 1e-5
 NODE_WIDTHS = (14, 21, 28, 35) * 2  # normal then reduce
@@ -56,48 +58,6 @@ def recovery_problems(scale: float, seed: int):
     for i, n in enumerate(NODE_WIDTHS):
         A[i, :, :n] = rng.uniform(size=(7, n))
     return A, scale * rng.standard_normal((len(NODE_WIDTHS), 7))
-
-
-def scipy_lasso(A, b, lam=LAM):
-    """Exact LASSO via the dual least-distance problem and scipy's NNLS.
-
-    With x = theta - b, the dual min ||x|| s.t. G x >= h, G = [-A^T; A^T],
-    h = [A^T b - lam; -A^T b - lam] is solved as NNLS on E = [G^T; h^T], f = e_last
-    (Lawson & Hanson, ch. 23); the constraint multipliers mu = -u / r_last give
-    z = mu[:n] - mu[n:], whose support and signs are then solved exactly.
-    """
-    m, n = A.shape
-    scale = np.linalg.norm(b)
-    b1, lam1 = b / scale, lam / scale
-    G = np.vstack([-A.T, A.T])
-    h = np.concatenate([A.T @ b1 - lam1, -A.T @ b1 - lam1])
-    E = np.vstack([G.T, h[None]])
-    f = np.zeros(m + 1)
-    f[-1] = 1.0
-    u, _ = scipy.optimize.nnls(E, f, maxiter=100 * n)
-    r = E @ u - f
-    mu = -u / r[-1]
-    z_dual = (mu[:n] - mu[n:]) * scale
-    support = np.flatnonzero(z_dual)
-    z = np.zeros(n)
-    if support.size:
-        A_S = A[:, support]
-        z[support] = np.linalg.solve(A_S.T @ A_S,
-                                     A_S.T @ b - lam * np.sign(z_dual[support]))
-    return z
-
-
-def objective(A, b, z, lam=LAM):
-    return 0.5 * np.sum((A @ z - b) ** 2) + lam * np.sum(np.abs(z))
-
-
-def kkt_violation(A, b, z, lam=LAM):
-    """max over j of the KKT residual, relative to lam (0 at the exact optimum)."""
-    c = A.T @ (b - A @ z)
-    on = z != 0
-    on_error = np.abs(c[on] - lam * np.sign(z[on])).max(initial=0.0)
-    off_error = np.maximum(np.abs(c[~on]) - lam, 0.0).max(initial=0.0)
-    return max(on_error, off_error) / lam
 
 
 def median_ms(fns, repeats: int) -> list[float]:
