@@ -683,22 +683,13 @@ class ArchitectureEncoding(keras.layers.Layer):
                 tf.debugging.assert_all_finite(
                     b.value, f"{self.name}: b of node {j} contains NaN or inf")
 
-    def _lasso_inputs(self, n_max: int):
-        """A: [steps, m, n_max], b: [steps, m], z_last: [steps, n_max], all float64."""
-        A = tf.stack([tf.pad(tf.cast(a, tf.float64), [[0, 0], [0, n_max - a.shape[1]]])
-                      for a in self.A])
-        b = tf.stack([tf.cast(b, tf.float64) for b in self.b])
-        z = tf.pad(tf.cast(self.z, tf.float64), [[0, 0], [0, n_max - self.z.shape[1]]])
-        return A, b, z
+    def _layout(self) -> tuple:
+        """The static description of this encoding's problems (a tracing key)."""
+        return (self.num_candidates, self.sparseness, self.num_ops, self.distinct_inputs)
 
     def _recovery(self, z: tf.Tensor) -> Recovery:
-        """Support and distances of a new z: [steps, n_max] float64."""
-        z = z[:, :self.z.shape[1]]
-        support = tf.stack([
-            select_support(z[j, :n], self.sparseness, self.num_ops, self.distinct_inputs)
-            for j, n in enumerate(self.num_candidates)])
-        distances = tf.norm(z - tf.cast(self.z, tf.float64), axis=-1)
-        return Recovery(z=z, support=support, distances=distances)
+        """Support and distances of a new z: [steps, >= n_max] float64."""
+        return _recovery_of(z, self.z, self._layout())
 
     def solve(self, warm_start: bool = True) -> Recovery:
         """Recovers every node from the current b without changing the state.
@@ -795,21 +786,49 @@ def solve_jointly(encodings: Sequence[ArchitectureEncoding],
             raise ValueError(f"solve_jointly needs encodings with one {attr}, got {values}")
     for encoding in encodings:
         encoding._check_finite_b()
-    return list(_solve_encodings(tuple(encodings), bool(warm_start)))
+    # Plain tensors and static layouts in, so the traced solve is shared by every
+    # encoding of the same shape (tracing on the encoding objects would keep one graph,
+    # of 100+ MB, per object).
+    return list(_solve_stacked(
+        tuple(tuple(a.value for a in e.A) for e in encodings),
+        tuple(tuple(b.value for b in e.b) for e in encodings),
+        tuple(e.z.value for e in encodings),
+        tuple(e._layout() for e in encodings), encodings[0].lam, bool(warm_start)))
+
+
+def _recovery_of(z, z_last, layout) -> Recovery:
+    """The Recovery of a new z ([steps, >= n_max] float64) against z_last [steps, n_max]."""
+    num_candidates, sparseness, num_ops, distinct_inputs = layout
+    z = z[:, :z_last.shape[1]]
+    support = tf.stack([select_support(z[j, :n], sparseness, num_ops, distinct_inputs)
+                        for j, n in enumerate(num_candidates)])
+    distances = tf.norm(z - tf.cast(z_last, tf.float64), axis=-1)
+    return Recovery(z=z, support=support, distances=distances)
 
 
 @tf.function
-def _solve_encodings(encodings: tuple, warm_start: bool) -> tuple[Recovery, ...]:
-    # One graph for stacking, solving and selecting (traced once per tuple of encodings):
-    # run eagerly, these few dozen small ops cost more than the solve itself.
-    n_max = max(e.num_candidates[-1] for e in encodings)
-    inputs = [e._lasso_inputs(n_max) for e in encodings]
-    A, b, z0 = (tf.concat(parts, axis=0) for parts in zip(*inputs))
-    z = solve_lasso(A, b, encodings[0].lam, z0 if warm_start else None)
+def _solve_stacked(A_parts, b_parts, z_parts, layouts, lam, warm_start):
+    """Stacks, solves and selects in one graph: run eagerly, these few dozen small ops
+    cost more than the solve itself.
+
+    Args:
+      A_parts, b_parts: per encoding, per node A_j [m, n_j] and b_j [m] (float32).
+      z_parts: per encoding, the last z [steps, n_max_e].
+      layouts: per encoding, ``ArchitectureEncoding._layout()`` (static).
+    """
+    n_max = max(layout[0][-1] for layout in layouts)
+    A = tf.concat([tf.stack([tf.pad(tf.cast(a, tf.float64), [[0, 0], [0, n_max - a.shape[1]]])
+                             for a in parts]) for parts in A_parts], axis=0)
+    b = tf.concat([tf.stack([tf.cast(v, tf.float64) for v in parts]) for parts in b_parts],
+                  axis=0)
+    z0 = tf.concat([tf.pad(tf.cast(z, tf.float64), [[0, 0], [0, n_max - z.shape[1]]])
+                    for z in z_parts], axis=0)
+    z = solve_lasso(A, b, lam, z0 if warm_start else None)
     recoveries, start = [], 0
-    for encoding in encodings:
-        recoveries.append(encoding._recovery(z[start:start + encoding.steps]))
-        start += encoding.steps
+    for z_last, layout in zip(z_parts, layouts):
+        steps = len(layout[0])
+        recoveries.append(_recovery_of(z[start:start + steps], z_last, layout))
+        start += steps
     return tuple(recoveries)
 
 
