@@ -160,6 +160,7 @@ class TrainRun:
         self.info = data.get_dataset_info(config.data)
         run_dir.check_run_config(config.model_dir, config.run_settings(self.genotype),
                                  RESUMABLE_CHANGES)
+        run_dir.write_dataset_info(config.model_dir, self.info)
         with training.mixed_precision_policy(config.mixed_precision), self.strategy.scope():
             self.model = build_evaluation_network(config, self.genotype, self.info)
             self.optimizer = optimizers.TorchSGD(
@@ -186,9 +187,9 @@ class TrainRun:
         return training._distributed_step(self.strategy, step, self.model)
 
     def _steps_per_epoch(self) -> int:
-        pipelines = getattr(self.strategy.extended, "_num_workers", 1)
-        steps = data.steps_per_epoch(self.info, "train", self.config.batch_size,
-                                     num_input_pipelines=pipelines)
+        steps = data.steps_per_epoch(
+            self.info, "train", self.config.batch_size,
+            num_input_pipelines=training.num_input_pipelines(self.strategy))
         if steps < 1:
             raise ValueError(f"--batch_size={self.config.batch_size} is larger than the "
                              "training split")
@@ -292,19 +293,9 @@ def _checkpoint_classes(checkpoint: str) -> int | None:
     return None
 
 
-def _restore_network(model_dir: str, info: data.DatasetInfo):
-    """The evaluation network of a retraining run directory, with its latest weights."""
-    settings_path = os.path.join(model_dir, "run_config.json")
-    checkpoint = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if not os.path.exists(settings_path) or not checkpoint:
-        raise ValueError(
-            f"--model_dir={model_dir} holds no checkpoint of a --mode=train run "
-            "(run_config.json and checkpoints/); train first, or pass --saved_model")
-    with open(settings_path) as f:
-        settings = json.load(f)
-    if "genotype" not in settings or "auxiliary_weight" not in settings:
-        raise ValueError(f"--model_dir={model_dir} is not a --mode=train run directory "
-                         "(a search run? evaluate its genotype by retraining it)")
+def _restore_train_network(model_dir: str, settings: dict[str, Any], checkpoint: str,
+                           info: data.DatasetInfo):
+    """The evaluation network of a --mode=train run directory with its latest weights."""
     classes = _checkpoint_classes(checkpoint)
     if classes is not None and classes != info.num_classes:
         raise ValueError(
@@ -320,6 +311,80 @@ def _restore_network(model_dir: str, info: data.DatasetInfo):
     return model
 
 
+def restore_network(model_dir: str, info: data.DatasetInfo | None = None):
+    """The evaluation network a run directory holds, with its latest weights.
+
+    Args:
+      model_dir: a ``--mode=train`` run, or a one-stage run whose search has ended (its
+        super-net absorbed into the evaluation network).
+      info: the dataset; default: the one recorded in the run directory.
+
+    Returns:
+      ``(network, info)``.
+
+    Raises:
+      run_dir.RunDirError: not such a run directory (e.g. a two-stage search, whose
+        genotype must be retrained), no checkpoint, or a one-stage search still running.
+    """
+    settings = run_dir.read_run_config(model_dir)
+    kind = run_dir.run_kind(settings)
+    if kind == "two_stage":
+        raise run_dir.RunDirError(
+            f"--model_dir={model_dir} is a two-stage search (--method="
+            f"{settings.get('method', 'ista')}): it holds a genotype, not a trained network; "
+            f"retrain it with --mode=train --genotype={model_dir}/genotype.json")
+    if info is None:
+        info = recorded_dataset_info(model_dir, settings)
+    if kind == "one_stage":
+        from istanas_tf import one_stage
+        network, _ = one_stage.restore_network(model_dir, settings, info.num_classes,
+                                               info.image_size[0])
+        return network, info
+    checkpoint = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if not checkpoint:
+        raise run_dir.RunDirError(f"--model_dir={model_dir} holds no checkpoint of its "
+                                  "--mode=train run yet; train first, or pass --saved_model")
+    return _restore_train_network(model_dir, settings, checkpoint, info), info
+
+
+def recorded_dataset_info(model_dir: str, settings: dict[str, Any]):
+    """What an export needs about a run's data: from ``dataset.json``, else the dataset
+    the run's settings name (runs that predate the file)."""
+    recorded = run_dir.read_dataset_info(model_dir)
+    if recorded is not None:
+        return recorded
+    fields = {f.name for f in dataclasses.fields(data.DataConfig)}
+    return data.get_dataset_info(data.DataConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+        if k in fields}))
+
+
+def export_run(model_dir: str, export_dir: str | None = None, model_name: str = "istanas",
+               version: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """``--mode=export``: the SavedModel of a run directory's latest trained network.
+
+    Args:
+      model_dir: a ``--mode=train`` run or a one-stage run whose search has ended.
+      export_dir: SavedModel root; default ``<model_dir>/export``.
+      model_name, version, overwrite: as in ``export.export_saved_model`` (version
+        None: the next free one; an existing version is refused unless ``overwrite``).
+    """
+    from istanas_tf import export
+    network, info = restore_network(model_dir)
+    version_dir = export.export_saved_model(
+        network, export_dir or os.path.join(model_dir, "export"), model_name, version,
+        image_size=tuple(info.image_size), mean=info.mean, std=info.std,
+        class_names=info.class_names, overwrite=overwrite)
+    return {"export": version_dir, "params": networks.count_parameters(network)}
+
+
+def evaluate_network(network: keras.Model, data_config: data.DataConfig, info,
+                     split: str = "test", batch_size: int = 256) -> dict[str, Any]:
+    """Top-1, top-5 and per-class accuracy of an in-memory network in inference mode."""
+    return _accuracy(lambda images: network(images, training=False), data_config, info,
+                     split, batch_size)
+
+
 def evaluate(data_config: data.DataConfig, split: str = "test", model_dir: str | None = None,
              saved_model: str | None = None, batch_size: int = 256) -> dict[str, Any]:
     """Top-1, top-5 and per-class accuracy of a run's checkpoint or a SavedModel.
@@ -327,7 +392,7 @@ def evaluate(data_config: data.DataConfig, split: str = "test", model_dir: str |
     Args:
       data_config: the dataset to evaluate on.
       split: ``test`` or ``train`` (evaluation order, no augmentation).
-      model_dir: a ``--mode=train`` run directory (its latest checkpoint), or
+      model_dir: a ``--mode=train`` or one-stage run directory (its latest checkpoint), or
       saved_model: an exported SavedModel version directory (fed raw 0-255 pixels).
     """
     info = data.get_dataset_info(data_config)
@@ -339,9 +404,13 @@ def evaluate(data_config: data.DataConfig, split: str = "test", model_dir: str |
         mean = tf.constant(info.mean, tf.float32)
         std = tf.constant(info.std, tf.float32)
         predict = lambda images: serving(images=(images * std + mean) * 255.0)["logits"]
-    else:
-        model = _restore_network(model_dir, info)
-        predict = lambda images: model(images, training=False)
+        return _accuracy(predict, data_config, info, split, batch_size)
+    model, _ = restore_network(model_dir, info)
+    return evaluate_network(model, data_config, info, split, batch_size)
+
+
+def _accuracy(predict, data_config: data.DataConfig, info, split: str,
+              batch_size: int) -> dict[str, Any]:
     correct = np.zeros(info.num_classes)
     counts = np.zeros(info.num_classes)
     top5 = 0

@@ -10,10 +10,15 @@ Layout of ``--model_dir``::
   genotypes/epoch_NNN.json, cells/epoch_NNN.png
   cells.png              diagram of the latest genotype's cells
   tensorboard/           summaries
+  dataset.json           image size, normalisation and class names (for export)
+  search_summary.json    one-stage: search length and the epoch each node stopped at
+  final_metrics.json     retraining and one-stage: final test metrics and the export
+  export/<name>/<N>/     SavedModel versions
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterable
@@ -98,3 +103,68 @@ def write_genotype(model_dir: str, genotype: genotypes.Genotype, epoch: int) -> 
     os.makedirs(os.path.join(model_dir, "genotypes"), exist_ok=True)
     genotypes.save_json(genotype, os.path.join(model_dir, "genotypes", f"epoch_{epoch:03d}.json"))
     genotypes.save_json(genotype, os.path.join(model_dir, "genotype.json"))
+
+
+RUN_CONFIG_FILE = "run_config.json"
+DATASET_INFO_FILE = "dataset.json"
+
+
+def read_run_config(model_dir: str) -> dict[str, Any]:
+    """The settings recorded in a run directory.
+
+    Raises:
+      RunDirError: the directory holds no run (no run_config.json).
+    """
+    path = os.path.join(model_dir, RUN_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise RunDirError(f"--model_dir={model_dir} holds no checkpoint: no run was "
+                          f"written there ({RUN_CONFIG_FILE} is missing); pass the directory "
+                          "a search or training wrote")
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_kind(settings: dict[str, Any]) -> str:
+    """``"one_stage"``, ``"train"`` (retraining a genotype) or ``"two_stage"`` (a
+    two-stage or DARTS search) from a run's recorded settings."""
+    if settings.get("run") == "one_stage":
+        return "one_stage"
+    if "genotype" in settings and "auxiliary_weight" in settings:
+        return "train"
+    if "arch_learning_rate" in settings:
+        return "two_stage"
+    raise RunDirError(f"unrecognised {RUN_CONFIG_FILE}: not written by a search or training "
+                      "of this version of istanas_tf")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedDatasetInfo:
+    """The part of ``data.DatasetInfo`` a run records for evaluation and export."""
+
+    name: str
+    image_size: tuple[int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+
+
+def write_dataset_info(model_dir: str, info) -> None:
+    """Records ``dataset.json`` (size, normalisation, class names; ``info`` is a
+    ``data.DatasetInfo``) so that ``--mode=export`` needs no access to the dataset."""
+    content = {"name": info.name, "image_size": list(info.image_size),
+               "num_classes": info.num_classes, "mean": list(info.mean),
+               "std": list(info.std), "class_names": list(info.class_names)}
+    atomic_write_text(os.path.join(model_dir, DATASET_INFO_FILE),
+                      json.dumps(content, indent=2) + "\n")
+
+
+def read_dataset_info(model_dir: str) -> RecordedDatasetInfo | None:
+    """The run's ``dataset.json``, or None for a run directory without one."""
+    path = os.path.join(model_dir, DATASET_INFO_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        content = json.load(f)
+    return RecordedDatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in content.items()})

@@ -219,6 +219,29 @@ def _distributed_step(strategy, step: Callable, model) -> Callable:
     return run
 
 
+def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """Input pipelines of a strategy: one per worker (multi-worker), else one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+
+
+def write_genotype_diagram(model_dir: str, writer, genotype, epoch: int) -> None:
+    """``cells/epoch_NNN.png``, ``cells.png`` (latest) and the TensorBoard image."""
+    from istanas_tf import diagram  # matplotlib is only imported when drawing
+    cells_dir = os.path.join(model_dir, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
+    title = f"epoch {epoch}"
+    diagram.save_genotype_diagram(genotype, os.path.join(cells_dir, f"epoch_{epoch:03d}.png"),
+                                  title=title)
+    diagram.save_genotype_diagram(genotype, os.path.join(model_dir, "cells.png"), title=title)
+    with writer.as_default(step=epoch):
+        image = diagram.render_genotype_array(genotype, title=title)
+        tf.summary.image("genotype/cells", image[None, ..., :3])
+
+
 class _Progress:
     """A Keras progress bar within the epoch, only on the chief and when verbose."""
 
@@ -353,8 +376,7 @@ class SearchRun:
         return make("search_weights"), make("search_arch")
 
     def _steps_per_epoch(self) -> int:
-        # One input pipeline per worker (multi-worker), else one.
-        pipelines = getattr(self.strategy.extended, "_num_workers", 1)
+        pipelines = num_input_pipelines(self.strategy)
         steps = min(data.steps_per_epoch(self.info, split, self.config.batch_size,
                                          num_input_pipelines=pipelines)
                     for split in ("search_weights", "search_arch"))
@@ -442,7 +464,7 @@ class SearchRun:
         if self.chief:
             self.metrics_log.append(row)
             run_dir.write_genotype(config.model_dir, genotype, epoch + 1)
-            self._write_diagram(genotype, epoch + 1)
+            write_genotype_diagram(config.model_dir, self.writer, genotype, epoch + 1)
             self._write_summaries(row, epoch + 1)
         self.state.save(epoch + 1)
         logging.info(
@@ -455,19 +477,6 @@ class SearchRun:
         if changed:
             self._trace_steps()
         return row
-
-    def _write_diagram(self, genotype, epoch: int) -> None:
-        from istanas_tf import diagram  # matplotlib is only imported when drawing
-        cells_dir = os.path.join(self.config.model_dir, "cells")
-        os.makedirs(cells_dir, exist_ok=True)
-        title = f"epoch {epoch}"
-        diagram.save_genotype_diagram(genotype, os.path.join(cells_dir, f"epoch_{epoch:03d}.png"),
-                                      title=title)
-        diagram.save_genotype_diagram(genotype, os.path.join(self.config.model_dir, "cells.png"),
-                                      title=title)
-        with self.writer.as_default(step=epoch):
-            image = diagram.render_genotype_array(genotype, title=title)
-            tf.summary.image("genotype/cells", image[None, ..., :3])
 
     def _write_summaries(self, row: dict[str, Any], epoch: int) -> None:
         with self.writer.as_default(step=epoch):
