@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging  # noqa: E402
 
-MODES = ("search", "train", "eval", "describe")
+MODES = ("search", "train", "eval", "export", "describe")
 
 
 def define_flags():
@@ -35,15 +35,32 @@ def define_flags():
                          "BN after pooling and identity ops (one-stage networks).")
     flags.DEFINE_string("diagram", None, "describe: also write the cells' diagram (PNG) here.")
     # Search.
-    flags.DEFINE_enum("method", "ista", ["ista", "darts"],
-                      "ista: sparse ISTA-NAS super-net; darts: dense first-order DARTS.")
+    flags.DEFINE_enum("method", "ista", ["ista", "darts", "ista_onestage"],
+                      "search: ista (two-stage ISTA-NAS), darts (dense first-order DARTS) "
+                      "or ista_onestage (search and train the target network in one run, "
+                      "then absorb and export).")
+    flags.DEFINE_integer("search_epochs", 600,
+                         "ista_onestage: the most search epochs (the search ends earlier "
+                         "when every node has frozen; nodes still searching at the cap are "
+                         "frozen at their last z).")
+    flags.DEFINE_integer("max_params", 3_700_000,
+                         "ista_onestage: reject a recovered architecture whose evaluation "
+                         "network (auxiliary head excluded) has this many parameters or "
+                         "more, keeping the last one.")
+    flags.DEFINE_float("freeze_tolerance", 1e-3,
+                       "ista_onestage: a node stops searching when its recovered z moves by "
+                       "at most this (L2) in an epoch.")
     flags.DEFINE_string("model_dir", None, "Run directory; rerunning the command resumes.")
-    flags.DEFINE_integer("epochs", None, "Epochs (default: search 50, train 600).")
+    flags.DEFINE_integer("epochs", None, "Epochs (default: search 50, train 600; "
+                         "ista_onestage: training epochs after the search, 600).")
     flags.DEFINE_integer("batch_size", None,
-                         "Global batch size over all replicas (default: search 256, train 96).")
-    flags.DEFINE_float("learning_rate", None, "Peak weight lr (default: search 0.1, train 0.025).")
+                         "Global batch size over all replicas (default: search 256, train "
+                         "and ista_onestage 96).")
+    flags.DEFINE_float("learning_rate", None,
+                       "Peak weight lr (default: search 0.1, train and ista_onestage 0.025).")
     flags.DEFINE_float("learning_rate_min", None,
-                       "Weight lr at the last epoch (default: search 0.001, train 0).")
+                       "Weight lr at the last epoch (default: search and ista_onestage "
+                       "0.001, train 0).")
     flags.DEFINE_float("momentum", 0.9, "Weight SGD momentum.")
     flags.DEFINE_float("weight_decay", 3e-4, "L2 added to the weight gradients.")
     # Retraining a genotype (--mode=train) and evaluation (--mode=eval).
@@ -57,14 +74,20 @@ def define_flags():
                       "Mixed precision policy (float16 scales the loss of every optimizer).")
     flags.DEFINE_boolean("jit_compile", False, "train: XLA-compile the training step.")
     flags.DEFINE_string("export_dir", None,
-                        "train: SavedModel root (default MODEL_DIR/export).")
-    flags.DEFINE_string("model_name", "istanas", "train: SavedModel name (TF Serving).")
+                        "train, ista_onestage, export: SavedModel root (default "
+                        "MODEL_DIR/export).")
+    flags.DEFINE_string("model_name", "istanas", "SavedModel name (TF Serving).")
+    flags.DEFINE_integer("version", None,
+                         "export: SavedModel version (default: one more than the largest).")
+    flags.DEFINE_boolean("overwrite", False,
+                         "export: replace an existing SavedModel version directory.")
     flags.DEFINE_string("saved_model", None,
                         "eval: a SavedModel version directory to evaluate instead of "
                         "--model_dir's checkpoint.")
     flags.DEFINE_enum("split", "test", ["test", "train"], "eval: the split to evaluate.")
     flags.DEFINE_float("grad_clip", 5.0, "Global-norm clipping of the weight gradients.")
-    flags.DEFINE_float("arch_learning_rate", 6e-4, "Architecture Adam lr.")
+    flags.DEFINE_float("arch_learning_rate", None,
+                       "Architecture Adam lr (default: search 6e-4, ista_onestage 3e-4).")
     flags.DEFINE_float("arch_weight_decay", 1e-3, "L2 added to the architecture gradients.")
     flags.DEFINE_integer("proj_dims", 7, "Rows m of each node's random matrix A.")
     flags.DEFINE_integer("sparseness", 2, "Ops kept per node (k).")
@@ -120,6 +143,8 @@ def run_search(FLAGS):
     from istanas_tf import search_model, training
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required for --mode=search (the run directory)")
+    if FLAGS.method == "ista_onestage":
+        return run_one_stage(FLAGS)
     network = search_model.SearchNetworkConfig(
         channels=FLAGS.init_channels or 16, layers=FLAGS.layers or 8, method=FLAGS.method,
         proj_dims=FLAGS.proj_dims, sparseness=FLAGS.sparseness, lam=FLAGS.lam,
@@ -127,9 +152,9 @@ def run_search(FLAGS):
     config = training.SearchConfig(
         model_dir=FLAGS.model_dir, network=network, data=data_config(FLAGS),
         **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min),
+                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min,
+                 arch_learning_rate=FLAGS.arch_learning_rate),
         momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
-        arch_learning_rate=FLAGS.arch_learning_rate,
         arch_weight_decay=FLAGS.arch_weight_decay, strategy=FLAGS.strategy,
         steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
         deterministic=FLAGS.deterministic, mixed_precision=FLAGS.mixed_precision,
@@ -139,6 +164,42 @@ def run_search(FLAGS):
     FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
     result = training.run_search(config)
     print(json.dumps(result))
+
+
+def run_one_stage(FLAGS):
+    from istanas_tf import one_stage, search_model
+    network = search_model.SearchNetworkConfig(
+        channels=FLAGS.init_channels or 36, layers=FLAGS.layers or 20, method="ista",
+        proj_dims=FLAGS.proj_dims, sparseness=FLAGS.sparseness, lam=FLAGS.lam,
+        distinct_inputs=FLAGS.distinct_inputs, seed=FLAGS.seed, one_stage=True,
+        auxiliary_weight=FLAGS.auxiliary_weight)
+    config = one_stage.OneStageConfig(
+        model_dir=FLAGS.model_dir, network=network, data=data_config(FLAGS),
+        search_epochs=FLAGS.search_epochs,
+        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min,
+                 arch_learning_rate=FLAGS.arch_learning_rate),
+        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
+        arch_weight_decay=FLAGS.arch_weight_decay, drop_path_prob=FLAGS.drop_path_prob,
+        freeze_tolerance=FLAGS.freeze_tolerance, max_params=FLAGS.max_params,
+        strategy=FLAGS.strategy, steps_per_epoch=FLAGS.steps_per_epoch,
+        eval_steps=FLAGS.eval_steps, deterministic=FLAGS.deterministic,
+        mixed_precision=FLAGS.mixed_precision, verbose=FLAGS.progress,
+        export_dir=FLAGS.export_dir, model_name=FLAGS.model_name)
+    config.validate()
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
+    print(json.dumps(one_stage.run_one_stage(config)))
+
+
+def run_export(FLAGS):
+    from istanas_tf import retraining
+    if not FLAGS.model_dir:
+        raise ValueError("--mode=export needs --model_dir (a --mode=train run, or a "
+                         "--method=ista_onestage run whose search has ended)")
+    print(json.dumps(retraining.export_run(
+        FLAGS.model_dir, export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+        version=FLAGS.version, overwrite=FLAGS.overwrite)))
 
 
 def _given(**values):
@@ -208,9 +269,9 @@ def main(argv):
     FLAGS = flags.FLAGS
     from istanas_tf.training import NonFiniteLossError
     try:
-        {"search": run_search, "train": run_train, "eval": run_eval,
+        {"search": run_search, "train": run_train, "eval": run_eval, "export": run_export,
          "describe": run_describe}[FLAGS.mode](FLAGS)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as error:
         # Library errors name the flag, file or value: show them without a stack trace.
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,439 @@
+"""The one-stage run (METHOD.md section 4): the stopping rule with scripted recoveries,
+then the whole run through train/main.py (resume, export, bad input)."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from istanas_tf import absorption
+from istanas_tf import data
+from istanas_tf import networks
+from istanas_tf import one_stage
+from istanas_tf import optimizers
+from istanas_tf import search_model
+
+# C = 4, 3 cells: cell 0 normal, cells 1 and 2 reduction; auxiliary head after cell 2.
+TINY = dict(num_classes=10, channels=4, layers=3, seed=1, one_stage=True)
+IMAGE_SIZE = 32
+# A power of two near the paper's 1e-3: z_last (float32) + TOLERANCE is exact in float64,
+# so a node scripted to move by exactly the tolerance is at distance == tolerance.
+TOLERANCE = 2.0 ** -10
+
+
+def _network():
+    network = search_model.SearchNetwork(search_model.SearchNetworkConfig(**TINY))
+    network.build_all(IMAGE_SIZE)
+    network.compile(optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
+                    optimizers.TorchAdam(3e-4, beta_1=0.5, l2=1e-3))
+    return network
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return (tf.constant(rng.normal(size=(4, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32),
+            tf.constant([0, 1, 2, 3]))
+
+
+class ScriptedSolver:
+    """Stands in for solve_jointly: node j of each cell type moves its z by a scripted
+    L2 distance per epoch (support kept), or to a scripted support."""
+
+    def __init__(self, moves, supports=None):
+        self.moves = moves  # epoch -> {cell_type: [distance per node]}
+        self.supports = supports or {}  # epoch -> {cell_type: {node: (i, j)}}
+        self.epoch = 0
+
+    def __call__(self, encodings):
+        self.epoch += 1
+        recoveries = []
+        for cell_type, encoding in zip(one_stage.CELL_TYPES, encodings):
+            z = encoding.z.numpy().astype(np.float64)
+            for node, distance in enumerate(self.moves[self.epoch][cell_type]):
+                top = int(np.argmax(np.abs(z[node])))
+                z[node, top] += distance  # moves the strongest entry: support unchanged
+            for node, picks in self.supports.get(self.epoch, {}).get(cell_type, {}).items():
+                z[node] = 0.0
+                z[node, list(picks)] = [2.0, 1.0]
+            recoveries.append(encoding._recovery(tf.constant(z)))
+        return recoveries
+
+
+def _z(network):
+    return {t: network.architectures[t].z.numpy().copy() for t in one_stage.CELL_TYPES}
+
+
+def _candidate_bn_affine(network, cell_type, node):
+    """Oracle: the gamma/beta of node ``node``'s candidate ops, by variable name."""
+    return {id(v) for cell in network.cells
+            if ("reduce" if cell.reduction else "normal") == cell_type
+            for op in cell.candidate_ops(node) for v in op.weights
+            if v.name in ("gamma", "beta")}
+
+
+def test_nodes_freeze_at_the_scripted_epochs_and_keep_their_z(batch):
+    network = _network()
+    far, near = 0.5, 0.5 * TOLERANCE
+    solver = ScriptedSolver({
+        # epoch 1: normal node 1 and reduce node 3 stop.
+        1: {"normal": [far, near, far, far], "reduce": [far, far, far, near]},
+        # epoch 2: normal node 0 exactly at the tolerance stops (<=); a frozen node's
+        # scripted move (normal 1) must not reach its z.
+        2: {"normal": [TOLERANCE, far, far, far], "reduce": [far, far, far, far]},
+        # epoch 3: everything else stops.
+        3: {"normal": [far, far, near, near], "reduce": [near, near, near, far]},
+    })
+    freeze_epochs = {"normal": [None] * 4, "reduce": [None] * 4}
+    for epoch in (1, 2, 3):
+        before = _z(network)
+        frozen_before = network.frozen_nodes
+        decision = one_stage.stopping_step(network, TOLERANCE, max_params=10**9,
+                                           solve=solver)
+        assert not decision.rejected
+        after = _z(network)
+        for cell_type in one_stage.CELL_TYPES:
+            for node in range(4):
+                if frozen_before[cell_type][node]:
+                    np.testing.assert_array_equal(after[cell_type][node],
+                                                  before[cell_type][node])
+                    assert decision.distances[cell_type][node] == 0.0
+                else:
+                    moved = np.linalg.norm(after[cell_type][node] - before[cell_type][node])
+                    # z is stored in float32.
+                    assert moved == pytest.approx(solver.moves[epoch][cell_type][node],
+                                                  rel=1e-4)
+            for node in decision.newly_frozen[cell_type]:
+                freeze_epochs[cell_type][node] = epoch
+        network.train_step(batch)  # the next epoch's training
+    assert freeze_epochs == {"normal": [2, 1, 3, 3], "reduce": [3, 3, 3, 1]}
+    assert all(all(flags) for flags in network.frozen_nodes.values())
+
+
+def test_frozen_b_does_not_drift_and_the_right_bn_affines_train(batch):
+    network = _network()
+    solver = ScriptedSolver({1: {"normal": [0.5, 0.0, 0.5, 0.5],
+                                 "reduce": [0.5, 0.5, 0.0, 0.5]}})
+    # Let Adam build momentum on every b first: a frozen b must not keep moving on it.
+    for _ in range(3):
+        network.train_step(batch)
+    one_stage.stopping_step(network, TOLERANCE, max_params=10**9, solve=solver)
+    assert network.frozen_nodes == {"normal": (False, True, False, False),
+                                    "reduce": (False, False, True, False)}
+    normal_b, reduce_b = network.architectures["normal"].b, network.architectures["reduce"].b
+    frozen_b = [normal_b[1], reduce_b[2]]
+    searching_b = [b for b in normal_b + reduce_b if all(b is not f for f in frozen_b)]
+    trainable = {id(v) for v in network.trainable_bn_affine_variables()}
+    assert trainable == (_candidate_bn_affine(network, "normal", 1)
+                         | _candidate_bn_affine(network, "reduce", 2))
+    assert not trainable & {id(v) for v in network.frozen_bn_affine_variables()}
+
+    frozen_before = [b.numpy().copy() for b in frozen_b]
+    searching_before = [b.numpy().copy() for b in searching_b]
+    bn_of = lambda ops: [v for op in ops for layer in op._flatten_layers()
+                         if hasattr(layer, "gamma") for v in (layer.gamma, layer.beta)]
+    normal_cell = network.cells[0]
+    support = network.supports["normal"]
+    unfrozen_bn = bn_of([normal_cell.candidates[1][i] for i in support[1]])
+    frozen_bn = bn_of([normal_cell.candidates[0][i] for i in support[0]])
+    unfrozen_bn_before = [v.numpy().copy() for v in unfrozen_bn]
+    frozen_bn_before = [v.numpy().copy() for v in frozen_bn]
+    for _ in range(3):
+        network.train_step(batch)
+    for b, before in zip(frozen_b, frozen_before):
+        np.testing.assert_array_equal(b.numpy(), before)
+    assert all(not np.array_equal(b.numpy(), before)
+               for b, before in zip(searching_b, searching_before))
+    # The supported ops of the frozen node train their BN affines; node 0's stay frozen.
+    assert any(not np.array_equal(v.numpy(), before)
+               for v, before in zip(unfrozen_bn, unfrozen_bn_before))
+    for v, before in zip(frozen_bn, frozen_bn_before):
+        np.testing.assert_array_equal(v.numpy(), before)
+
+
+def test_rejection_keeps_the_last_z_but_the_freeze_decisions_stand():
+    network = _network()
+    before = _z(network)
+    supports_before = network.supports
+    # Move normal node 3 onto two sep_conv_5x5 (the largest op), freeze normal node 0.
+    solver = ScriptedSolver(
+        {1: {"normal": [0.0, 0.5, 0.5, 0.5], "reduce": [0.5] * 4}},
+        supports={1: {"normal": {3: (4, 11)}}})
+    # First measure the candidate's size without applying it (a fresh network, same seed).
+    probe = _network()
+    probe_decision = one_stage.stopping_step(probe, TOLERANCE, max_params=10**9,
+                                             solve=ScriptedSolver(solver.moves,
+                                                                  solver.supports))
+    candidate_count = probe_decision.candidate_params
+    assert candidate_count == one_stage.evaluation_parameter_count(probe)
+    assert probe.supports["normal"][3] == (4, 11)
+
+    decision = one_stage.stopping_step(network, TOLERANCE, max_params=candidate_count,
+                                       solve=solver)
+    assert decision.rejected and decision.candidate_params == candidate_count
+    assert network.supports == supports_before
+    for cell_type in one_stage.CELL_TYPES:
+        np.testing.assert_array_equal(_z(network)[cell_type], before[cell_type])
+    assert network.frozen_nodes["normal"] == (True, False, False, False)
+    assert decision.newly_frozen == {"normal": [0], "reduce": []}
+    assert [tuple(pick) for pick in decision.candidate_genotype.normal[6:]] == \
+        [("sep_conv_5x5", 0), ("sep_conv_5x5", 1)]
+
+    # One parameter more of headroom and the same candidate is accepted.
+    accepted = _network()
+    decision = one_stage.stopping_step(accepted, TOLERANCE, max_params=candidate_count + 1,
+                                       solve=ScriptedSolver(solver.moves, solver.supports))
+    assert not decision.rejected and accepted.supports["normal"][3] == (4, 11)
+
+
+def test_evaluation_parameter_count_equals_the_absorbed_network():
+    network = _network()
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        for encoding in network.architectures.values():
+            support = np.stack([rng.choice(n, size=2, replace=False)
+                                for n in encoding.num_candidates]).astype(np.int32)
+            encoding.support.assign(support)
+        network.sync_supports()
+        absorbed = absorption.absorb(network, IMAGE_SIZE, auxiliary=False)
+        assert one_stage.evaluation_parameter_count(network) == \
+            networks.count_parameters(absorbed)
+
+
+def test_config_errors_name_the_flag():
+    good = dict(model_dir="/tmp/unused", network=search_model.SearchNetworkConfig(**TINY))
+    for field, value, flag in (("max_params", 0, "--max_params"),
+                               ("search_epochs", 0, "--search_epochs"),
+                               ("freeze_tolerance", -1.0, "--freeze_tolerance"),
+                               ("drop_path_prob", 1.0, "--drop_path_prob"),
+                               ("arch_learning_rate", 0.0, "--arch_learning_rate")):
+        with pytest.raises(ValueError, match=flag):
+            one_stage.OneStageConfig(**good, **{field: value}).validate()
+    with pytest.raises(ValueError, match="one_stage=True"):
+        one_stage.OneStageConfig(model_dir="/tmp/unused",
+                                 network=search_model.SearchNetworkConfig()).validate()
+
+
+def test_run_settings_round_trip():
+    config = one_stage.OneStageConfig(model_dir="/tmp/x",
+                                      network=search_model.SearchNetworkConfig(**TINY),
+                                      max_params=1234, search_epochs=7)
+    settings = config.run_settings()
+    assert settings["run"] == "one_stage"
+    restored = one_stage.OneStageConfig.from_run_settings("/tmp/x", settings)
+    assert restored.run_settings() == settings
+
+
+# ---------------------------------------------------------------------- the whole run
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "train" / "main.py")
+SEARCH_EPOCHS, TRAIN_EPOCHS = 2, 2
+
+
+def _tiny_flags(folder, model_dir, **overrides):
+    """The CPU config, smaller: 16 images per class, C = 4, 3 cells, 2 + 2 epochs."""
+    flags = {
+        "flagfile": str(REPO / "train/configs/cifar10_one_stage_cpu.cfg"),
+        "dataset": f"folder:{folder}", "model_dir": str(model_dir),
+        "max_examples_per_class": 16, "init_channels": 4, "layers": 3, "batch_size": 16,
+        "search_epochs": SEARCH_EPOCHS, "epochs": TRAIN_EPOCHS, "eval_steps": 2,
+        "deterministic": True, "seed": 3, "progress": False,
+    }
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def _run_main(args, timeout=600):
+    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _last_json(result):
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _rows(model_dir):
+    return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_state(model_dir):
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+    keys = [k for k in reader.get_variable_to_shape_map() if not k.startswith("_")
+            and "save_counter" not in k]
+    for part in ("normal_code.Sb_0", "normal_frozen", "one_stage_node_stop_epoch",
+                 "drop_path_rate", "moving_mean", "arch_optimizer"):
+        assert any(part in k for k in keys), part
+    return {k: reader.get_tensor(k) for k in keys}
+
+
+@pytest.fixture(scope="module")
+def finished_run(cifar10_folder, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("one_stage")
+    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir, _last_json(result)
+
+
+def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
+    model_dir, summary = finished_run
+    rows = _rows(model_dir)
+    assert [r["phase"] for r in rows] == ["search"] * SEARCH_EPOCHS + ["train"] * TRAIN_EPOCHS
+    # lr held while searching, then cosine 0.025 -> 0.001; drop path 0, then 0 -> 0.2.
+    assert all(r["lr"] == 0.025 for r in rows[:SEARCH_EPOCHS])
+    train = rows[SEARCH_EPOCHS:]
+    assert [r["lr"] for r in train] == pytest.approx([0.025, 0.001 + 0.024 * 0.5])
+    assert [r["drop_path_rate"] for r in train] == pytest.approx([0.0, 0.1])
+    # Every node has a stop epoch within the search; the cap's stops are listed.
+    stops = summary["node_stop_epochs"]
+    assert all(1 <= e <= SEARCH_EPOCHS for t in ("normal", "reduce") for e in stops[t])
+    assert json.loads((model_dir / "search_summary.json").read_text())[
+        "node_stop_epochs"] == stops
+    assert rows[SEARCH_EPOCHS - 1]["search_ended"]
+    for name in ("genotype.json", "cells.png", "dataset.json", "final_metrics.json",
+                 "flags.txt", "run_config.json"):
+        assert (model_dir / name).exists(), name
+    assert list((model_dir / "tensorboard").iterdir())
+    assert summary["export"] == str(model_dir / "export" / "istanas" / "1")
+    assert summary["test_examples"] == 160
+
+    # The SavedModel (and the run directory) evaluate to the accuracy the run reported.
+    common = [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=16"]
+    for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
+        result = _run_main(["--mode=eval", source, *common], timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        evaluation = _last_json(result)
+        assert evaluation["examples"] == 160
+        assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=1e-9)
+        assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=1e-9)
+
+
+def test_rerun_of_a_finished_run_changes_nothing(finished_run, cifar10_folder):
+    model_dir, summary = finished_run
+    before = (model_dir / "metrics.jsonl").read_text()
+    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _last_json(result) == summary
+    assert (model_dir / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]
+
+
+def _kill_after_checkpoint(args, model_dir, checkpoint):
+    """Starts the run and SIGKILLs it once ``ckpt-<checkpoint>`` exists (next epoch)."""
+    process = subprocess.Popen([sys.executable, MAIN, *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = model_dir / "checkpoints" / f"ckpt-{checkpoint}.index"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
+    assert len(_rows(model_dir)) < SEARCH_EPOCHS + TRAIN_EPOCHS
+
+
+@pytest.mark.parametrize("killed_after", [1, SEARCH_EPOCHS + 1],
+                         ids=["killed_during_search", "killed_during_training"])
+def test_resume_on_either_side_of_the_search_training_boundary(finished_run, cifar10_folder,
+                                                               tmp_path, killed_after):
+    reference_dir, reference = finished_run
+    model_dir = tmp_path / "killed"
+    args = _tiny_flags(cifar10_folder, model_dir)
+    _kill_after_checkpoint(args, model_dir, killed_after)
+    result = _run_main(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed" in result.stderr
+    resumed = _last_json(result)
+    for key in ("node_stop_epochs", "genotype", "test_top1", "test_top5", "params"):
+        assert resumed[key] == reference[key], key
+    state, reference_state = _final_state(model_dir), _final_state(reference_dir)
+    assert state.keys() == reference_state.keys()
+    for key in reference_state:
+        np.testing.assert_array_equal(state[key], reference_state[key], err_msg=key)
+    assert [r["epoch"] for r in _rows(model_dir)] == [1, 2, 3, 4]
+
+
+def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
+    from istanas_tf import retraining
+    model_dir, summary = finished_run
+    export_dir = tmp_path / "serving"
+    args = ["--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}"]
+    result = _run_main(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _last_json(result) == {"export": str(export_dir / "istanas" / "1"),
+                                  "params": summary["params"]}
+    result = _run_main(args + ["--version=1"])
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+    exported = retraining.export_run(str(model_dir), str(export_dir), version=1,
+                                     overwrite=True)
+    assert exported["export"] == str(export_dir / "istanas" / "1")
+
+    # The exported logits equal the absorbed network's, and bad images fail clearly.
+    serve = tf.saved_model.load(exported["export"]).signatures["serving_default"]
+    images = tf.random.uniform([3, 32, 32, 3], 0, 255, seed=1)
+    network, info = retraining.restore_network(str(model_dir))
+    expected = network(data.normalize(images / 255.0, info.mean, info.std), training=False)
+    np.testing.assert_allclose(serve(images=images)["logits"].numpy(), expected.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N, 32, 32, 3\]"):
+        serve(images=tf.zeros([1, 16, 16, 3]))
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        serve(images=tf.zeros([1, 32, 32, 3], tf.uint8))
+
+
+def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_folder):
+    # A two-stage search directory: a genotype, not a trained network.
+    two_stage = tmp_path / "two_stage"
+    two_stage.mkdir()
+    (two_stage / "run_config.json").write_text(json.dumps(
+        {"method": "ista", "arch_learning_rate": 6e-4, "epochs": 50}))
+    result = _run_main(["--mode=export", f"--model_dir={two_stage}"])
+    assert result.returncode == 2
+    assert "two-stage search" in result.stderr and "--mode=train" in result.stderr
+    result = _run_main(["--mode=export", f"--model_dir={tmp_path / 'nothing'}"])
+    assert result.returncode == 2 and "no run was written there" in result.stderr
+
+    # A one-stage run stopped after its first search epoch, nodes still searching.
+    config = one_stage.OneStageConfig(
+        model_dir=str(tmp_path / "searching"),
+        network=search_model.SearchNetworkConfig(**{**TINY, "num_classes": 10}),
+        data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=4),
+        batch_size=8, steps_per_epoch=1, eval_steps=0, freeze_tolerance=0.0, verbose=False)
+    run = one_stage.OneStageRun(config)
+    run._search_epoch(0, 1)
+    result = _run_main(["--mode=export", f"--model_dir={config.model_dir}"])
+    assert result.returncode == 2
+    assert "has not ended" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("max_params", 0, "--max_params must be >= 1"),
+    ("search_epochs", 0, "--search_epochs must be >= 1"),
+    ("freeze_tolerance", -1, "--freeze_tolerance must be >= 0"),
+])
+def test_bad_one_stage_flags_name_the_flag(tmp_path, cifar10_folder, flag, value, message):
+    result = _run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}))
+    assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_cpu_config_runs_to_completion_and_exports(cifar10_folder, tmp_path):
+    """The shipped CPU config as a user runs it (about 5 minutes here)."""
+    model_dir = tmp_path / "one_stage_cpu"
+    result = _run_main(["--flagfile=train/configs/cifar10_one_stage_cpu.cfg",
+                        f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
+                        "--progress=false"], timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _last_json(result)
+    rows = _rows(model_dir)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert summary["test_top1"] > 0.15  # chance is 0.10
+    assert (pathlib.Path(summary["export"]) / "saved_model.pb").exists()
