@@ -218,14 +218,22 @@ class TrainRun:
         steps = self._steps_per_epoch()
         for epoch in range(int(self.state.epoch.numpy()), config.epochs):
             self._run_epoch(epoch, steps)
+        final_path = os.path.join(config.model_dir, "final_metrics.json")
+        if os.path.exists(final_path):
+            with open(final_path) as f:
+                recorded = json.load(f)
+            # Rerunning a finished run must not export another version; a rerun with
+            # more --epochs trained on above and is evaluated and exported again.
+            if recorded.get("epochs") == config.epochs:
+                logging.info("Run already finished in %s", config.model_dir)
+                return recorded
         final = self.evaluate()
         result = {"epochs": config.epochs, **final,
                   "params": networks.count_parameters(self.model),
                   "genotype": genotypes.to_json_dict(self.genotype)}
         if self.state.chief:
             result["export"] = self.export()
-            run_dir.atomic_write_text(os.path.join(config.model_dir, "final_metrics.json"),
-                                      json.dumps(result, indent=2) + "\n")
+            run_dir.atomic_write_text(final_path, json.dumps(result, indent=2) + "\n")
         logging.info("final test top-1 %.4f top-5 %.4f", final["test_top1"],
                      final["test_top5"])
         return result

@@ -147,6 +147,7 @@ class RecordedDatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    augmentation: str  # "cifar" or "imagenet": which network family the run built
 
 
 def write_dataset_info(model_dir: str, info) -> None:
@@ -154,7 +155,8 @@ def write_dataset_info(model_dir: str, info) -> None:
     ``data.DatasetInfo``) so that ``--mode=export`` needs no access to the dataset."""
     content = {"name": info.name, "image_size": list(info.image_size),
                "num_classes": info.num_classes, "mean": list(info.mean),
-               "std": list(info.std), "class_names": list(info.class_names)}
+               "std": list(info.std), "class_names": list(info.class_names),
+               "augmentation": info.augmentation}
     atomic_write_text(os.path.join(model_dir, DATASET_INFO_FILE),
                       json.dumps(content, indent=2) + "\n")
 

@@ -66,6 +66,37 @@ def test_export_and_checkpoint_evaluate_to_the_reported_accuracy(trained_run, ci
         assert set(evaluation["per_class_accuracy"]) >= {"airplane", "truck"}
 
 
+def test_rerun_of_a_finished_run_exports_nothing_new(trained_run, cifar10_folder):
+    model_dir, summary = trained_run
+    result = _run_main([
+        f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
+        f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
+        "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
+        "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _last_json(result) == summary
+    assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]
+
+
+def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_path):
+    model_dir, summary = trained_run
+    # dataset.json holds what the export needs: the dataset is not opened.
+    recorded = json.loads((model_dir / "dataset.json").read_text())
+    assert recorded["image_size"] == [32, 32] and len(recorded["class_names"]) == 10
+    result = _run_main(["--mode=export", f"--model_dir={model_dir}",
+                        f"--export_dir={tmp_path}", "--model_name=served",
+                        "--dataset=folder:/nonexistent"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = _last_json(result)
+    assert exported["export"] == str(tmp_path / "served" / "1")
+    assert exported["params"] == summary["params"]
+    original = tf.saved_model.load(summary["export"]).signatures["serving_default"]
+    again = tf.saved_model.load(exported["export"]).signatures["serving_default"]
+    images = tf.random.uniform([2, 32, 32, 3], 0, 255, seed=2)
+    np.testing.assert_allclose(again(images=images)["logits"].numpy(),
+                               original(images=images)["logits"].numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
     result = _run_main(["--mode=eval", f"--model_dir={tmp_path}",
                         f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
