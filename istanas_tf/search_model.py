@@ -527,19 +527,27 @@ class SearchNetwork(keras.Model):
         images, labels = data
         arch_vars = self.active_architecture_variables()
         weight_vars = self.active_weight_variables()
+        # One backward pass serves both optimizers. Under mixed_float16 each has its own
+        # dynamic loss scale; the pass runs at the smaller one, so that an optimizer
+        # whose gradients overflow lowers the scale of the shared pass (at the weight
+        # optimizer's scale alone, overflowing b gradients would never recover), and
+        # each optimizer gets its gradients re-scaled to its own scale. Without loss
+        # scaling every factor is 1.
+        weight_scale = self.optimizer.scale_loss(1.0)
+        arch_scale = self.arch_optimizer.scale_loss(1.0) if arch_vars else weight_scale
+        scale = tf.minimum(weight_scale, arch_scale)
         with tf.GradientTape() as tape:
             logits, aux_logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             loss = loss + self.config.auxiliary_weight * self._loss(labels, aux_logits)[1]
-            scaled_loss = self.optimizer.scale_loss(loss)
+            scaled_loss = loss * scale
         gradients = tape.gradient(scaled_loss, arch_vars + weight_vars)
+        rescale = lambda grads, target: [None if g is None else g * (target / scale)
+                                         for g in grads]
         if arch_vars:
-            # One backward pass for both optimizers: re-scale the architecture gradients
-            # from the weight optimizer's loss scale to the architecture optimizer's.
-            rescale = self.arch_optimizer.scale_loss(1.0) / self.optimizer.scale_loss(1.0)
-            _apply(self.arch_optimizer, [None if g is None else g * rescale
-                                         for g in gradients[:len(arch_vars)]], arch_vars)
-        _apply(self.optimizer, gradients[len(arch_vars):], weight_vars)
+            _apply(self.arch_optimizer, rescale(gradients[:len(arch_vars)], arch_scale),
+                   arch_vars)
+        _apply(self.optimizer, rescale(gradients[len(arch_vars):], weight_scale), weight_vars)
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}

@@ -414,6 +414,35 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
     assert "has not ended" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_folder, tmp_path):
+    config = one_stage.OneStageConfig(
+        model_dir=str(tmp_path / "mixed"),
+        network=search_model.SearchNetworkConfig(**TINY),
+        data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=8,
+                             cutout_length=16, deterministic=True),
+        search_epochs=1, epochs=1, batch_size=8, steps_per_epoch=8, eval_steps=0,
+        freeze_tolerance=0.0, mixed_precision="float16", verbose=False)
+    run = one_stage.OneStageRun(config)
+    assert run.model.cells[0].preprocess1.conv.conv.compute_dtype == "float16"
+    b_before = [v.numpy().copy() for v in run.model.architecture_variables]
+    weights = run.model.active_weight_variables()
+    weights_before = [v.numpy().copy() for v in weights]
+    # The cap: every node is forced to stop after this epoch. The first steps overflow
+    # and are skipped while the dynamic loss scales fall from 2**15.
+    run._search_epoch(0, 8)
+    row = run.state.metrics_log.read()[-1]
+    assert np.isfinite(row["loss"])
+    assert all(not np.array_equal(v.numpy(), b) for v, b in
+               zip(run.model.architecture_variables, b_before))
+    assert np.mean([not np.array_equal(v.numpy(), w)
+                    for v, w in zip(weights, weights_before)]) > 0.9
+    assert row["forced_stops"] == {"normal": [0, 1, 2, 3], "reduce": [0, 1, 2, 3]}
+    result = run.run()  # the training epoch, absorption (float32), export
+    assert np.isfinite(result["test_top1"])
+    serve = tf.saved_model.load(result["export"]).signatures["serving_default"]
+    assert serve(images=tf.zeros([1, 32, 32, 3]))["logits"].dtype == tf.float32
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("max_params", 0, "--max_params must be >= 1"),
     ("search_epochs", 0, "--search_epochs must be >= 1"),
