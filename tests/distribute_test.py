@@ -291,8 +291,9 @@ def _free_loopback_ports(count):
             s.close()
 
 
-@pytest.mark.slow
-def test_multi_worker_two_processes_identical_architecture(cifar10_folder, tmp_path):
+def _run_two_workers(cifar10_folder, tmp_path, **job_extra):
+    """Runs the helper as two local MultiWorkerMirroredStrategy workers sharing one run
+    directory; returns (run specs, results, model_dir)."""
     ports = _free_loopback_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     model_dir = tmp_path / "run"  # shared by the workers; only the chief writes into it
@@ -301,7 +302,7 @@ def test_multi_worker_two_processes_identical_architecture(cifar10_folder, tmp_p
     start = time.monotonic()
     try:
         for index, run in enumerate(runs):
-            job = {"folder": str(cifar10_folder), "tiny": TINY, "runs": [run]}
+            job = {"folder": str(cifar10_folder), "tiny": TINY, "runs": [run], **job_extra}
             tf_config = json.dumps({"cluster": cluster,
                                     "task": {"type": "worker", "index": index}})
             log = open(tmp_path / f"worker{index}.log", "w")
@@ -310,7 +311,8 @@ def test_multi_worker_two_processes_identical_architecture(cifar10_folder, tmp_p
             scratch.mkdir()
             processes.append((subprocess.Popen(
                 [sys.executable, _helper(tmp_path), json.dumps(job)], cwd=REPO,
-                env=_env(TF_CONFIG=tf_config, TMPDIR=str(scratch)), stdout=log, stderr=subprocess.STDOUT), log))
+                env=_env(TF_CONFIG=tf_config, TMPDIR=str(scratch)), stdout=log,
+                stderr=subprocess.STDOUT), log))
         # A worker that fails leaves the other waiting in a collective: stop at the first
         # failure (the finally kills the rest), and at the deadline in any case.
         deadline = start + MULTI_WORKER_TIMEOUT_S
@@ -334,12 +336,17 @@ def test_multi_worker_two_processes_identical_architecture(cifar10_folder, tmp_p
             f"worker {index} exited with {process.returncode} after {elapsed:.0f} s "
             f"(killed at the {MULTI_WORKER_TIMEOUT_S} s deadline or after the other "
             f"worker failed if negative):\n{_tail(logs[index])}")
-    print(f"two-worker search: {elapsed:.0f} s")
-
+    print(f"two-worker run: {elapsed:.0f} s")
     results = []
     for run in runs:
         with open(run["result"]) as f:
             results.append(json.load(f))
+    return runs, results, model_dir
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_identical_architecture(cifar10_folder, tmp_path):
+    runs, results, model_dir = _run_two_workers(cifar10_folder, tmp_path)
     assert [r["chief"] for r in results] == [True, False]
     assert [r["replicas"] for r in results] == [2, 2]
     assert results[0]["result"]["genotype"] == results[1]["result"]["genotype"]
@@ -365,3 +372,17 @@ def test_multi_worker_two_processes_identical_architecture(cifar10_folder, tmp_p
     for key, value in codes.items():
         name = re.search(r"(\w+_code)\.S(b_\d+)/", key).groups()
         np.testing.assert_array_equal(value, arrays[0]["|".join(name)], err_msg=key)
+
+
+@pytest.mark.slow
+def test_multi_worker_one_stage_run(cifar10_folder, tmp_path):
+    """Two workers run the whole one-stage run; only the chief exports."""
+    _, results, model_dir = _run_two_workers(cifar10_folder, tmp_path, one_stage=True)
+    assert [r["chief"] for r in results] == [True, False]
+    assert [r["replicas"] for r in results] == [2, 2]
+    final = [r["result"] for r in results]
+    for key in ("genotype", "node_stop_epochs", "test_top1", "params"):
+        assert final[0][key] == final[1][key], key
+    assert "export" in final[0] and "export" not in final[1]
+    assert (pathlib.Path(final[0]["export"]) / "saved_model.pb").exists()
+    assert [r["phase"] for r in _rows(model_dir)] == ["search", "search", "train"]
