@@ -34,7 +34,6 @@ from istanas_tf import absorption
 from istanas_tf import data
 from istanas_tf import genotypes
 from istanas_tf import networks
-from istanas_tf import optimizers
 from istanas_tf import run_dir
 from istanas_tf import search_model
 from istanas_tf import sparse_coding
@@ -289,20 +288,10 @@ class OneStageRun:
             config.network, num_classes=self.info.num_classes,
             sync_batch_norm=(config.network.sync_batch_norm
                              and self.strategy.num_replicas_in_sync > 1))
-        with training.mixed_precision_policy(config.mixed_precision), self.strategy.scope():
-            self.model = search_model.SearchNetwork(network_config, name="search_network")
-            self.model.build_all(self.info.image_size[0])
-            self.weight_optimizer = optimizers.TorchSGD(
-                config.learning_rate, momentum=config.momentum, l2=config.weight_decay,
-                clip_global_norm=config.grad_clip)
-            self.arch_optimizer = optimizers.TorchAdam(
-                config.arch_learning_rate, beta_1=config.arch_beta1,
-                beta_2=config.arch_beta2, l2=config.arch_weight_decay)
-            if config.mixed_precision == "float16":
-                self.weight_optimizer = keras.optimizers.LossScaleOptimizer(
-                    self.weight_optimizer)
-                self.arch_optimizer = keras.optimizers.LossScaleOptimizer(self.arch_optimizer)
-            self.model.compile(self.weight_optimizer, self.arch_optimizer)
+        self.model, self.weight_optimizer, self.arch_optimizer = \
+            training.build_search_model(config, self.strategy, network_config,
+                                        self.info.image_size[0])
+        with self.strategy.scope():
             self.progress = _SearchProgress()
             self.state = training.RunState(config.model_dir, self.strategy, {
                 "model": self.model.variables,

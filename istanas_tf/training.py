@@ -266,6 +266,36 @@ def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str)
             "--learning_rate or --arch_learning_rate and resume or start a new --model_dir.")
 
 
+def build_search_model(config, strategy: tf.distribute.Strategy,
+                       network_config: search_model.SearchNetworkConfig, image_size: int):
+    """The super-net with every weight created and its two optimizers, compiled.
+
+    Built in the strategy's scope under ``config.mixed_precision``; both optimizers are
+    built over their variables up front (DESIGN.md decision 5).
+
+    Args:
+      config: a SearchConfig or one_stage.OneStageConfig (optimizer and precision fields).
+
+    Returns:
+      ``(model, weight_optimizer, arch_optimizer)``: PyTorch-rule SGD on the weights and
+      Adam on the architecture, each wrapped in a LossScaleOptimizer under float16.
+    """
+    with mixed_precision_policy(config.mixed_precision), strategy.scope():
+        model = search_model.SearchNetwork(network_config, name="search_network")
+        model.build_all(image_size)
+        weight_optimizer = optimizers.TorchSGD(
+            config.learning_rate, momentum=config.momentum, l2=config.weight_decay,
+            clip_global_norm=config.grad_clip)
+        arch_optimizer = optimizers.TorchAdam(
+            config.arch_learning_rate, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
+            l2=config.arch_weight_decay)
+        if config.mixed_precision == "float16":
+            weight_optimizer = keras.optimizers.LossScaleOptimizer(weight_optimizer)
+            arch_optimizer = keras.optimizers.LossScaleOptimizer(arch_optimizer)
+        model.compile(weight_optimizer, arch_optimizer)
+    return model, weight_optimizer, arch_optimizer
+
+
 class RunState:
     """What a run keeps in its directory: checkpoints, metrics.jsonl, TensorBoard.
 
@@ -338,20 +368,9 @@ class SearchRun:
             config.network, num_classes=self.info.num_classes,
             sync_batch_norm=(config.network.sync_batch_norm
                              and self.strategy.num_replicas_in_sync > 1))
-        with mixed_precision_policy(config.mixed_precision), self.strategy.scope():
-            self.model = search_model.SearchNetwork(network_config, name="search_network")
-            self.model.build_all(self.info.image_size[0])
-            self.weight_optimizer = optimizers.TorchSGD(
-                config.learning_rate, momentum=config.momentum, l2=config.weight_decay,
-                clip_global_norm=config.grad_clip)
-            self.arch_optimizer = optimizers.TorchAdam(
-                config.arch_learning_rate, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
-                l2=config.arch_weight_decay)
-            if config.mixed_precision == "float16":
-                self.weight_optimizer = keras.optimizers.LossScaleOptimizer(
-                    self.weight_optimizer)
-                self.arch_optimizer = keras.optimizers.LossScaleOptimizer(self.arch_optimizer)
-            self.model.compile(self.weight_optimizer, self.arch_optimizer)
+        self.model, self.weight_optimizer, self.arch_optimizer = build_search_model(
+            config, self.strategy, network_config, self.info.image_size[0])
+        with self.strategy.scope():
             self.state = RunState(config.model_dir, self.strategy, {
                 "model": self.model.variables,
                 "weight_optimizer": self.weight_optimizer.variables,
