@@ -170,6 +170,17 @@ def export_saved_model(model: keras.Model, export_dir: str, model_name: str,
     return version_dir
 
 
+def export_for_dataset(model: keras.Model, info, export_dir: str, model_name: str,
+                       version: int | None = None, overwrite: bool = False) -> str:
+    """:func:`export_saved_model` with the image size, normalisation and class names of
+    the data the model was trained on (a ``data.DatasetInfo`` or the
+    ``run_dir.RecordedDatasetInfo`` a run directory keeps)."""
+    return export_saved_model(model, export_dir, model_name, version,
+                              image_size=tuple(info.image_size), mean=info.mean,
+                              std=info.std, class_names=info.class_names,
+                              overwrite=overwrite)
+
+
 def _check_arguments(model_name, version, image_size, mean, std, class_names):
     if (not model_name or model_name in (".", "..") or os.sep in model_name
             or (os.altsep and os.altsep in model_name)):

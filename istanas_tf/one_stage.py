@@ -32,6 +32,7 @@ from absl import logging
 
 from istanas_tf import absorption
 from istanas_tf import data
+from istanas_tf import export
 from istanas_tf import genotypes
 from istanas_tf import networks
 from istanas_tf import run_dir
@@ -115,31 +116,19 @@ class OneStageConfig:
              "the one-stage run needs SearchNetworkConfig(one_stage=True)"),
             (self.search_epochs >= 1,
              f"--search_epochs must be >= 1, got {self.search_epochs}"),
-            (self.arch_learning_rate > 0,
-             f"--arch_learning_rate must be > 0, got {self.arch_learning_rate}"),
-            (self.arch_weight_decay >= 0,
-             f"--arch_weight_decay must be >= 0, got {self.arch_weight_decay}"),
             (0 <= self.drop_path_prob < 1,
              f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}"),
             (self.freeze_tolerance >= 0,
              f"--freeze_tolerance must be >= 0, got {self.freeze_tolerance}"),
             (self.max_params >= 1, f"--max_params must be >= 1, got {self.max_params}"),
-        ])
+        ] + training.architecture_checks(self))
         self.network.validate()
         self.data.validate()
 
     def run_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the recorded one, by flag name."""
-        settings = {"run": "one_stage"}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if dataclasses.is_dataclass(value):
-                settings.update(dataclasses.asdict(value))
-            else:
-                settings[field.name] = value
-        for transient in ("model_dir", "verbose", "num_classes", "export_dir", "model_name"):
-            settings.pop(transient, None)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        return {"run": "one_stage", **training.flat_settings(
+            self, ("model_dir", "verbose", "num_classes", "export_dir", "model_name"))}
 
     @classmethod
     def from_run_settings(cls, model_dir: str, settings: dict[str, Any]) -> "OneStageConfig":
@@ -325,38 +314,24 @@ class OneStageRun:
         """One epoch of one-stage steps on the full training split (cutout)."""
         if self._train_fn is None:
             self._trace_steps()
-        for metric in self.model.metrics:
-            metric.reset_state()
         dataset = data.distributed_dataset(
             self.strategy, self.config.data, self.info, "train", training=True,
             global_batch_size=self.config.batch_size,
             cutout=self.config.data.cutout_length > 0, epoch_seed=epoch)
-        progress = training._Progress(steps, self.config.verbose and self.chief)
-        start = time.perf_counter()
-        logs = {}
-        for step, batch in enumerate(dataset):
-            if step >= steps:
-                break
-            logs = training._to_floats(self._train_fn(batch))
-            training._check_finite(logs, epoch, step + 1, self.config.model_dir)
-            progress.update(step + 1, logs)
-        return {**logs, "train_time_s": time.perf_counter() - start}
+        logs, train_time, _ = training.run_train_steps(
+            self._train_fn, self.model, dataset, steps, epoch=epoch,
+            model_dir=self.config.model_dir, verbose=self.config.verbose and self.chief)
+        return {**logs, "train_time_s": train_time}
 
     def _evaluate(self) -> dict[str, float]:
         """The super-net in inference mode on the test split (reported, not used)."""
         if self.config.eval_steps == 0:
             return {}
-        for metric in self.model.metrics:
-            metric.reset_state()
         dataset = data.distributed_dataset(self.strategy, self.config.data, self.info,
                                            "test", training=False,
                                            global_batch_size=self.config.batch_size)
-        logs = {}
-        for step, batch in enumerate(dataset):
-            if self.config.eval_steps is not None and step >= self.config.eval_steps:
-                break
-            logs = self._eval_fn(batch)
-        logs = training._to_floats(logs)
+        logs = training.run_eval_steps(self._eval_fn, self.model, dataset,
+                                       self.config.eval_steps)
         return {"test_loss": logs.get("loss", float("nan")),
                 "test_accuracy": logs.get("accuracy", float("nan"))}
 
@@ -485,7 +460,7 @@ class OneStageRun:
                   "params": networks.count_parameters(network),
                   "genotype": genotypes.to_json_dict(self.model.genotype())}
         if self.chief:
-            result["export"] = export_network(
+            result["export"] = export.export_for_dataset(
                 network, self.info, self.config.export_dir
                 or os.path.join(self.config.model_dir, "export"), self.config.model_name)
             run_dir.atomic_write_text(final_path, json.dumps(result, indent=2) + "\n")
@@ -574,16 +549,7 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-# ---------------------------------------------------------------------- export
-def export_network(network: keras.Model, info, export_dir: str, model_name: str,
-                   version: int | None = None, overwrite: bool = False) -> str:
-    """Exports an evaluation network with the dataset's size and normalisation."""
-    from istanas_tf import export
-    return export.export_saved_model(
-        network, export_dir, model_name, version, image_size=tuple(info.image_size),
-        mean=info.mean, std=info.std, class_names=info.class_names, overwrite=overwrite)
-
-
+# ---------------------------------------------------------------------- restoring a run
 def restore_network(model_dir: str, settings: dict[str, Any], num_classes: int,
                     image_size: int) -> tuple[networks.NetworkCIFAR, dict[str, Any]]:
     """The absorbed evaluation network of a one-stage run directory's latest checkpoint.

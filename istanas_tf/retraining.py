@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import keras
@@ -197,17 +196,10 @@ class TrainRun:
 
     def evaluate(self, max_steps: int | None = None) -> dict[str, float]:
         """Top-1 / top-5 / loss of the network on the test split (inference mode)."""
-        for metric in self.model.metrics:
-            metric.reset_state()
         dataset = data.distributed_dataset(self.strategy, self.config.data, self.info, "test",
                                            training=False,
                                            global_batch_size=self.config.batch_size)
-        logs = {}
-        for step, batch in enumerate(dataset):
-            if max_steps is not None and step >= max_steps:
-                break
-            logs = self._eval_fn(batch)
-        logs = {k: float(v) for k, v in logs.items()}
+        logs = training.run_eval_steps(self._eval_fn, self.model, dataset, max_steps)
         return {"test_loss": logs.get("loss", float("nan")),
                 "test_top1": logs.get("top1", float("nan")),
                 "test_top5": logs.get("top5", float("nan"))}
@@ -241,10 +233,8 @@ class TrainRun:
     def export(self) -> str:
         from istanas_tf import export
         export_dir = self.config.export_dir or os.path.join(self.config.model_dir, "export")
-        return export.export_saved_model(
-            self.model, export_dir, self.config.model_name, None,
-            image_size=tuple(self.info.image_size), mean=self.info.mean, std=self.info.std,
-            class_names=self.info.class_names)
+        return export.export_for_dataset(self.model, self.info, export_dir,
+                                         self.config.model_name)
 
     def _run_epoch(self, epoch: int, steps: int) -> dict[str, Any]:
         config = self.config
@@ -252,22 +242,13 @@ class TrainRun:
         self.optimizer.learning_rate = lr
         drop_path = config.drop_path_prob * epoch / config.epochs  # DARTS' linear ramp
         self.model.drop_path_rate.assign(drop_path)
-        for metric in self.model.metrics:
-            metric.reset_state()
         dataset = data.distributed_dataset(
             self.strategy, config.data, self.info, "train", training=True,
             global_batch_size=config.batch_size, cutout=config.data.cutout_length > 0,
             epoch_seed=epoch)
-        progress = training._Progress(steps, config.verbose and self.state.chief)
-        start = time.perf_counter()
-        logs = {}
-        for step, batch in enumerate(dataset):
-            if step >= steps:
-                break
-            logs = {k: float(v) for k, v in self._train_fn(batch).items()}
-            training._check_finite(logs, epoch, step + 1, config.model_dir)
-            progress.update(step + 1, logs)
-        train_time = time.perf_counter() - start
+        logs, train_time, _ = training.run_train_steps(
+            self._train_fn, self.model, dataset, steps, epoch=epoch,
+            model_dir=config.model_dir, verbose=config.verbose and self.state.chief)
         eval_logs = self.evaluate(config.eval_steps) if config.eval_steps != 0 else {}
         row = {"epoch": epoch + 1, "lr": lr, "drop_path_rate": drop_path, **logs,
                **eval_logs, "train_time_s": train_time}
@@ -379,10 +360,9 @@ def export_run(model_dir: str, export_dir: str | None = None, model_name: str = 
     """
     from istanas_tf import export
     network, info = restore_network(model_dir)
-    version_dir = export.export_saved_model(
-        network, export_dir or os.path.join(model_dir, "export"), model_name, version,
-        image_size=tuple(info.image_size), mean=info.mean, std=info.std,
-        class_names=info.class_names, overwrite=overwrite)
+    version_dir = export.export_for_dataset(
+        network, info, export_dir or os.path.join(model_dir, "export"), model_name, version,
+        overwrite)
     return {"export": version_dir, "params": networks.count_parameters(network)}
 
 

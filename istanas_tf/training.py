@@ -64,6 +64,30 @@ def loop_checks(config) -> list[tuple[bool, str]]:
     ]
 
 
+def architecture_checks(config) -> list[tuple[bool, str]]:
+    """(ok, message) checks of the architecture optimizer's settings (both searches)."""
+    return [
+        (config.arch_learning_rate > 0,
+         f"--arch_learning_rate must be > 0, got {config.arch_learning_rate}"),
+        (config.arch_weight_decay >= 0,
+         f"--arch_weight_decay must be >= 0, got {config.arch_weight_decay}"),
+    ]
+
+
+def flat_settings(config, transient=()) -> dict[str, Any]:
+    """A config's fields by flag name, nested configs (network, data) flattened into the
+    same dict, tuples as lists (JSON), ``transient`` names left out."""
+    settings = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            settings.update(dataclasses.asdict(value))
+        else:
+            settings[field.name] = value
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()
+            if k not in transient}
+
+
 def check_settings(checks: list[tuple[bool, str]]) -> None:
     """Raises ValueError with the message of the first failed (ok, message) check."""
     for ok, message in checks:
@@ -120,28 +144,13 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
-        check_settings(loop_checks(self) + [
-            (self.arch_learning_rate > 0,
-             f"--arch_learning_rate must be > 0, got {self.arch_learning_rate}"),
-            (self.arch_weight_decay >= 0,
-             f"--arch_weight_decay must be >= 0, got {self.arch_weight_decay}"),
-        ])
+        check_settings(loop_checks(self) + architecture_checks(self))
         self.network.validate()
         self.data.validate()
 
     def run_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the recorded one, by flag name."""
-        settings = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if dataclasses.is_dataclass(value):
-                settings.update(dataclasses.asdict(value))
-            else:
-                settings[field.name] = value
-        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-        for transient in ("model_dir", "verbose", "num_classes"):
-            settings.pop(transient, None)
-        return settings
+        return flat_settings(self, ("model_dir", "verbose", "num_classes"))
 
 
 # Settings that may differ when a run is resumed: they do not change its results.
@@ -296,6 +305,49 @@ def build_search_model(config, strategy: tf.distribute.Strategy,
     return model, weight_optimizer, arch_optimizer
 
 
+def run_train_steps(step_fn: Callable, model, batches, steps: int, *, epoch: int,
+                    model_dir: str, verbose: bool) -> tuple[dict[str, float], float, float]:
+    """One epoch of training steps, shared by every loop.
+
+    Resets the model's metrics, runs ``step_fn(batch)`` on up to ``steps`` batches with a
+    progress bar (when ``verbose``) and stops on a non-finite value.
+
+    Returns:
+      ``(logs, train_time_s, step_time_s)``: the last step's metrics, the epoch's wall
+      time, and the time per step after the first (which may include tracing).
+    """
+    for metric in model.metrics:
+        metric.reset_state()
+    progress = _Progress(steps, verbose)
+    start = first_step_end = time.perf_counter()
+    logs = {}
+    for step, batch in enumerate(batches):
+        if step >= steps:
+            break
+        logs = _to_floats(step_fn(batch))
+        _check_finite(logs, epoch, step + 1, model_dir)
+        progress.update(step + 1, logs)
+        if step == 0:
+            first_step_end = time.perf_counter()
+    end = time.perf_counter()
+    step_time = (end - first_step_end) / (steps - 1) if steps > 1 else end - start
+    return logs, end - start, step_time
+
+
+def run_eval_steps(eval_fn: Callable, model, dataset,
+                   max_steps: int | None = None) -> dict[str, float]:
+    """Resets the model's metrics, runs ``eval_fn`` on up to ``max_steps`` batches (None:
+    all of ``dataset``) and returns the metrics' final values."""
+    for metric in model.metrics:
+        metric.reset_state()
+    logs = {}
+    for step, batch in enumerate(dataset):
+        if max_steps is not None and step >= max_steps:
+            break
+        logs = eval_fn(batch)
+    return _to_floats(logs)
+
+
 class RunState:
     """What a run keeps in its directory: checkpoints, metrics.jsonl, TensorBoard.
 
@@ -412,17 +464,10 @@ class SearchRun:
         self._eval_fn = _distributed_step(self.strategy, self.model.test_step, self.model)
 
     def _evaluate(self) -> dict[str, float]:
-        for metric in self.model.metrics:
-            metric.reset_state()
         dataset = data.distributed_dataset(
             self.strategy, self.config.data, self.info, "search_arch", training=False,
             global_batch_size=self.config.batch_size)
-        logs = {}
-        for step, batch in enumerate(dataset):
-            if self.config.eval_steps is not None and step >= self.config.eval_steps:
-                break
-            logs = self._eval_fn(batch)
-        logs = _to_floats(logs)
+        logs = run_eval_steps(self._eval_fn, self.model, dataset, self.config.eval_steps)
         return {"val_loss": logs.get("loss", float("nan")),
                 "val_accuracy": logs.get("accuracy", float("nan"))}
 
@@ -447,25 +492,11 @@ class SearchRun:
         self.weight_optimizer.learning_rate = lr
         if self._train_fn is None:
             self._trace_steps()
-        for metric in self.model.metrics:
-            metric.reset_state()
         weights_data, arch_data = self._datasets(epoch)
-        progress = _Progress(steps, config.verbose and self.chief)
-        start_time = time.perf_counter()
-        first_step_end = start_time
-        logs = {}
-        for step, (weights_batch, arch_batch) in enumerate(zip(weights_data, arch_data)):
-            if step >= steps:
-                break
-            logs = _to_floats(self._train_fn(weights_batch, arch_batch))
-            _check_finite(logs, epoch, step + 1, config.model_dir)
-            progress.update(step + 1, logs)
-            if step == 0:
-                first_step_end = time.perf_counter()  # the first step may include tracing
-        end_time = time.perf_counter()
-        train_time = end_time - start_time
-        step_time = ((end_time - first_step_end) / (steps - 1) if steps > 1
-                     else train_time)
+        logs, train_time, step_time = run_train_steps(
+            lambda pair: self._train_fn(*pair), self.model, zip(weights_data, arch_data),
+            steps, epoch=epoch, model_dir=config.model_dir,
+            verbose=config.verbose and self.chief)
         eval_logs = self._evaluate() if config.eval_steps != 0 else {}
 
         supports_before = self.model.supports

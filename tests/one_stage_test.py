@@ -18,6 +18,7 @@ from istanas_tf import networks
 from istanas_tf import one_stage
 from istanas_tf import optimizers
 from istanas_tf import search_model
+from main_runner import MAIN, REPO, last_json, run_main
 
 # C = 4, 3 cells: cell 0 normal, cells 1 and 2 reduction; auxiliary head after cell 2.
 TINY = dict(num_classes=10, channels=4, layers=3, seed=1, one_stage=True)
@@ -231,8 +232,6 @@ def test_run_settings_round_trip():
 
 
 # ---------------------------------------------------------------------- the whole run
-REPO = pathlib.Path(__file__).resolve().parents[1]
-MAIN = str(REPO / "train" / "main.py")
 SEARCH_EPOCHS, TRAIN_EPOCHS = 2, 2
 
 
@@ -249,13 +248,6 @@ def _tiny_flags(folder, model_dir, **overrides):
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
-def _run_main(args, timeout=600):
-    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
-def _last_json(result):
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _rows(model_dir):
@@ -275,9 +267,9 @@ def _final_state(model_dir):
 @pytest.fixture(scope="module")
 def finished_run(cifar10_folder, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("one_stage")
-    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    result = run_main(_tiny_flags(cifar10_folder, model_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    return model_dir, _last_json(result)
+    return model_dir, last_json(result)
 
 
 def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
@@ -305,9 +297,9 @@ def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
     # The SavedModel (and the run directory) evaluate to the accuracy the run reported.
     common = [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=16"]
     for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
-        result = _run_main(["--mode=eval", source, *common], timeout=300)
+        result = run_main(["--mode=eval", source, *common], timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        evaluation = _last_json(result)
+        evaluation = last_json(result)
         assert evaluation["examples"] == 160
         assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=1e-9)
         assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=1e-9)
@@ -316,9 +308,9 @@ def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
 def test_rerun_of_a_finished_run_changes_nothing(finished_run, cifar10_folder):
     model_dir, summary = finished_run
     before = (model_dir / "metrics.jsonl").read_text()
-    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    result = run_main(_tiny_flags(cifar10_folder, model_dir))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _last_json(result) == summary
+    assert last_json(result) == summary
     assert (model_dir / "metrics.jsonl").read_text() == before
     assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]
 
@@ -346,10 +338,10 @@ def test_resume_after_kills_on_both_sides_of_the_search_training_boundary(
     _kill_after_checkpoint(args, model_dir, 1)  # killed during search epoch 2
     # Resumed in the search, killed during training epoch 2 (global epoch 4).
     _kill_after_checkpoint(args, model_dir, SEARCH_EPOCHS + 1)
-    result = _run_main(args)
+    result = run_main(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed" in result.stderr
-    resumed = _last_json(result)
+    resumed = last_json(result)
     for key in ("node_stop_epochs", "genotype", "test_top1", "test_top5", "params"):
         assert resumed[key] == reference[key], key
     state, reference_state = _final_state(model_dir), _final_state(reference_dir)
@@ -364,11 +356,11 @@ def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
     model_dir, summary = finished_run
     export_dir = tmp_path / "serving"
     args = ["--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}"]
-    result = _run_main(args)
+    result = run_main(args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _last_json(result) == {"export": str(export_dir / "istanas" / "1"),
+    assert last_json(result) == {"export": str(export_dir / "istanas" / "1"),
                                   "params": summary["params"]}
-    result = _run_main(args + ["--version=1"])
+    result = run_main(args + ["--version=1"])
     assert result.returncode == 2
     assert "already exists" in result.stderr and "--overwrite" in result.stderr
     assert "Traceback" not in result.stderr
@@ -395,10 +387,10 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
     two_stage.mkdir()
     (two_stage / "run_config.json").write_text(json.dumps(
         {"method": "ista", "arch_learning_rate": 6e-4, "epochs": 50}))
-    result = _run_main(["--mode=export", f"--model_dir={two_stage}"])
+    result = run_main(["--mode=export", f"--model_dir={two_stage}"])
     assert result.returncode == 2
     assert "two-stage search" in result.stderr and "--mode=train" in result.stderr
-    result = _run_main(["--mode=export", f"--model_dir={tmp_path / 'nothing'}"])
+    result = run_main(["--mode=export", f"--model_dir={tmp_path / 'nothing'}"])
     assert result.returncode == 2 and "no run was written there" in result.stderr
 
     # A one-stage run stopped after its first search epoch, nodes still searching.
@@ -409,7 +401,7 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
         batch_size=8, steps_per_epoch=1, eval_steps=0, freeze_tolerance=0.0, verbose=False)
     run = one_stage.OneStageRun(config)
     run._search_epoch(0, 1)
-    result = _run_main(["--mode=export", f"--model_dir={config.model_dir}"])
+    result = run_main(["--mode=export", f"--model_dir={config.model_dir}"])
     assert result.returncode == 2
     assert "has not ended" in result.stderr and "Traceback" not in result.stderr
 
@@ -449,7 +441,7 @@ def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_fold
     ("freeze_tolerance", -1, "--freeze_tolerance must be >= 0"),
 ])
 def test_bad_one_stage_flags_name_the_flag(tmp_path, cifar10_folder, flag, value, message):
-    result = _run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}))
+    result = run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}))
     assert result.returncode == 2 and message in result.stderr
 
 
@@ -457,11 +449,11 @@ def test_bad_one_stage_flags_name_the_flag(tmp_path, cifar10_folder, flag, value
 def test_cpu_config_runs_to_completion_and_exports(cifar10_folder, tmp_path):
     """The shipped CPU config as a user runs it (about 5 minutes here)."""
     model_dir = tmp_path / "one_stage_cpu"
-    result = _run_main(["--flagfile=train/configs/cifar10_one_stage_cpu.cfg",
+    result = run_main(["--flagfile=train/configs/cifar10_one_stage_cpu.cfg",
                         f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
                         "--progress=false"], timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = _last_json(result)
+    summary = last_json(result)
     rows = _rows(model_dir)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert summary["test_top1"] > 0.15  # chance is 0.10

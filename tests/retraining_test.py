@@ -2,8 +2,6 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,30 +13,22 @@ from istanas_tf import data
 from istanas_tf import retraining
 from istanas_tf import search_model
 from istanas_tf import training
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-MAIN = str(REPO / "train" / "main.py")
+from main_runner import REPO, last_json, run_main
 
 
-def _run_main(args, timeout=900):
-    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
-
-def _last_json(result):
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def trained_run(cifar10_folder, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("train")
-    result = _run_main([
+    result = run_main([
         f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
         f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
         "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
         "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"])
     assert result.returncode == 0, result.stderr[-3000:]
-    return model_dir, _last_json(result)
+    return model_dir, last_json(result)
 
 
 def test_cpu_config_trains_exports_and_reports_top1_top5(trained_run):
@@ -57,9 +47,9 @@ def test_export_and_checkpoint_evaluate_to_the_reported_accuracy(trained_run, ci
     model_dir, summary = trained_run
     common = [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=60"]
     for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
-        result = _run_main(["--mode=eval", source, *common], timeout=300)
+        result = run_main(["--mode=eval", source, *common], timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        evaluation = _last_json(result)
+        evaluation = last_json(result)
         assert evaluation["examples"] == 600
         assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
         assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=1e-6)
@@ -68,13 +58,13 @@ def test_export_and_checkpoint_evaluate_to_the_reported_accuracy(trained_run, ci
 
 def test_rerun_of_a_finished_run_exports_nothing_new(trained_run, cifar10_folder):
     model_dir, summary = trained_run
-    result = _run_main([
+    result = run_main([
         f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
         f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
         "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
         "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _last_json(result) == summary
+    assert last_json(result) == summary
     assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]
 
 
@@ -83,11 +73,11 @@ def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_pa
     # dataset.json holds what the export needs: the dataset is not opened.
     recorded = json.loads((model_dir / "dataset.json").read_text())
     assert recorded["image_size"] == [32, 32] and len(recorded["class_names"]) == 10
-    result = _run_main(["--mode=export", f"--model_dir={model_dir}",
+    result = run_main(["--mode=export", f"--model_dir={model_dir}",
                         f"--export_dir={tmp_path}", "--model_name=served",
                         "--dataset=folder:/nonexistent"])
     assert result.returncode == 0, result.stderr[-2000:]
-    exported = _last_json(result)
+    exported = last_json(result)
     assert exported["export"] == str(tmp_path / "served" / "1")
     assert exported["params"] == summary["params"]
     original = tf.saved_model.load(summary["export"]).signatures["serving_default"]
@@ -98,10 +88,10 @@ def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_pa
 
 
 def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
-    result = _run_main(["--mode=eval", f"--model_dir={tmp_path}",
+    result = run_main(["--mode=eval", f"--model_dir={tmp_path}",
                         f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
     assert result.returncode == 2 and "holds no checkpoint" in result.stderr
-    result = _run_main(["--mode=eval", f"--saved_model={tmp_path}",
+    result = run_main(["--mode=eval", f"--saved_model={tmp_path}",
                         f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
     assert result.returncode == 2 and "holds no SavedModel" in result.stderr
     # A 3-class dataset against a 10-class checkpoint.
@@ -112,7 +102,7 @@ def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
             Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(
                 folder / split / name / "0.png")
     model_dir, _ = trained_run
-    result = _run_main(["--mode=eval", f"--model_dir={model_dir}", f"--dataset=folder:{folder}"])
+    result = run_main(["--mode=eval", f"--model_dir={model_dir}", f"--dataset=folder:{folder}"])
     assert result.returncode == 2
     assert "has 3 classes but the checkpoint" in result.stderr and "trained for 10" in result.stderr
 
@@ -120,7 +110,7 @@ def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
 def test_unparseable_genotype_file_names_the_field(tmp_path, cifar10_folder):
     path = tmp_path / "g.json"
     path.write_text(json.dumps({"normal": [["sep_conv_3x3", 0]] * 8, "reduce": [["nope", 0]] * 8}))
-    result = _run_main(["--mode=train", f"--genotype={path}", f"--model_dir={tmp_path / 'r'}",
+    result = run_main(["--mode=train", f"--genotype={path}", f"--model_dir={tmp_path / 'r'}",
                         f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
     assert result.returncode == 2
     assert "reduce[0] (node 0): unknown op 'nope'" in result.stderr

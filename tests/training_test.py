@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -17,9 +16,8 @@ from istanas_tf import data
 from istanas_tf import genotypes
 from istanas_tf import search_model
 from istanas_tf import training
+from main_runner import MAIN, REPO, run_main
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-MAIN = str(REPO / "train" / "main.py")
 EPOCHS = 3
 
 
@@ -34,10 +32,6 @@ def _tiny_flags(folder, model_dir, **overrides):
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
 
-
-def _run_main(args, timeout=600):
-    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 def _final_state(model_dir):
@@ -55,7 +49,7 @@ def _final_state(model_dir):
 @pytest.fixture(scope="module")
 def finished_run(cifar10_folder, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("search")
-    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    result = run_main(_tiny_flags(cifar10_folder, model_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return model_dir, result
 
@@ -90,7 +84,7 @@ def test_search_writes_every_artifact(finished_run):
 
 def test_describe_accepts_the_searched_genotype(finished_run):
     model_dir, _ = finished_run
-    result = _run_main(["--mode=describe", f"--genotype={model_dir / 'genotype.json'}"])
+    result = run_main(["--mode=describe", f"--genotype={model_dir / 'genotype.json'}"])
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["params"] > 0
@@ -99,7 +93,7 @@ def test_describe_accepts_the_searched_genotype(finished_run):
 def test_rerun_of_a_finished_run_resumes_and_does_nothing(finished_run, cifar10_folder):
     model_dir, _ = finished_run
     before = (model_dir / "metrics.jsonl").read_text()
-    result = _run_main(_tiny_flags(cifar10_folder, model_dir))
+    result = run_main(_tiny_flags(cifar10_folder, model_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     assert (model_dir / "metrics.jsonl").read_text() == before
 
@@ -122,7 +116,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(finished_run, c
     done = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(done) < EPOCHS
 
-    result = _run_main(args)
+    result = run_main(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed" in result.stderr
     assert genotypes.load_json(model_dir / "genotype.json") == \
@@ -137,7 +131,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(finished_run, c
 
 def test_model_dir_of_another_run_is_refused_naming_the_flags(finished_run, cifar10_folder):
     model_dir, _ = finished_run
-    result = _run_main(_tiny_flags(cifar10_folder, model_dir, sparseness=3, lam=1e-4))
+    result = run_main(_tiny_flags(cifar10_folder, model_dir, sparseness=3, lam=1e-4))
     assert result.returncode == 2
     assert "--lam: recorded 1e-05, now 0.0001" in result.stderr
     assert "--sparseness: recorded 2, now 3" in result.stderr
@@ -152,7 +146,7 @@ def test_model_dir_of_another_run_is_refused_naming_the_flags(finished_run, cifa
 ])
 def test_bad_flags_fail_with_a_message_naming_the_flag(tmp_path, cifar10_folder, flag, value,
                                                        message):
-    result = _run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}),
+    result = run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}),
                        timeout=120)
     assert result.returncode == 2
     assert message in result.stderr

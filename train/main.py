@@ -139,56 +139,62 @@ def data_config(FLAGS):
         std=_floats("std", FLAGS.std), max_examples_per_class=FLAGS.max_examples_per_class)
 
 
+def _search_network(FLAGS, **settings):
+    """The super-net flags shared by both search methods; ``settings`` adds the rest."""
+    from istanas_tf import search_model
+    return search_model.SearchNetworkConfig(
+        proj_dims=FLAGS.proj_dims, sparseness=FLAGS.sparseness, lam=FLAGS.lam,
+        distinct_inputs=FLAGS.distinct_inputs, seed=FLAGS.seed, **settings)
+
+
+def _loop_flags(FLAGS, **defaulted):
+    """The flags of every training loop; ``defaulted`` flags are left out when unset
+    (None), so the mode's config supplies its own default."""
+    return dict(
+        model_dir=FLAGS.model_dir, data=data_config(FLAGS), momentum=FLAGS.momentum,
+        weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip, strategy=FLAGS.strategy,
+        steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
+        deterministic=FLAGS.deterministic, mixed_precision=FLAGS.mixed_precision,
+        verbose=FLAGS.progress,
+        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min,
+                 **defaulted))
+
+
+def _start_run(FLAGS, config):
+    """Checks the config, then records the effective flags in the run directory."""
+    config.validate()
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
+
+
 def run_search(FLAGS):
-    from istanas_tf import search_model, training
+    from istanas_tf import training
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required for --mode=search (the run directory)")
     if FLAGS.method == "ista_onestage":
         return run_one_stage(FLAGS)
-    network = search_model.SearchNetworkConfig(
-        channels=FLAGS.init_channels or 16, layers=FLAGS.layers or 8, method=FLAGS.method,
-        proj_dims=FLAGS.proj_dims, sparseness=FLAGS.sparseness, lam=FLAGS.lam,
-        distinct_inputs=FLAGS.distinct_inputs, seed=FLAGS.seed)
     config = training.SearchConfig(
-        model_dir=FLAGS.model_dir, network=network, data=data_config(FLAGS),
-        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min,
-                 arch_learning_rate=FLAGS.arch_learning_rate),
-        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
-        arch_weight_decay=FLAGS.arch_weight_decay, strategy=FLAGS.strategy,
-        steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
-        deterministic=FLAGS.deterministic, mixed_precision=FLAGS.mixed_precision,
-        verbose=FLAGS.progress)
-    config.validate()
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
-    result = training.run_search(config)
-    print(json.dumps(result))
+        network=_search_network(FLAGS, channels=FLAGS.init_channels or 16,
+                                layers=FLAGS.layers or 8, method=FLAGS.method),
+        arch_weight_decay=FLAGS.arch_weight_decay,
+        **_loop_flags(FLAGS, arch_learning_rate=FLAGS.arch_learning_rate))
+    _start_run(FLAGS, config)
+    print(json.dumps(training.run_search(config)))
 
 
 def run_one_stage(FLAGS):
-    from istanas_tf import one_stage, search_model
-    network = search_model.SearchNetworkConfig(
-        channels=FLAGS.init_channels or 36, layers=FLAGS.layers or 20, method="ista",
-        proj_dims=FLAGS.proj_dims, sparseness=FLAGS.sparseness, lam=FLAGS.lam,
-        distinct_inputs=FLAGS.distinct_inputs, seed=FLAGS.seed, one_stage=True,
-        auxiliary_weight=FLAGS.auxiliary_weight)
+    from istanas_tf import one_stage
+    network = _search_network(
+        FLAGS, channels=FLAGS.init_channels or 36, layers=FLAGS.layers or 20,
+        method="ista", one_stage=True, auxiliary_weight=FLAGS.auxiliary_weight)
     config = one_stage.OneStageConfig(
-        model_dir=FLAGS.model_dir, network=network, data=data_config(FLAGS),
-        search_epochs=FLAGS.search_epochs,
-        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min,
-                 arch_learning_rate=FLAGS.arch_learning_rate),
-        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
+        network=network, search_epochs=FLAGS.search_epochs,
         arch_weight_decay=FLAGS.arch_weight_decay, drop_path_prob=FLAGS.drop_path_prob,
         freeze_tolerance=FLAGS.freeze_tolerance, max_params=FLAGS.max_params,
-        strategy=FLAGS.strategy, steps_per_epoch=FLAGS.steps_per_epoch,
-        eval_steps=FLAGS.eval_steps, deterministic=FLAGS.deterministic,
-        mixed_precision=FLAGS.mixed_precision, verbose=FLAGS.progress,
-        export_dir=FLAGS.export_dir, model_name=FLAGS.model_name)
-    config.validate()
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
+        export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+        **_loop_flags(FLAGS, arch_learning_rate=FLAGS.arch_learning_rate))
+    _start_run(FLAGS, config)
     print(json.dumps(one_stage.run_one_stage(config)))
 
 
@@ -212,22 +218,15 @@ def run_train(FLAGS):
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required for --mode=train (the run directory)")
     config = retraining.TrainConfig(
-        model_dir=FLAGS.model_dir, genotype=FLAGS.genotype, data=data_config(FLAGS),
-        channels=FLAGS.init_channels, layers=FLAGS.layers, auxiliary=FLAGS.auxiliary,
-        auxiliary_weight=FLAGS.auxiliary_weight, drop_path_prob=FLAGS.drop_path_prob,
+        genotype=FLAGS.genotype, channels=FLAGS.init_channels, layers=FLAGS.layers,
+        auxiliary=FLAGS.auxiliary, auxiliary_weight=FLAGS.auxiliary_weight,
+        drop_path_prob=FLAGS.drop_path_prob,
         bn_after_param_free_ops=FLAGS.bn_after_param_free_ops,
-        **_given(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                 learning_rate=FLAGS.learning_rate, learning_rate_min=FLAGS.learning_rate_min),
         lr_schedule=FLAGS.lr_schedule, warmup_epochs=FLAGS.warmup_epochs,
-        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
-        label_smoothing=FLAGS.label_smoothing, mixed_precision=FLAGS.mixed_precision,
-        jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
-        steps_per_epoch=FLAGS.steps_per_epoch, eval_steps=FLAGS.eval_steps,
-        deterministic=FLAGS.deterministic, seed=FLAGS.seed, export_dir=FLAGS.export_dir,
-        model_name=FLAGS.model_name, verbose=FLAGS.progress)
-    config.validate()
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
+        label_smoothing=FLAGS.label_smoothing, jit_compile=FLAGS.jit_compile,
+        seed=FLAGS.seed, export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+        **_loop_flags(FLAGS))
+    _start_run(FLAGS, config)
     print(json.dumps(retraining.run_training(config)))
 
 
