@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from istanas_tf import data
+from istanas_tf.data import augment
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                    "horse", "ship", "truck")
@@ -232,17 +233,17 @@ def test_imagenet_transforms_shapes_range_and_keys():
     pixels = np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)
     for encoded in (tf.io.encode_jpeg(pixels), tf.io.encode_png(pixels)):
         key = tf.constant([1, 2], tf.int64)
-        train = data._imagenet_train_image(encoded, key).numpy()
+        train = augment.imagenet_train_image(encoded, key).numpy()
         assert train.shape == (224, 224, 3)
         assert 0.0 <= train.min() and train.max() <= 1.0
-        np.testing.assert_array_equal(train, data._imagenet_train_image(encoded, key))
-        other = data._imagenet_train_image(encoded, tf.constant([1, 3], tf.int64))
+        np.testing.assert_array_equal(train, augment.imagenet_train_image(encoded, key))
+        other = augment.imagenet_train_image(encoded, tf.constant([1, 3], tf.int64))
         assert not np.array_equal(train, other)
-        assert data._imagenet_eval_image(encoded).shape == (224, 224, 3)
+        assert augment.imagenet_eval_image(encoded).shape == (224, 224, 3)
     # Evaluation: a column-coded image; the shorter side goes 90 -> 256, the longer
     # 150 -> int(256 * 150 / 90) = 426, the centre crop keeps columns 101..324 of 426.
     ramp = np.tile(np.arange(150, dtype=np.uint8)[None, :, None], (90, 1, 3))
-    out = data._imagenet_eval_image(tf.io.encode_png(ramp)).numpy() * 255
+    out = augment.imagenet_eval_image(tf.io.encode_png(ramp)).numpy() * 255
     centre_cols = (np.arange(101, 325) + 0.5) * 150 / 426 - 0.5
     np.testing.assert_allclose(out[112, 10:-10, 0], centre_cols[10:-10], atol=0.6)
     # Colour jitter leaves a grey image grey-ish and in range.
