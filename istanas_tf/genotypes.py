@@ -25,10 +25,26 @@ PRIMITIVES: tuple[str, ...] = (
     "dil_conv_5x5",
 )
 
+NUM_OPS = len(PRIMITIVES)  # candidate ops per edge
 STEPS = 4  # intermediate nodes per cell
 PICKS_PER_NODE = 2  # ops kept per node in a genotype (the method's sparseness k)
+NUM_CELL_INPUTS = 2  # s0 and s1: node j reads NUM_CELL_INPUTS + j predecessors
+CELL_TYPES: tuple[str, ...] = ("normal", "reduce")  # each has its own architecture
 
 Pick = tuple[str, int]
+
+
+def cell_type(reduction: bool) -> str:
+    """The cell type, ``"reduce"`` or ``"normal"``, of a cell that does or does not reduce."""
+    return "reduce" if reduction else "normal"
+
+
+def num_candidates(node: int, num_ops: int = NUM_OPS) -> int:
+    """Candidates of intermediate node ``node``: ``num_ops`` ops on each of its predecessors.
+
+    Flat candidate index: ``predecessor * num_ops + op`` (14, 21, 28, 35 for 7 ops).
+    """
+    return num_ops * (NUM_CELL_INPUTS + node)
 
 
 class GenotypeError(ValueError):
