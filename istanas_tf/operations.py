@@ -137,6 +137,11 @@ class ReLUConvBN(keras.layers.Layer):
         self.conv = SymmetricConv(channels_out, kernel_size, stride, name="conv")
         self.bn = batch_norm(affine, name="bn")
 
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        """The BNs inside the op."""
+        return [self.bn]
+
     def call(self, x, training=None):
         return self.bn(self.conv(tf.nn.relu(x)), training=training)
 
@@ -175,6 +180,11 @@ class SepConv(keras.layers.Layer):
         """The BN the op ends in (where BN absorption folds the architecture weight)."""
         return self.bn2
 
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        """The BNs inside the op, in order (the one-stage search freezes their gamma/beta)."""
+        return [self.bn1, self.bn2]
+
     def call(self, x, training=None):
         x = self.bn1(self.pointwise1(self.depthwise1(tf.nn.relu(x))), training=training)
         return self.bn2(self.pointwise2(self.depthwise2(tf.nn.relu(x))), training=training)
@@ -208,6 +218,10 @@ class DilConv(keras.layers.Layer):
     @property
     def last_bn(self) -> keras.layers.BatchNormalization:
         return self.bn
+
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        return [self.bn]
 
     def call(self, x, training=None):
         return self.bn(self.pointwise(self.depthwise(tf.nn.relu(x))), training=training)
@@ -244,6 +258,10 @@ class FactorizedReduce(keras.layers.Layer):
     @property
     def last_bn(self) -> keras.layers.BatchNormalization:
         return self.bn
+
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        return [self.bn]
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
@@ -286,6 +304,10 @@ class Pool(keras.layers.Layer):
     def last_bn(self) -> keras.layers.BatchNormalization | None:
         return self.batch_norm
 
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        return [] if self.batch_norm is None else [self.batch_norm]
+
     def call(self, x, training=None):
         if self.stride == 1:
             pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
@@ -321,6 +343,10 @@ class Identity(keras.layers.Layer):
     @property
     def last_bn(self) -> keras.layers.BatchNormalization | None:
         return self.batch_norm
+
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        return [] if self.batch_norm is None else [self.batch_norm]
 
     @property
     def is_identity(self) -> bool:
