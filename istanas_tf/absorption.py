@@ -19,6 +19,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from istanas_tf import genotypes
 from istanas_tf import networks
 from istanas_tf import search_model
 
@@ -78,10 +79,10 @@ def absorb(super_net: search_model.SearchNetwork, image_size: int = 32,
     _copy_weights(super_net.stem_conv, conv)
     _copy_weights(super_net.stem_bn, bn)
     supports = super_net.supports
-    alphas = {cell_type: [a.numpy() for a in arch.alphas(supports[cell_type])]
-              for cell_type, arch in super_net.architectures.items()}
+    alphas = {cell_type: [a.numpy() for a in node_alphas]
+              for cell_type, node_alphas in super_net.alphas().items()}
     for source, target in zip(super_net.cells, network.cells):
-        cell_type = "reduce" if source.reduction else "normal"
+        cell_type = genotypes.cell_type(source.reduction)
         _copy_weights(source.preprocess0, target.preprocess0)
         _copy_weights(source.preprocess1, target.preprocess1)
         position = 0

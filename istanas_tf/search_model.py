@@ -6,6 +6,11 @@ decision 1). The support is Python data: when recovery changes it, the training 
 traces its step functions again. The architecture weights on the support are tensors
 computed from the trainable codes ``b`` inside the step, so gradients reach ``b``.
 
+Recovery has one path for both methods: ``recover()`` solves every node of both cell
+types in one batched LASSO and returns the recoveries; ``commit(recoveries, nodes)``
+makes them (or some nodes of them) the architecture. ``genotype()`` turns supports into
+a genotype through ``sparse_coding.genotype_from_supports``.
+
 ``method="darts"`` is DARTS' first-order super-net in the same code: every edge runs all
 seven ops, weighted by a softmax over the edge's architecture parameters.
 
@@ -22,141 +27,21 @@ network it converges to is absorbed into an evaluation network by ``absorption.a
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from istanas_tf import architecture
+from istanas_tf import cells as cell_lib
 from istanas_tf import genotypes
 from istanas_tf import networks
 from istanas_tf import operations as ops
 from istanas_tf import sparse_coding
 
-NUM_OPS = len(genotypes.PRIMITIVES)
 METHODS = ("ista", "darts")
-
-
-def num_candidates(node: int) -> int:
-    """Candidates of intermediate node ``node``: 7 ops on each of its node + 2 inputs."""
-    return NUM_OPS * (node + 2)
-
-
-class SearchCell(keras.layers.Layer):
-    """A super-net cell holding all candidate ops, running only the supported ones.
-
-    Args:
-      channels: C of the cell's ops.
-      reduction: ops reading the two cell inputs use stride 2.
-      reduction_prev: s0 is preprocessed by FactorizedReduce.
-      options: BN switches of the candidate ops (affine-free BN in the two-stage net).
-      steps: intermediate nodes.
-      drop_path: drop each supported op's output path in training (one-stage cells; the
-        identity is dropped too, as in the one-stage evaluation cell).
-      seed: seed of the drop path noise.
-
-    ``call(s0, s1, supports, weights, drop_path_rate)`` takes, per node, a tuple of flat
-    candidate indices (``predecessor * 7 + op``, Python ints) and a weight tensor of
-    that length.
-    """
-
-    def __init__(self, channels: int, reduction: bool, reduction_prev: bool,
-                 options: ops.OpOptions, steps: int = genotypes.STEPS,
-                 drop_path: bool = False, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.channels = channels
-        self.reduction = reduction
-        self.reduction_prev = reduction_prev
-        self.options = options
-        self.steps = steps
-        self.drop_path = drop_path
-        self.seed = seed
-        # One layer serves every op: each call draws fresh noise from its seed generator.
-        self.drop_path_layer = ops.DropPath(seed=seed, name="drop_path") if drop_path else None
-        if reduction_prev:
-            self.preprocess0 = ops.FactorizedReduce(channels, affine=options.affine,
-                                                    name="preprocess0")
-        else:
-            self.preprocess0 = ops.ReLUConvBN(channels, affine=options.affine,
-                                              name="preprocess0")
-        self.preprocess1 = ops.ReLUConvBN(channels, affine=options.affine, name="preprocess1")
-        self.candidates = []
-        for node in range(steps):
-            node_ops = []
-            for index in range(num_candidates(node)):
-                predecessor, op = divmod(index, NUM_OPS)
-                stride = 2 if reduction and predecessor < 2 else 1
-                name = genotypes.PRIMITIVES[op]
-                node_ops.append(ops.make_op(name, channels, stride, options,
-                                            layer_name=f"node{node}_in{predecessor}_{name}"))
-            self.candidates.append(node_ops)
-
-    def build(self, *args, **kwargs):
-        """Candidate ops create their weights on their first call (SearchNetwork.build_all)."""
-
-    def call(self, s0, s1, supports, weights, drop_path_rate=0.0, training=None):
-        states = [self.preprocess0(s0, training=training),
-                  self.preprocess1(s1, training=training)]
-        for node in range(self.steps):
-            total = 0.0
-            for position, index in enumerate(supports[node]):
-                op = self.candidates[node][index]
-                out = op(states[index // NUM_OPS], training=training)
-                if self.drop_path_layer is not None:
-                    out = self.drop_path_layer(out, rate=drop_path_rate, training=training)
-                total = total + weights[node][position] * out
-            states.append(total)
-        return tf.concat(states[2:], axis=-1)
-
-    def active_ops(self, supports) -> list[keras.layers.Layer]:
-        """The candidate ops a forward pass with ``supports`` runs."""
-        return [self.candidates[node][index] for node in range(self.steps)
-                for index in supports[node]]
-
-    def candidate_ops(self, node: int) -> list[keras.layers.Layer]:
-        return self.candidates[node]
-
-    def candidate_batch_norms(self, node: int) -> list[keras.layers.BatchNormalization]:
-        """Every BN inside the candidate ops of ``node`` (not the preprocessing BNs)."""
-        return [layer for op in self.candidates[node]
-                for layer in op._flatten_layers(include_self=False)
-                if isinstance(layer, keras.layers.BatchNormalization)]
-
-
-class DartsArchitecture(keras.layers.Layer):
-    """DARTS' architecture parameters for one cell type: one logit per (edge, op).
-
-    Node weights are a softmax over each edge's 7 ops; the genotype keeps, per node, the
-    2 edges with the strongest op and the strongest op on each (DARTS' top-2 rule).
-    """
-
-    def __init__(self, steps: int = genotypes.STEPS, seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.steps = steps
-        self.seed = seed
-        rng = np.random.default_rng(seed)
-        self.logits = [
-            self.add_weight(shape=(node + 2, NUM_OPS), name=f"alpha{node}",
-                            initializer=keras.initializers.Constant(
-                                1e-3 * rng.standard_normal((node + 2, NUM_OPS))))
-            for node in range(steps)]
-
-    def support_tuple(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(range(num_candidates(node))) for node in range(self.steps))
-
-    def alphas(self, support) -> list[tf.Tensor]:
-        del support  # dense: always every candidate
-        return [tf.reshape(tf.nn.softmax(logits, axis=-1), [-1]) for logits in self.logits]
-
-    def picks(self) -> list[genotypes.Pick]:
-        picks = []
-        for logits in self.logits:
-            weights = tf.nn.softmax(logits, axis=-1).numpy()
-            strongest = weights.max(axis=1)
-            edges = sorted(np.argsort(-strongest, kind="stable")[:2])
-            edges = sorted(edges, key=lambda e: -strongest[e])
-            picks += [(genotypes.PRIMITIVES[int(weights[e].argmax())], int(e)) for e in edges]
-        return picks
+CELL_TYPES = genotypes.CELL_TYPES
+Supports = dict[str, tuple[tuple[int, ...], ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,22 +49,21 @@ class SearchNetworkConfig:
     """Settings of the super-net (METHOD.md sections 2-3).
 
     Attributes:
-      num_classes: classifier outputs.
-      channels: C (16 in the paper's two-stage search).
+      num_classes: classifier outputs (a run takes it from the dataset).
+      channels: C (16 in the paper's two-stage search; flag ``--init_channels``).
       layers: cells (8); reductions at layers // 3 and 2 * layers // 3.
       method: ``"ista"`` (sparse ISTA-NAS cells) or ``"darts"`` (dense softmax cells).
       proj_dims: m, rows of each A_j (7).
       sparseness: k, ops kept per node (2).
       lam: LASSO penalty (1e-5).
       distinct_inputs: the k picks of a node must read different predecessors.
-      seed: seed of A, of the initial b and of the weights.
+      seed: seed of A, of the initial b and of the drop path noise.
       sync_batch_norm: BN statistics over the global batch under tf.distribute, so that
         a multi-replica search computes what one device would.
       one_stage: the one-stage super-net of METHOD.md section 4 (``method="ista"`` only):
         affine BN, BN after pooling and identity ops, frozen gamma/beta inside candidate
         ops, auxiliary head, drop path, one batch per step.
       auxiliary_weight: weight of the auxiliary cross-entropy (one-stage; 0.4).
-      drop_path_rate: initial drop path rate (one-stage; a variable the loop ramps).
     """
 
     num_classes: int = 10
@@ -194,17 +78,15 @@ class SearchNetworkConfig:
     sync_batch_norm: bool = True
     one_stage: bool = False
     auxiliary_weight: float = 0.4
-    drop_path_rate: float = 0.0
 
     def validate(self) -> None:
+        """Raises ValueError naming the flag of the first invalid setting."""
         if self.method not in METHODS:
             raise ValueError(f"--method={self.method!r} is not valid; valid: "
                              f"{', '.join(METHODS)}")
         if self.one_stage and self.method != "ista":
             raise ValueError(f"the one-stage search needs --method=ista, got "
                              f"--method={self.method!r}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"--drop_path_prob must be in [0, 1), got {self.drop_path_rate}")
         if self.layers < 3:
             raise ValueError(f"--layers must be at least 3, got {self.layers}")
         if self.channels < 2 or self.channels % 2:
@@ -212,59 +94,56 @@ class SearchNetworkConfig:
                              f"halves it), got {self.channels}")
 
 
+@keras.saving.register_keras_serializable(package="istanas_tf")
 class SearchNetwork(keras.Model):
     """The super-net: stem, ``layers`` search cells, global pool and classifier.
 
     The two-stage net uses affine-free BN in all cells and a BN after each pooling op;
     the stem BN keeps its affine parameters (METHOD.md section 3). The one-stage net
-    (``config.one_stage``) is described in the module docstring.
+    (``config.one_stage``) is described in the module docstring. Call ``build_all``
+    before use: it creates every candidate op's weights and recovers the first
+    architecture.
 
     One-stage state, per cell type and node j, in variables (checkpointed): whether the
     node has stopped searching (``freeze_node``; its b is no longer trained) and whether
     the BN gamma/beta inside its candidate ops are trainable (``unfreeze_node``).
+
+    Args:
+      config: the super-net's settings (a SearchNetworkConfig or its dict).
     """
 
     def __init__(self, config: SearchNetworkConfig, **kwargs):
         super().__init__(**kwargs)
+        if isinstance(config, dict):
+            config = SearchNetworkConfig(**config)
         config.validate()
         self.config = config
         with ops.synchronized_batch_norm(config.sync_batch_norm):
             self._build_layers(config)
-        self._supports = self._read_supports()
-        self._frozen = self._read_flags("frozen")
-        self._bn_trainable = self._read_flags("bn_trainable")
+        self._supports = self._frozen = self._bn_trainable = None
 
     def _build_layers(self, config: SearchNetworkConfig) -> None:
         c = config.channels
         one_stage = config.one_stage
         self.stem_conv = ops.SymmetricConv(3 * c, 3, name="stem_conv")
         self.stem_bn = ops.batch_norm(name="stem_bn")
-        if one_stage:
-            options = ops.OpOptions(affine=True, bn_after_pool=True, bn_after_identity=True)
-        else:
-            options = ops.OpOptions(affine=False, bn_after_pool=True)
-        self.cells = []
-        channels, reduction_prev = c, False
-        for i in range(config.layers):
-            reduction = i in networks.reduction_layers(config.layers)
-            if reduction:
-                channels *= 2
-            self.cells.append(SearchCell(channels, reduction, reduction_prev, options,
-                                         drop_path=one_stage, seed=config.seed * 1000 + i,
-                                         name=f"cell{i}"))
-            reduction_prev = reduction
+        options = dict(affine=one_stage, bn_after_pool=True, bn_after_identity=one_stage)
+        self.cells = [
+            cell_lib.SearchCell(spec.channels, spec.reduction, spec.reduction_prev, **options,
+                                drop_path=one_stage, seed=config.seed * 1000 + i,
+                                name=f"cell{i}")
+            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c))]
         self.aux_position = 2 * config.layers // 3
-        self.auxiliary_head = (networks.AuxiliaryHead(config.num_classes,
-                                                      name="auxiliary_head")
+        self.auxiliary_head = (networks.AuxiliaryHead(config.num_classes, name="auxiliary_head")
                                if one_stage else None)
         self.classifier = keras.layers.Dense(config.num_classes, name="classifier")
         if config.method == "ista":
-            make = lambda cell_type, seed: sparse_coding.ArchitectureEncoding(
+            make = lambda cell_type, seed: architecture.ArchitectureEncoding(
                 proj_dims=config.proj_dims, sparseness=config.sparseness, lam=config.lam,
                 distinct_inputs=config.distinct_inputs, seed=seed, name=f"{cell_type}_code")
         else:
-            make = lambda cell_type, seed: DartsArchitecture(seed=seed,
-                                                             name=f"{cell_type}_alphas")
+            make = lambda cell_type, seed: architecture.DartsArchitecture(
+                seed=seed, name=f"{cell_type}_alphas")
         # Distinct seeds: the normal and reduction encodings draw different A and b.
         self.architectures = {"normal": make("normal", 2 * config.seed + 1),
                               "reduce": make("reduce", 2 * config.seed + 2)}
@@ -272,11 +151,10 @@ class SearchNetwork(keras.Model):
             # Drop path rate, ramped by the training loop; a variable so traced steps read
             # the current value and checkpoints keep it.
             self.drop_path_rate = self.add_weight(
-                shape=(), initializer=keras.initializers.Constant(config.drop_path_rate),
-                trainable=False, name="drop_path_rate")
+                shape=(), initializer="zeros", trainable=False, name="drop_path_rate")
             # Freeze flags per cell type, [steps] int32 (1 = set): checkpointed with the
             # model's variables, read into Python data by sync_supports().
-            for cell_type in self.architectures:
+            for cell_type in CELL_TYPES:
                 for flag in ("frozen", "bn_trainable"):
                     setattr(self, f"{cell_type}_{flag}", self.add_weight(
                         shape=(genotypes.STEPS,), dtype="int32", initializer="zeros",
@@ -284,28 +162,91 @@ class SearchNetwork(keras.Model):
         else:
             self.drop_path_rate = 0.0
 
-    # ------------------------------------------------------------------ architecture
-    def _read_supports(self):
-        return {cell_type: arch.support_tuple() for cell_type, arch in self.architectures.items()}
+    def get_config(self):
+        return {**super().get_config(), "config": dataclasses.asdict(self.config)}
 
+    # ------------------------------------------------------------------ architecture
     def _read_flags(self, flag: str) -> dict[str, tuple[bool, ...]]:
         if not self.config.one_stage:
-            return {cell_type: (False,) * genotypes.STEPS for cell_type in self.architectures}
+            return {cell_type: (False,) * genotypes.STEPS for cell_type in CELL_TYPES}
         return {cell_type: tuple(bool(v) for v in getattr(self, f"{cell_type}_{flag}").numpy())
-                for cell_type in self.architectures}
+                for cell_type in CELL_TYPES}
 
-    def _check_node(self, cell_type: str, node: int) -> None:
+    def sync_supports(self) -> bool:
+        """Re-reads the supports (and one-stage freeze flags) from the architecture state
+        (after recovery, freezing or restore).
+
+        Returns whether they changed, i.e. whether traced step functions are stale.
+        """
+        state = ({t: arch.support_tuple() for t, arch in self.architectures.items()},
+                 self._read_flags("frozen"), self._read_flags("bn_trainable"))
+        changed = state != (self._supports, self._frozen, self._bn_trainable)
+        self._supports, self._frozen, self._bn_trainable = state
+        return changed
+
+    @property
+    def supports(self) -> Supports:
+        """The current support per cell type, as Python data (static in traced steps)."""
+        if self._supports is None:
+            raise ValueError("the super-net has no architecture yet: call build_all() "
+                             "(or commit a recovery)")
+        return self._supports
+
+    @property
+    def frozen_nodes(self) -> dict[str, tuple[bool, ...]]:
+        """Per cell type and node, whether its search has stopped (static data)."""
+        return self._read_flags("frozen") if self._frozen is None else self._frozen
+
+    def recover(self) -> dict[str, architecture.Recovery]:
+        """Solves the LASSO of every node of both cell types in one batched call.
+
+        Nothing changes until ``commit``. DARTS has nothing to recover: ``{}``.
+        """
+        if self.config.method != "ista":
+            return {}
+        encodings = [self.architectures[cell_type] for cell_type in CELL_TYPES]
+        return dict(zip(CELL_TYPES, architecture.solve_jointly(encodings)))
+
+    def commit(self, recoveries: dict[str, architecture.Recovery],
+               nodes: dict[str, np.ndarray] | None = None) -> bool:
+        """Makes recoveries the architecture and refreshes the supports.
+
+        Args:
+          recoveries: from ``recover()`` (or scripted, in tests), per cell type.
+          nodes: optional per cell type [steps] bools, True for the nodes to update; the
+            others keep their z and support. Default: every node.
+
+        Returns:
+          Whether the supports (or flags) changed: traced steps are then stale.
+        """
+        for cell_type, recovery in recoveries.items():
+            self.architectures[cell_type].commit(
+                recovery, None if nodes is None else nodes[cell_type])
+        return self.sync_supports()
+
+    def genotype(self, supports: Supports | None = None) -> genotypes.Genotype:
+        """The genotype of ``supports`` (flat indices per node), default the current one.
+
+        ISTA-NAS picks are the support itself; DARTS picks by its top-2 rule.
+        """
+        if supports is None:
+            supports = {t: arch.selected_support() for t, arch in self.architectures.items()}
+        return sparse_coding.genotype_from_supports(supports["normal"], supports["reduce"])
+
+    def z_values(self, cell_type: str) -> list[np.ndarray]:
+        """The last recovered z of each node of ``cell_type`` (ISTA only), [n_j] each."""
+        encoding = self.architectures[cell_type]
+        z = encoding.z.numpy()
+        return [z[j, :n] for j, n in enumerate(encoding.num_candidates)]
+
+    def _set_flag(self, flag: str, cell_type: str, node: int) -> None:
         if not self.config.one_stage:
             raise ValueError("freezing nodes is part of the one-stage search "
                              "(SearchNetworkConfig(one_stage=True))")
-        if cell_type not in self.architectures:
-            raise ValueError(f"unknown cell type {cell_type!r}; valid: "
-                             f"{', '.join(self.architectures)}")
+        if cell_type not in CELL_TYPES:
+            raise ValueError(f"unknown cell type {cell_type!r}; valid: {', '.join(CELL_TYPES)}")
         if not 0 <= node < genotypes.STEPS:
             raise ValueError(f"node must be in [0, {genotypes.STEPS}), got {node}")
-
-    def _set_flag(self, flag: str, cell_type: str, node: int) -> None:
-        self._check_node(cell_type, node)
         variable = getattr(self, f"{cell_type}_{flag}")
         variable.assign(tf.tensor_scatter_nd_update(variable, [[node]], [1]))
         self.sync_supports()
@@ -324,78 +265,26 @@ class SearchNetwork(keras.Model):
         self._set_flag("frozen", cell_type, node)
         self.unfreeze_node(cell_type, node)
 
-    @property
-    def frozen_nodes(self) -> dict[str, tuple[bool, ...]]:
-        """Per cell type and node, whether its search has stopped (static data)."""
-        return self._frozen
+    # ------------------------------------------------------------------ variable lists
+    def _cells_of(self, cell_type: str) -> list[cell_lib.SearchCell]:
+        return [cell for cell in self.cells if genotypes.cell_type(cell.reduction) == cell_type]
 
-    def _bn_affine(self, cell_type: str, node: int) -> list:
-        return [v for cell in self.cells if _cell_type(cell) == cell_type
+    def _bn_affine(self, trainable: bool) -> list:
+        if not self.config.one_stage:
+            return []
+        return [v for cell_type, flags in self._bn_trainable.items()
+                for node, flag in enumerate(flags) if flag == trainable
+                for cell in self._cells_of(cell_type)
                 for bn in cell.candidate_batch_norms(node) for v in (bn.gamma, bn.beta)]
 
     def frozen_bn_affine_variables(self) -> list:
         """The gamma/beta of candidate-op BNs that the train step leaves alone."""
-        if not self.config.one_stage:
-            return []
-        return [v for cell_type, flags in self._bn_trainable.items()
-                for node, trainable in enumerate(flags) if not trainable
-                for v in self._bn_affine(cell_type, node)]
+        return self._bn_affine(trainable=False)
 
     def trainable_bn_affine_variables(self) -> list:
         """The gamma/beta of candidate-op BNs that are currently trained (when on the
         support): those of the nodes unfrozen by ``unfreeze_node``."""
-        if not self.config.one_stage:
-            return []
-        return [v for cell_type, flags in self._bn_trainable.items()
-                for node, trainable in enumerate(flags) if trainable
-                for v in self._bn_affine(cell_type, node)]
-
-    @property
-    def supports(self) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """The current support per cell type, as Python data (static in traced steps)."""
-        return self._supports
-
-    def sync_supports(self) -> bool:
-        """Re-reads the supports (and one-stage freeze flags) from the architecture state
-        (after recovery, freezing or restore).
-
-        Returns whether they changed, i.e. whether traced step functions are stale.
-        """
-        state = (self._read_supports(), self._read_flags("frozen"),
-                 self._read_flags("bn_trainable"))
-        changed = state != (self._supports, self._frozen, self._bn_trainable)
-        self._supports, self._frozen, self._bn_trainable = state
-        return changed
-
-    def recover(self) -> dict[str, np.ndarray]:
-        """Runs the LASSO recovery of every node (ISTA) and refreshes the supports.
-
-        The 8 nodes of both cell types are solved in one batched call. Returns the
-        per-node distance ``||z_new - z_last||_2`` per cell type (zeros for DARTS, whose
-        architecture needs no recovery).
-        """
-        if self.config.method != "ista":
-            return {cell_type: np.zeros(arch.steps)
-                    for cell_type, arch in self.architectures.items()}
-        cell_types = list(self.architectures)
-        encodings = [self.architectures[cell_type] for cell_type in cell_types]
-        distances = {}
-        for cell_type, encoding, recovery in zip(
-                cell_types, encodings, sparse_coding.solve_jointly(encodings)):
-            encoding.commit(recovery)
-            distances[cell_type] = recovery.distances.numpy()
-        self.sync_supports()
-        return distances
-
-    def z_values(self, cell_type: str) -> list[np.ndarray]:
-        """The last recovered z of each node of ``cell_type`` (ISTA only), [n_j] each."""
-        encoding = self.architectures[cell_type]
-        z = encoding.z.numpy()
-        return [z[j, :n] for j, n in enumerate(encoding.num_candidates)]
-
-    def genotype(self) -> genotypes.Genotype:
-        return genotypes.genotype_from_picks(self.architectures["normal"].picks(),
-                                             self.architectures["reduce"].picks())
+        return self._bn_affine(trainable=True)
 
     @property
     def architecture_variables(self) -> list:
@@ -415,36 +304,58 @@ class SearchNetwork(keras.Model):
         arch_ids = {id(v) for v in self.architecture_variables}
         return [v for v in self.trainable_variables if id(v) not in arch_ids]
 
+    def _candidate_variables(self) -> set[int]:
+        return {id(v) for cell in self.cells for node_ops in cell.candidates
+                for op in node_ops for v in op.trainable_variables}
+
+    def _active_op_variables(self, supports: Supports) -> set[int]:
+        return {id(v) for cell in self.cells
+                for op in cell.active_ops(supports[genotypes.cell_type(cell.reduction)])
+                for v in op.trainable_variables}
+
     def active_weight_variables(self) -> list:
         """Trainable weights a forward pass with the current supports touches.
 
         One-stage: without the frozen BN gamma/beta of candidate ops.
         """
-        active = set()
-        for cell in self.cells:
-            cell_type = "reduce" if cell.reduction else "normal"
-            for op in cell.active_ops(self._supports[cell_type]):
-                active.update(id(v) for v in op.trainable_variables)
-        inactive = {id(v) for cell in self.cells for node in range(cell.steps)
-                    for op in cell.candidate_ops(node) for v in op.trainable_variables}
-        inactive -= active
+        inactive = self._candidate_variables() - self._active_op_variables(self.supports)
         inactive |= {id(v) for v in self.frozen_bn_affine_variables()}
         return [v for v in self.weight_variables if id(v) not in inactive]
+
+    def evaluation_parameter_count(self, supports: Supports | None = None) -> int:
+        """Parameters of the evaluation network of ``supports`` (default: the current ones).
+
+        The one-stage super-net holds the evaluation network of any support: the same
+        stem, preprocessing, classifier and candidate ops (each ending in a BN, as with
+        ``bn_after_param_free_ops``). So the count is the super-net's trainable
+        parameters outside the candidate ops, the architecture and the auxiliary head,
+        plus those of the candidate ops on the support, in every cell. This matches
+        ``network_size.count_parameters`` of the absorbed network, without building it.
+        """
+        supports = self.supports if supports is None else supports
+        excluded = self._candidate_variables() | {id(v) for v in self.architecture_variables}
+        if self.auxiliary_head is not None:
+            excluded |= {id(v) for v in self.auxiliary_head.trainable_variables}
+        active = self._active_op_variables(supports)
+        return sum(int(np.prod(v.shape)) for v in self.trainable_variables
+                   if id(v) not in excluded or id(v) in active)
 
     # ------------------------------------------------------------------ forward
     def build(self, *args, **kwargs):
         """Weights are created by build_all (every candidate op, not only the support)."""
 
     def build_all(self, image_size: int) -> None:
-        """Creates the weights of every candidate op with one dense forward pass."""
-        dense = {cell_type: tuple(tuple(range(num_candidates(node)))
-                                  for node in range(genotypes.STEPS))
-                 for cell_type in self.architectures}
-        ones = {cell_type: [tf.ones([num_candidates(node)]) for node in range(genotypes.STEPS)]
-                for cell_type in self.architectures}
+        """Creates every candidate op's weights with one dense forward pass, then
+        recovers the first architecture from the initial b (Algorithm 1: draw A,
+        initialise b, recover z, take the support)."""
+        dense = {t: tuple(tuple(range(genotypes.num_candidates(node)))
+                          for node in range(genotypes.STEPS)) for t in CELL_TYPES}
+        ones = {t: [tf.ones([genotypes.num_candidates(node)]) for node in range(genotypes.STEPS)]
+                for t in CELL_TYPES}
         self._forward(tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False,
                       auxiliary=True)
         self.built = True
+        self.commit(self.recover())
 
     def _forward(self, images, supports, weights, training, auxiliary=False):
         """Returns ``(logits, aux_logits)``; aux_logits is None unless ``auxiliary`` and
@@ -452,7 +363,7 @@ class SearchNetwork(keras.Model):
         s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
         aux_logits = None
         for i, cell in enumerate(self.cells):
-            cell_type = "reduce" if cell.reduction else "normal"
+            cell_type = genotypes.cell_type(cell.reduction)
             s0, s1 = s1, cell(s0, s1, supports=supports[cell_type],
                               weights=weights[cell_type],
                               drop_path_rate=self.drop_path_rate, training=training)
@@ -460,12 +371,16 @@ class SearchNetwork(keras.Model):
                 aux_logits = self.auxiliary_head(s1, training=training)
         return self.classifier(tf.reduce_mean(s1, axis=[1, 2])), aux_logits
 
+    def alphas(self) -> dict[str, list[tf.Tensor]]:
+        """Per cell type and node, the weights of the supported ops (differentiable in
+        the architecture variables), in the order of ``supports``."""
+        return {cell_type: arch.alphas(self.supports[cell_type])
+                for cell_type, arch in self.architectures.items()}
+
     def call(self, images, training=None):
         """Returns logits, or ``(logits, aux_logits)`` in training with the auxiliary head
         (one-stage), as the evaluation network does."""
-        weights = {cell_type: arch.alphas(self._supports[cell_type])
-                   for cell_type, arch in self.architectures.items()}
-        logits, aux_logits = self._forward(images, self._supports, weights, training,
+        logits, aux_logits = self._forward(images, self.supports, self.alphas(), training,
                                            auxiliary=bool(training))
         return logits if aux_logits is None else (logits, aux_logits)
 
@@ -507,7 +422,7 @@ class SearchNetwork(keras.Model):
             per_example, loss = self._loss(arch_labels, self(arch_images, training=True))
             # Loss scaling (a LossScaleOptimizer under mixed_float16; else the identity).
             scaled_loss = self.arch_optimizer.scale_loss(loss)
-        _apply(self.arch_optimizer, tape.gradient(scaled_loss, arch_vars), arch_vars)
+        apply_present_gradients(self.arch_optimizer, tape.gradient(scaled_loss, arch_vars), arch_vars)
         self.trackers["arch_loss"].update_state(per_example)
 
         weight_vars = self.active_weight_variables()
@@ -515,7 +430,7 @@ class SearchNetwork(keras.Model):
             logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             scaled_loss = self.optimizer.scale_loss(loss)
-        _apply(self.optimizer, tape.gradient(scaled_loss, weight_vars), weight_vars)
+        apply_present_gradients(self.optimizer, tape.gradient(scaled_loss, weight_vars), weight_vars)
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
@@ -545,23 +460,24 @@ class SearchNetwork(keras.Model):
         rescale = lambda grads, target: [None if g is None else g * (target / scale)
                                          for g in grads]
         if arch_vars:
-            _apply(self.arch_optimizer, rescale(gradients[:len(arch_vars)], arch_scale),
+            apply_present_gradients(self.arch_optimizer, rescale(gradients[:len(arch_vars)], arch_scale),
                    arch_vars)
-        _apply(self.optimizer, rescale(gradients[len(arch_vars):], weight_scale), weight_vars)
+        apply_present_gradients(self.optimizer, rescale(gradients[len(arch_vars):], weight_scale), weight_vars)
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):
+        """The loss and accuracy of a batch in inference mode."""
         images, labels = data
         logits = self(images, training=False)
         per_example, _ = self._loss(labels, logits)
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
+        return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy.result()}
 
 
-def _apply(optimizer, gradients, variables) -> None:
+def apply_present_gradients(optimizer, gradients, variables) -> None:
     """Applies the gradients that exist.
 
     A supported op can still be disconnected from the loss (e.g. a genotype whose normal
@@ -571,7 +487,3 @@ def _apply(optimizer, gradients, variables) -> None:
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
     if pairs:
         optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
-
-
-def _cell_type(cell: SearchCell) -> str:
-    return "reduce" if cell.reduction else "normal"

@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from istanas_tf import genotypes
-from istanas_tf import operations as ops
 from istanas_tf import optimizers
 from istanas_tf import search_model
 
@@ -28,9 +26,8 @@ def test_every_candidate_op_has_weights_but_only_the_support_gets_gradients():
     network = _network()
     cell = network.cells[0]
     # Node j holds 7 * (j + 2) candidates: 14 + 21 + 28 + 35 = 98 ops per cell.
-    assert sum(len(cell.candidate_ops(node)) for node in range(4)) == 98
-    assert all(op.built for node in range(4) for op in cell.candidate_ops(node)
-               if op.trainable_variables or isinstance(op, (ops.SepConv, ops.DilConv)))
+    assert sum(len(node_ops) for node_ops in cell.candidates) == 98
+    assert all(op.built for node_ops in cell.candidates for op in node_ops)
     images = tf.random.normal([2, 8, 8, 3])
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(network(images, training=True))
@@ -44,37 +41,6 @@ def test_every_candidate_op_has_weights_but_only_the_support_gets_gradients():
     for c in network.cells:
         cell_type = "reduce" if c.reduction else "normal"
         assert len(c.active_ops(network.supports[cell_type])) == 4 * 2
-
-
-def test_sparse_cell_equals_dense_cell_with_zero_weights_off_support():
-    cell = search_model.SearchCell(4, False, False, ops.OpOptions(affine=False,
-                                                                  bn_after_pool=True))
-    x0, x1 = tf.random.normal([2, 8, 8, 4], seed=1), tf.random.normal([2, 8, 8, 4], seed=2)
-    supports = ((3, 9), (0, 15), (20, 27), (2, 34))
-    alphas = [tf.constant([0.7, -0.2]), tf.constant([1.3, 0.4]), tf.constant([-0.5, 0.9]),
-              tf.constant([0.25, 2.0])]
-    dense_supports = tuple(tuple(range(search_model.num_candidates(j))) for j in range(4))
-    dense_weights = []
-    for j in range(4):
-        w = np.zeros(search_model.num_candidates(j), np.float32)
-        w[list(supports[j])] = alphas[j].numpy()
-        dense_weights.append(tf.constant(w))
-    dense = cell(x0, x1, supports=dense_supports, weights=dense_weights, training=False)
-    sparse = cell(x0, x1, supports=supports, weights=alphas, training=False)
-    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
-
-
-def test_node_output_is_alpha_weighted_sum_of_supported_ops():
-    cell = search_model.SearchCell(4, False, False, ops.OpOptions(affine=False,
-                                                                  bn_after_pool=True))
-    x = tf.random.normal([2, 8, 8, 4], seed=3)
-    supports = ((2, 9),) + ((0, 7),) * 3  # node 0: skip_connect(s0), skip_connect(s1)
-    alphas = [tf.constant([0.3, -1.5])] * 4
-    out = cell(x, x, supports=supports, weights=alphas, training=False)
-    s0 = cell.preprocess0(x, training=False)
-    s1 = cell.preprocess1(x, training=False)
-    node0 = 0.3 * s0 - 1.5 * s1  # identity ops: the weights alone decide
-    np.testing.assert_allclose(out[..., :4], node0, rtol=1e-5, atol=1e-6)
 
 
 def test_train_step_updates_b_and_supported_weights_only():
@@ -104,7 +70,7 @@ def test_recover_changes_support_when_b_moves_and_genotype_has_two_picks_per_nod
     encoding = network.architectures["normal"]
     target = 5  # node 0, predecessor 0, op sep_conv_5x5
     encoding.b[0].assign(encoding.A[0].numpy()[:, target] * 0.5)
-    network.recover()
+    network.commit(network.recover())
     assert target in network.supports["normal"][0]
 
 
@@ -119,9 +85,9 @@ def test_darts_top2_rule_on_hand_set_logits():
         logits[j][0, 2] = 3.0  # s0, skip_connect
     for variable, value in zip(arch.logits, logits):
         variable.assign(value)
-    picks = arch.picks()
-    assert picks[:2] == [("sep_conv_3x3", 1), ("dil_conv_5x5", 0)]
-    assert picks[2:4] == [("max_pool_3x3", 2), ("skip_connect", 0)]
+    picks = network.genotype().normal
+    assert picks[:2] == (("sep_conv_3x3", 1), ("dil_conv_5x5", 0))
+    assert picks[2:4] == (("max_pool_3x3", 2), ("skip_connect", 0))
     # DARTS weights every candidate: the whole super-net is active.
     assert len(network.active_weight_variables()) == len(network.weight_variables)
 
