@@ -21,14 +21,12 @@ Prints a markdown table.
 import argparse
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 from istanas_tf import data  # noqa: E402
 

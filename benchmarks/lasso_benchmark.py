@@ -5,7 +5,7 @@ n_j = 14, 21, 28, 35, entries Uniform[0, 1); lam = 1e-5; b ~ scale * N(0, 1) in 
 regimes, scale 1e-3 (b at its initialisation) and 1 (a b that has trained). For each
 regime and seed this script times:
 
-* ``ours``: ``sparse_coding.solve_lasso`` on the 8 problems zero-padded to 7 x 35, one
+* ``ours``: ``lasso.solve_lasso`` on the 8 problems zero-padded to 7 x 35, one
   batched call, cold start (no warm start), after a first call that traced and compiled;
 * ``scipy``: the same 8 problems, one by one, through the LASSO's dual as a
   least-distance problem solved by ``scipy.optimize.nnls`` (Lawson-Hanson, an exact
@@ -33,16 +33,15 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Run from a checkout without installing the package.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from istanas_tf import sparse_coding  # noqa: E402
+from istanas_tf import architecture, lasso  # noqa: E402
 
+# The independent oracle is test code (scipy is a test-only dependency).
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from lasso_oracle import kkt_violation, objective, scipy_lasso  # noqa: E402
 
@@ -92,11 +91,11 @@ def main():
         for seed in range(args.seeds):
             A, b = recovery_problems(scale, seed)
             A_t, b_t = tf.constant(A), tf.constant(b)
-            z = sparse_coding.solve_lasso(A_t, b_t, LAM).numpy()  # traces and compiles
+            z = lasso.solve_lasso(A_t, b_t, LAM).numpy()  # traces and compiles
             problems = [(A[i, :, :n], b[i]) for i, n in enumerate(NODE_WIDTHS)]
             reference = [scipy_lasso(A_i, b_i) for A_i, b_i in problems]
             ours, theirs = median_ms(
-                [lambda: sparse_coding.solve_lasso(A_t, b_t, LAM).numpy(),
+                [lambda: lasso.solve_lasso(A_t, b_t, LAM).numpy(),
                  lambda: [scipy_lasso(A_i, b_i) for A_i, b_i in problems]], args.repeats)
             gaps, kkt, same = [], [], 0
             for i, (A_i, b_i) in enumerate(problems):
@@ -111,8 +110,8 @@ def main():
                   f"| {worst_gap:.1e} | {max(kkt):.1e} | {same}/8 |")
             summary.setdefault(regime, []).append((ours, theirs))
 
-    normal = sparse_coding.ArchitectureEncoding(seed=1, name="normal")
-    reduce = sparse_coding.ArchitectureEncoding(seed=2, name="reduce")
+    normal = architecture.ArchitectureEncoding(seed=1, name="normal")
+    reduce = architecture.ArchitectureEncoding(seed=2, name="reduce")
     rng = np.random.default_rng(0)
     times = []
     for repeat in range(args.repeats + 1):
@@ -123,7 +122,7 @@ def main():
                 b.assign_add(1e-4 * rng.standard_normal(b.shape).astype(np.float32))
         start = time.perf_counter()
         for encoding, recovery in zip((normal, reduce),
-                                      sparse_coding.solve_jointly([normal, reduce])):
+                                      architecture.solve_jointly([normal, reduce])):
             encoding.commit(recovery)
         if repeat:
             times.append(time.perf_counter() - start)

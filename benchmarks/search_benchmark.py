@@ -70,7 +70,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 METHODS = ("ista", "darts")
 DEFAULT_STEPS = {"ista": 5, "darts": 3}
@@ -117,37 +116,32 @@ def _mb(kb: int | None) -> float | None:
 
 # ---------------------------------------------------------------------------- worker
 def _worker(args: argparse.Namespace) -> dict:
-    """Builds one super-net like SearchRun, times its traced search step, measures memory."""
+    """Builds one super-net like TwoStageRun, times its traced search step, measures memory."""
     import numpy as np
     import tensorflow as tf
 
-    from istanas_tf import optimizers
     from istanas_tf import search_model
-    from istanas_tf import training
+    from istanas_tf.training import builders
+    from istanas_tf.training import config as config_lib
+    from istanas_tf.training import runtime
+    from istanas_tf.training import steps as steps_lib
 
     method = args.worker
     tf.random.set_seed(args.seed)
     rss_after_imports = _mb(_proc_status_kb("VmRSS"))
 
     build_start = time.perf_counter()
-    # As SearchRun.__init__ with the default strategy and the default SearchConfig.
-    strategy = training.make_strategy("default")
-    network_config = search_model.SearchNetworkConfig(
-        num_classes=args.num_classes, channels=args.channels, layers=args.layers,
-        method=method, seed=args.seed,
-        sync_batch_norm=False)  # SearchRun syncs BN only with more than one replica
-    config = training.SearchConfig(model_dir="unused", network=network_config)
+    # As TwoStageRun.__init__ with the default strategy and the default TwoStageConfig:
+    # the super-net (its first architecture recovered) and both optimizers.
+    strategy = runtime.make_strategy("default")
+    config = config_lib.TwoStageConfig(
+        model_dir="unused", network=search_model.SearchNetworkConfig(
+            channels=args.channels, layers=args.layers, method=method, seed=args.seed))
     with strategy.scope():
-        model = search_model.SearchNetwork(network_config, name="search_network")
-        model.build_all(args.image_size)
-        weight_optimizer = optimizers.TorchSGD(
-            config.learning_rate, momentum=config.momentum, l2=config.weight_decay,
-            clip_global_norm=config.grad_clip)
-        arch_optimizer = optimizers.TorchAdam(
-            config.arch_learning_rate, beta_1=config.arch_beta1, beta_2=config.arch_beta2,
-            l2=config.arch_weight_decay)
-        model.compile(weight_optimizer, arch_optimizer)
-    model.recover()  # a fresh run: draw A, initialise b, recover z and the support
+        model = builders.search_network(config.network, args.num_classes, args.image_size,
+                                        replicas=strategy.num_replicas_in_sync)
+        model.compile(builders.weight_optimizer(config.loop),
+                      builders.architecture_optimizer(config.arch, None))
     build_s = time.perf_counter() - build_start
 
     shape = [args.batch_size, args.image_size, args.image_size, 3]
@@ -159,13 +153,13 @@ def _worker(args: argparse.Namespace) -> dict:
                   tf.random.stateless_uniform([args.batch_size], seeds[3], 0,
                                               args.num_classes, tf.int32))
 
-    # As SearchRun._trace_steps / _run_epoch.
-    train_fn = training._distributed_step(
+    # As TwoStageRun._trace_steps / _run_epoch.
+    train_fn = steps_lib.distributed_step(
         strategy, lambda w, a: model.train_step((w, a)), model)
 
     def step() -> float:
         start = time.perf_counter()
-        logs = training._to_floats(train_fn(weights_batch, arch_batch))
+        logs = {k: float(v) for k, v in train_fn(weights_batch, arch_batch).items()}
         seconds = time.perf_counter() - start
         bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
         if bad:
@@ -215,7 +209,7 @@ def _breakdown(model, weights_batch, arch_batch, steps: int) -> dict:
     """
     import tensorflow as tf
 
-    from istanas_tf.search_model import _apply
+    from istanas_tf.search_model import apply_present_gradients as _apply
 
     @tf.function
     def forward(images):

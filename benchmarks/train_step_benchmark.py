@@ -6,13 +6,13 @@ auxiliary head on with weight 0.4, drop path 0.2) on this CPU, once as a plain t
 graph and once with the per-replica step XLA-compiled. For comparison, the published
 PyTorch code measured 1.0 s for this step on a machine of this kind.
 
-The step is built as the retraining loop builds it (``retraining.TrainRun``): the
-network as ``build_evaluation_network`` makes it (``networks.build_network("cifar", ...,
+The step is built as the retraining loop builds it (``retrain.TrainRun``): the
+network as ``builders.evaluation_network`` makes it (``networks.build_network("cifar", ...,
 auxiliary=True, seed=...)``), ``TorchSGD(0.025, momentum=0.9, l2=3e-4,
 clip_global_norm=5.0)`` and ``model.compile(optimizer, auxiliary_weight=0.4)``, all
 under the default strategy's scope; ``model.drop_path_rate`` set to 0.2 (the rate the
 loop's linear ramp reaches at the last epoch); the step as ``TrainRun._step_fn`` makes
-it: ``training._distributed_step`` (a ``tf.function`` running
+it: ``steps.distributed_step`` (a ``tf.function`` running
 ``strategy.run(model.train_step)`` and returning the metrics), with, for ``xla``,
 ``model.train_step`` first wrapped in ``tf.function(..., jit_compile=True)``. Each
 step's metrics are read back to Python floats, as ``TrainRun._run_epoch`` does.
@@ -70,7 +70,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 VARIANTS = ("graph", "xla")
 LABELS = {"graph": "tf.function (no XLA)", "xla": "tf.function + jit_compile (XLA)"}
@@ -94,15 +93,17 @@ def _worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from istanas_tf import network_size
     from istanas_tf import networks
     from istanas_tf import optimizers
-    from istanas_tf import training
+    from istanas_tf.training import runtime
+    from istanas_tf.training import steps as steps_lib
 
     variant = args.worker
     keras.utils.set_random_seed(args.seed)
 
     build_start = time.perf_counter()
-    strategy = training.make_strategy("default")
+    strategy = runtime.make_strategy("default")
     with strategy.scope():
         model = networks.build_network(
             "cifar", GENOTYPE, args.channels, args.layers, args.num_classes,
@@ -119,15 +120,15 @@ def _worker(args: argparse.Namespace) -> dict:
              tf.random.stateless_uniform([args.batch_size], [args.seed, 1], 0,
                                          args.num_classes, tf.int32))
 
-    # As TrainRun._step_fn.
+    # As retrain.TrainRun._step_fn.
     step = model.train_step
     if variant == "xla":
         step = tf.function(step, jit_compile=True)
-    train_fn = training._distributed_step(strategy, step, model)
+    train_fn = steps_lib.distributed_step(strategy, step, model)
 
     def timed_step() -> float:
         start = time.perf_counter()
-        logs = training._to_floats(train_fn(batch))
+        logs = {k: float(v) for k, v in train_fn(batch).items()}
         seconds = time.perf_counter() - start
         bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
         if bad:
@@ -144,8 +145,8 @@ def _worker(args: argparse.Namespace) -> dict:
         "step_times_s": times,
         "median_s": statistics.median(times),
         "tracing_count": train_fn.experimental_get_tracing_count(),
-        "parameters": networks.count_parameters(model),
-        "parameters_with_auxiliary": networks.count_parameters(model, include_auxiliary=True),
+        "parameters": network_size.count_parameters(model),
+        "parameters_with_auxiliary": network_size.count_parameters(model, include_auxiliary=True),
         "drop_path_rate": float(model.drop_path_rate.numpy()),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

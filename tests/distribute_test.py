@@ -62,11 +62,17 @@ METRICS = ("loss", "arch_loss", "accuracy", "val_loss", "val_accuracy")
 RTOL = 1e-4
 WEIGHTS_RTOL = 1e-5
 B_ATOL = 4 * ARCH_LEARNING_RATE
+# z of the one-stage comparison (after one epoch): b differs by up to B_ATOL, and the
+# LASSO maps that to z through (A_S^T A_S)^-1 A_S^T, which amplifies it on these
+# coherent matrices; measured max |dz| 1.2e-4 (2-core CPU, TF 2.21), and 4 of the 8
+# nodes had a top-2 margin above 2 |dz| (the others may flip between the two runs).
+Z_ATOL = 5 * B_ATOL
 MIRRORED_TIMEOUT_S = 1200
 MULTI_WORKER_TIMEOUT_S = 1200
 
 HELPER = textwrap.dedent('''
     """Runs tiny searches in this process; argv[1] is a JSON job description."""
+    import dataclasses
     import json
     import os
     import sys
@@ -81,53 +87,54 @@ HELPER = textwrap.dedent('''
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * job["logical_cpus"])
 
-    from istanas_tf import data, genotypes, one_stage, search_model, training
+    from istanas_tf import data, genotypes, search_model
+    from istanas_tf.training import config as config_lib
+    from istanas_tf.training import one_stage, two_stage
 
     tiny = job["tiny"]
-    if job.get("one_stage"):
-        for run in job["runs"]:
-            config = one_stage.OneStageConfig(
-                model_dir=run["model_dir"],
-                network=search_model.SearchNetworkConfig(
-                    channels=tiny["channels"], layers=tiny["layers"], seed=tiny["seed"],
-                    one_stage=True),
-                data=data.DataConfig(dataset="folder:" + job["folder"],
-                                     max_examples_per_class=tiny["max_examples_per_class"],
-                                     cutout_length=16, deterministic=True, seed=tiny["seed"]),
-                # Every node stops at the first recovery: whether a distance is under
-                # the paper's 1e-3 is at the mercy of float32 noise in this tiny run.
-                freeze_tolerance=1.0,
-                search_epochs=tiny["epochs"], epochs=1, batch_size=tiny["batch_size"],
-                grad_clip=tiny["grad_clip"], arch_learning_rate=tiny["arch_learning_rate"],
-                eval_steps=tiny["eval_steps"], strategy=run["strategy"], deterministic=True,
-                verbose=False)
-            onestage = one_stage.OneStageRun(config)
-            result = onestage.run()
-            with open(run["result"], "w") as f:
-                json.dump({"result": result, "chief": onestage.chief,
-                           "replicas": onestage.strategy.num_replicas_in_sync}, f)
-        sys.exit(0)
     for run in job["runs"]:
-        config = training.SearchConfig(
-            model_dir=run["model_dir"],
-            network=search_model.SearchNetworkConfig(
-                channels=tiny["channels"], layers=tiny["layers"], seed=tiny["seed"]),
-            data=data.DataConfig(dataset="folder:" + job["folder"],
-                                 max_examples_per_class=tiny["max_examples_per_class"],
-                                 deterministic=True, seed=tiny["seed"]),
+        loop = config_lib.LoopConfig(
             epochs=tiny["epochs"], batch_size=tiny["batch_size"],
             learning_rate=tiny["learning_rate"], grad_clip=tiny["grad_clip"],
-            arch_learning_rate=tiny["arch_learning_rate"], eval_steps=tiny["eval_steps"],
-            strategy=run["strategy"], deterministic=True, verbose=False)
-        search = training.SearchRun(config)
-        initial = genotypes.to_json_dict(search.model.genotype())
-        result = search.run()
-        architecture = {v.path: v.numpy() for arch in search.model.architectures.values()
-                        for v in arch.variables}
+            eval_steps=tiny["eval_steps"], strategy=run["strategy"], deterministic=True,
+            seed=tiny["seed"], verbose=False)
+        arch = config_lib.ArchitectureOptimizerConfig(
+            learning_rate=tiny["arch_learning_rate"])
+        network = search_model.SearchNetworkConfig(
+            channels=tiny["channels"], layers=tiny["layers"], seed=tiny["seed"],
+            one_stage=bool(job.get("one_stage")))
+        folder = data.DataConfig(dataset="folder:" + job["folder"],
+                                 max_examples_per_class=tiny["max_examples_per_class"],
+                                 cutout_length=16 if job.get("one_stage") else 0,
+                                 deterministic=True, seed=tiny["seed"])
+        if job.get("one_stage"):
+            # Every node stops at the first recovery: whether a distance is under the
+            # paper's 1e-3 is at the mercy of float32 noise in this tiny run. One
+            # training epoch at the one-stage run's lr follows the search.
+            config = config_lib.OneStageConfig(
+                model_dir=run["model_dir"], network=network, data=folder, arch=arch,
+                loop=dataclasses.replace(loop, epochs=1, learning_rate=0.025),
+                freeze_tolerance=1.0, search_epochs=tiny["epochs"])
+            onestage = one_stage.OneStageRun(config)
+            result = onestage.run()
+            chief, replicas = onestage.chief, onestage.strategy.num_replicas_in_sync
+            model = onestage.model
+        else:
+            search = two_stage.TwoStageRun(config_lib.TwoStageConfig(
+                model_dir=run["model_dir"], network=network, data=folder, loop=loop,
+                arch=arch))
+            initial = genotypes.to_json_dict(search.model.genotype())
+            result = search.run()
+            chief, replicas = search.chief, search.strategy.num_replicas_in_sync
+            model = search.model
+        architecture = {v.path: v.numpy() for arch_state in model.architectures.values()
+                        for v in arch_state.variables}
         np.savez(run["arrays"], **{k.replace("/", "|"): v for k, v in architecture.items()})
+        summary = {"result": result, "chief": chief, "replicas": replicas}
+        if not job.get("one_stage"):
+            summary["initial_genotype"] = initial
         with open(run["result"], "w") as f:
-            json.dump({"result": result, "initial_genotype": initial, "chief": search.chief,
-                       "replicas": search.strategy.num_replicas_in_sync}, f)
+            json.dump(summary, f)
 ''')
 
 
@@ -139,7 +146,6 @@ def _helper(tmp_path) -> str:
 
 def _env(**extra) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.pop("TF_CONFIG", None)
     env.update(extra)
@@ -170,6 +176,13 @@ def _codes(variables):
     codes = {k: v for k, v in variables.items() if re.search(r"_code\.Sb_\d+/", k)}
     assert codes, "no architecture code b_* in the checkpoint"
     return codes
+
+
+def _recovered_z(variables):
+    """The committed z of both encodings, [steps, n_max] each, by checkpoint key."""
+    found = {k: v for k, v in variables.items() if re.search(r"_code\.Sz/", k)}
+    assert len(found) == 2, sorted(variables)
+    return found
 
 
 def _weights(variables):
@@ -273,7 +286,21 @@ def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
     final = [results[s]["result"] for s in ("default", "mirrored")]
     assert final[0]["node_stop_epochs"] == final[1]["node_stop_epochs"] == \
         {"normal": [1] * 4, "reduce": [1] * 4}
-    assert _architecture(final[0]["genotype"]) == _architecture(final[1]["genotype"])
+    # The architecture is the top-2 |z| of each node, a discontinuous function of b:
+    # compare the continuous state, and the picks wherever float noise cannot flip them.
+    z = [_recovered_z(_checkpoint(r["model_dir"])) for r in runs]
+    robust = 0
+    for key in z[0]:
+        gap = np.abs(z[1][key] - z[0][key]).max(axis=-1)  # per node
+        assert gap.max() <= Z_ATOL, (key, gap)
+        for node, (one_z, two_z) in enumerate(zip(z[0][key], z[1][key])):
+            magnitudes = np.sort(np.abs(one_z))[::-1]
+            # Every |z| moved by at most gap: the 2nd and 3rd can only swap within 2 gap.
+            if magnitudes[1] - magnitudes[2] > 2 * gap[node]:
+                robust += 1
+                assert set(np.argsort(-np.abs(one_z))[:2]) == \
+                    set(np.argsort(-np.abs(two_z))[:2]), (key, node)
+    assert robust >= 2, "every node near-tied: the comparison would say nothing"
     assert final[1]["test_top1"] == pytest.approx(final[0]["test_top1"], abs=0.02)
     assert os.path.exists(os.path.join(final[1]["export"], "saved_model.pb"))
 

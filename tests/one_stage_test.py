@@ -14,11 +14,16 @@ import tensorflow as tf
 
 from istanas_tf import absorption
 from istanas_tf import data
-from istanas_tf import networks
-from istanas_tf import one_stage
+from istanas_tf import genotypes
+from istanas_tf import network_size
 from istanas_tf import optimizers
 from istanas_tf import search_model
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import one_stage
+from istanas_tf.training import restore
 from main_runner import MAIN, REPO, last_json, run_main
+
+CELL_TYPES = genotypes.CELL_TYPES
 
 # C = 4, 3 cells: cell 0 normal, cells 1 and 2 reduction; auxiliary head after cell 2.
 TINY = dict(num_classes=10, channels=4, layers=3, seed=1, one_stage=True)
@@ -44,18 +49,19 @@ def batch():
 
 
 class ScriptedSolver:
-    """Stands in for solve_jointly: node j of each cell type moves its z by a scripted
-    L2 distance per epoch (support kept), or to a scripted support."""
+    """Stands in for ``SearchNetwork.recover``: node j of each cell type moves its z by a
+    scripted L2 distance per epoch (support kept), or to a scripted support."""
 
     def __init__(self, moves, supports=None):
         self.moves = moves  # epoch -> {cell_type: [distance per node]}
         self.supports = supports or {}  # epoch -> {cell_type: {node: (i, j)}}
         self.epoch = 0
 
-    def __call__(self, encodings):
+    def __call__(self, network):
         self.epoch += 1
-        recoveries = []
-        for cell_type, encoding in zip(one_stage.CELL_TYPES, encodings):
+        recoveries = {}
+        for cell_type in CELL_TYPES:
+            encoding = network.architectures[cell_type]
             z = encoding.z.numpy().astype(np.float64)
             for node, distance in enumerate(self.moves[self.epoch][cell_type]):
                 top = int(np.argmax(np.abs(z[node])))
@@ -63,19 +69,19 @@ class ScriptedSolver:
             for node, picks in self.supports.get(self.epoch, {}).get(cell_type, {}).items():
                 z[node] = 0.0
                 z[node, list(picks)] = [2.0, 1.0]
-            recoveries.append(encoding._recovery(tf.constant(z)))
+            recoveries[cell_type] = encoding.recovery_of(z)
         return recoveries
 
 
 def _z(network):
-    return {t: network.architectures[t].z.numpy().copy() for t in one_stage.CELL_TYPES}
+    return {t: network.architectures[t].z.numpy().copy() for t in CELL_TYPES}
 
 
 def _candidate_bn_affine(network, cell_type, node):
     """Oracle: the gamma/beta of node ``node``'s candidate ops, by variable name."""
     return {id(v) for cell in network.cells
             if ("reduce" if cell.reduction else "normal") == cell_type
-            for op in cell.candidate_ops(node) for v in op.weights
+            for op in cell.candidates[node] for v in op.weights
             if v.name in ("gamma", "beta")}
 
 
@@ -96,10 +102,10 @@ def test_nodes_freeze_at_the_scripted_epochs_and_keep_their_z(batch):
         before = _z(network)
         frozen_before = network.frozen_nodes
         decision = one_stage.stopping_step(network, TOLERANCE, max_params=10**9,
-                                           solve=solver)
+                                           recoveries=solver(network))
         assert not decision.rejected
         after = _z(network)
-        for cell_type in one_stage.CELL_TYPES:
+        for cell_type in CELL_TYPES:
             for node in range(4):
                 if frozen_before[cell_type][node]:
                     np.testing.assert_array_equal(after[cell_type][node],
@@ -124,7 +130,7 @@ def test_frozen_b_does_not_drift_and_the_right_bn_affines_train(batch):
     # Let Adam build momentum on every b first: a frozen b must not keep moving on it.
     for _ in range(3):
         network.train_step(batch)
-    one_stage.stopping_step(network, TOLERANCE, max_params=10**9, solve=solver)
+    one_stage.stopping_step(network, TOLERANCE, max_params=10**9, recoveries=solver(network))
     assert network.frozen_nodes == {"normal": (False, True, False, False),
                                     "reduce": (False, False, True, False)}
     normal_b, reduce_b = network.architectures["normal"].b, network.architectures["reduce"].b
@@ -137,8 +143,7 @@ def test_frozen_b_does_not_drift_and_the_right_bn_affines_train(batch):
 
     frozen_before = [b.numpy().copy() for b in frozen_b]
     searching_before = [b.numpy().copy() for b in searching_b]
-    bn_of = lambda ops: [v for op in ops for layer in op._flatten_layers()
-                         if hasattr(layer, "gamma") for v in (layer.gamma, layer.beta)]
+    bn_of = lambda ops: [v for op in ops for bn in op.batch_norms for v in (bn.gamma, bn.beta)]
     normal_cell = network.cells[0]
     support = network.supports["normal"]
     unfrozen_bn = bn_of([normal_cell.candidates[1][i] for i in support[1]])
@@ -168,28 +173,29 @@ def test_rejection_keeps_the_last_z_but_the_freeze_decisions_stand():
         supports={1: {"normal": {3: (4, 11)}}})
     # First measure the candidate's size without applying it (a fresh network, same seed).
     probe = _network()
+    probe_solver = ScriptedSolver(solver.moves, solver.supports)
     probe_decision = one_stage.stopping_step(probe, TOLERANCE, max_params=10**9,
-                                             solve=ScriptedSolver(solver.moves,
-                                                                  solver.supports))
+                                             recoveries=probe_solver(probe))
     candidate_count = probe_decision.candidate_params
-    assert candidate_count == one_stage.evaluation_parameter_count(probe)
+    assert candidate_count == probe.evaluation_parameter_count()
     assert probe.supports["normal"][3] == (4, 11)
 
     decision = one_stage.stopping_step(network, TOLERANCE, max_params=candidate_count,
-                                       solve=solver)
+                                       recoveries=solver(network))
     assert decision.rejected and decision.candidate_params == candidate_count
     assert network.supports == supports_before
-    for cell_type in one_stage.CELL_TYPES:
+    for cell_type in CELL_TYPES:
         np.testing.assert_array_equal(_z(network)[cell_type], before[cell_type])
     assert network.frozen_nodes["normal"] == (True, False, False, False)
     assert decision.newly_frozen == {"normal": [0], "reduce": []}
-    assert [tuple(pick) for pick in decision.candidate_genotype.normal[6:]] == \
+    assert [tuple(pick) for pick in network.genotype(decision.candidate_supports).normal[6:]] == \
         [("sep_conv_5x5", 0), ("sep_conv_5x5", 1)]
 
     # One parameter more of headroom and the same candidate is accepted.
     accepted = _network()
+    accepted_solver = ScriptedSolver(solver.moves, solver.supports)
     decision = one_stage.stopping_step(accepted, TOLERANCE, max_params=candidate_count + 1,
-                                       solve=ScriptedSolver(solver.moves, solver.supports))
+                                       recoveries=accepted_solver(accepted))
     assert not decision.rejected and accepted.supports["normal"][3] == (4, 11)
 
 
@@ -203,32 +209,42 @@ def test_evaluation_parameter_count_equals_the_absorbed_network():
             encoding.support.assign(support)
         network.sync_supports()
         absorbed = absorption.absorb(network, IMAGE_SIZE, auxiliary=False)
-        assert one_stage.evaluation_parameter_count(network) == \
-            networks.count_parameters(absorbed)
+        assert network.evaluation_parameter_count() == \
+            network_size.count_parameters(absorbed)
 
 
 def test_config_errors_name_the_flag():
     good = dict(model_dir="/tmp/unused", network=search_model.SearchNetworkConfig(**TINY))
-    for field, value, flag in (("max_params", 0, "--max_params"),
-                               ("search_epochs", 0, "--search_epochs"),
-                               ("freeze_tolerance", -1.0, "--freeze_tolerance"),
-                               ("drop_path_prob", 1.0, "--drop_path_prob"),
-                               ("arch_learning_rate", 0.0, "--arch_learning_rate")):
+    for field, value, flag in (
+            ("max_params", 0, "--max_params"),
+            ("search_epochs", 0, "--search_epochs"),
+            ("freeze_tolerance", -1.0, "--freeze_tolerance"),
+            ("drop_path_prob", 1.0, "--drop_path_prob"),
+            ("arch", config_lib.ArchitectureOptimizerConfig(learning_rate=0.0),
+             "--arch_learning_rate"),
+            ("loop", config_lib.LoopConfig(epochs=0), "--epochs")):
         with pytest.raises(ValueError, match=flag):
-            one_stage.OneStageConfig(**good, **{field: value}).validate()
+            config_lib.OneStageConfig(**good, **{field: value}).validate()
     with pytest.raises(ValueError, match="one_stage=True"):
-        one_stage.OneStageConfig(model_dir="/tmp/unused",
-                                 network=search_model.SearchNetworkConfig()).validate()
+        config_lib.OneStageConfig(model_dir="/tmp/unused",
+                                  network=search_model.SearchNetworkConfig()).validate()
 
 
-def test_run_settings_round_trip():
-    config = one_stage.OneStageConfig(model_dir="/tmp/x",
-                                      network=search_model.SearchNetworkConfig(**TINY),
-                                      max_params=1234, search_epochs=7)
-    settings = config.run_settings()
-    assert settings["run"] == "one_stage"
-    restored = one_stage.OneStageConfig.from_run_settings("/tmp/x", settings)
-    assert restored.run_settings() == settings
+def test_recorded_settings_round_trip_and_keep_nested_names_apart():
+    config = config_lib.OneStageConfig(
+        model_dir="/tmp/x", network=search_model.SearchNetworkConfig(**TINY),
+        data=data.DataConfig(seed=5, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)),
+        loop=config_lib.LoopConfig(seed=7, deterministic=True), max_params=1234,
+        search_epochs=7)
+    settings = config_lib.recorded_settings(config)
+    assert settings["kind"] == "one_stage"
+    assert (settings["loop"]["seed"], settings["data"]["seed"]) == (7, 5)
+    assert (settings["loop"]["deterministic"], settings["data"]["deterministic"]) == \
+        (True, False)
+    assert "verbose" not in settings["loop"] and "model_dir" not in settings
+    restored = config_lib.from_recorded_settings("/tmp/x", settings)
+    assert restored == config
+    assert config_lib.recorded_settings(restored) == settings
 
 
 # ---------------------------------------------------------------------- the whole run
@@ -352,7 +368,6 @@ def test_resume_after_kills_on_both_sides_of_the_search_training_boundary(
 
 
 def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
-    from istanas_tf import retraining
     model_dir, summary = finished_run
     export_dir = tmp_path / "serving"
     args = ["--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}"]
@@ -364,14 +379,14 @@ def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
     assert result.returncode == 2
     assert "already exists" in result.stderr and "--overwrite" in result.stderr
     assert "Traceback" not in result.stderr
-    exported = retraining.export_run(str(model_dir), str(export_dir), version=1,
-                                     overwrite=True)
+    exported = restore.export_run(str(model_dir), str(export_dir), version=1,
+                                  overwrite=True)
     assert exported["export"] == str(export_dir / "istanas" / "1")
 
     # The exported logits equal the absorbed network's, and bad images fail clearly.
     serve = tf.saved_model.load(exported["export"]).signatures["serving_default"]
     images = tf.random.uniform([3, 32, 32, 3], 0, 255, seed=1)
-    network, info = retraining.restore_network(str(model_dir))
+    network, info = restore.restore_network(str(model_dir))
     expected = network(data.normalize(images / 255.0, info.mean, info.std), training=False)
     np.testing.assert_allclose(serve(images=images)["logits"].numpy(), expected.numpy(),
                                rtol=1e-5, atol=1e-5)
@@ -386,7 +401,7 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
     two_stage = tmp_path / "two_stage"
     two_stage.mkdir()
     (two_stage / "run_config.json").write_text(json.dumps(
-        {"method": "ista", "arch_learning_rate": 6e-4, "epochs": 50}))
+        {"kind": "two_stage", "network": {"method": "ista"}, "loop": {"epochs": 50}}))
     result = run_main(["--mode=export", f"--model_dir={two_stage}"])
     assert result.returncode == 2
     assert "two-stage search" in result.stderr and "--mode=train" in result.stderr
@@ -394,26 +409,29 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
     assert result.returncode == 2 and "no run was written there" in result.stderr
 
     # A one-stage run stopped after its first search epoch, nodes still searching.
-    config = one_stage.OneStageConfig(
+    config = config_lib.OneStageConfig(
         model_dir=str(tmp_path / "searching"),
         network=search_model.SearchNetworkConfig(**{**TINY, "num_classes": 10}),
         data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=4),
-        batch_size=8, steps_per_epoch=1, eval_steps=0, freeze_tolerance=0.0, verbose=False)
+        loop=config_lib.LoopConfig(batch_size=8, steps_per_epoch=1, eval_steps=0,
+                                   verbose=False),
+        freeze_tolerance=0.0)
     run = one_stage.OneStageRun(config)
-    run._search_epoch(0, 1)
+    run.search_epoch(0, 1)
     result = run_main(["--mode=export", f"--model_dir={config.model_dir}"])
     assert result.returncode == 2
     assert "has not ended" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_folder, tmp_path):
-    config = one_stage.OneStageConfig(
+    config = config_lib.OneStageConfig(
         model_dir=str(tmp_path / "mixed"),
         network=search_model.SearchNetworkConfig(**TINY),
         data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=8,
                              cutout_length=16, deterministic=True),
-        search_epochs=1, epochs=1, batch_size=8, steps_per_epoch=8, eval_steps=0,
-        freeze_tolerance=0.0, mixed_precision="float16", verbose=False)
+        loop=config_lib.LoopConfig(epochs=1, batch_size=8, steps_per_epoch=8, eval_steps=0,
+                                   mixed_precision="float16", verbose=False),
+        search_epochs=1, freeze_tolerance=0.0)
     run = one_stage.OneStageRun(config)
     assert run.model.cells[0].preprocess1.conv.conv.compute_dtype == "float16"
     b_before = [v.numpy().copy() for v in run.model.architecture_variables]
@@ -421,7 +439,7 @@ def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_fold
     weights_before = [v.numpy().copy() for v in weights]
     # The cap: every node is forced to stop after this epoch. The first steps overflow
     # and are skipped while the dynamic loss scales fall from 2**15.
-    run._search_epoch(0, 8)
+    run.search_epoch(0, 8)
     row = run.state.metrics_log.read()[-1]
     assert np.isfinite(row["loss"])
     assert all(not np.array_equal(v.numpy(), b) for v, b in

@@ -92,7 +92,7 @@ def folder_info(config: DataConfig, path: str) -> DatasetInfo:
         num_train=sizes["train"], num_test=sizes["test"],
         train_portion=config.train_portion,
         augmentation="cifar" if small else "imagenet",
-        _source=Source("memory" if small else "files", examples=examples))
+        source=Source("memory" if small else "files", examples=examples))
 
 
 def _list_folder(flag: str, root: str, max_per_class: int):

@@ -45,6 +45,8 @@ class DatasetInfo:
       train_portion: fraction of ``train`` in ``search_weights``.
       augmentation: ``"cifar"`` (pad-crop, flip) or ``"imagenet"`` (random resized
         crop, flip, colour jitter; evaluation resize and centre crop).
+      source: where the examples come from (read by ``make_dataset``); None for an
+        info that only describes a dataset.
     """
 
     name: str
@@ -57,7 +59,7 @@ class DatasetInfo:
     num_test: int
     train_portion: float
     augmentation: str
-    _source: Source | None = dataclasses.field(default=None, compare=False, repr=False)
+    source: Source | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def num_search_weights(self) -> int:

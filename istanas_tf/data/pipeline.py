@@ -101,7 +101,7 @@ def make_dataset(config: DataConfig, info: DatasetInfo, split: str, *, training:
     Returns:
       ``tf.data.Dataset`` of ``(images [b, H, W, 3] float32, labels [b] int32)``.
     """
-    source = info._source
+    source = info.source
     if source is None:
         raise DataError("make_dataset needs a DatasetInfo made by get_dataset_info")
     base_split, start, stop = info.split_range(split)

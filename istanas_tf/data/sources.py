@@ -65,7 +65,7 @@ def _tfds_info(config: DataConfig) -> DatasetInfo:
         class_names=class_names, mean=spec["mean"], std=spec["std"],
         num_train=sizes["train"], num_test=sizes["test"],
         train_portion=config.train_portion,
-        augmentation="imagenet" if spec["streamed"] else "cifar", _source=source)
+        augmentation="imagenet" if spec["streamed"] else "cifar", source=source)
 
 
 def _prepared_builder(config: DataConfig):

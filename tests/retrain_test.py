@@ -1,5 +1,6 @@
-"""Retraining a genotype: CPU config end to end, export accuracy, mixed precision, ImageNet."""
+"""Retraining a genotype (training/retrain.py): CPU config end to end, export accuracy, mixed precision, ImageNet."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -10,9 +11,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from istanas_tf import data
-from istanas_tf import retraining
 from istanas_tf import search_model
-from istanas_tf import training
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import retrain
+from istanas_tf.training import two_stage
 from main_runner import REPO, last_json, run_main
 
 
@@ -123,10 +125,11 @@ def _changed(before, variables):
 def test_mixed_float16_every_optimizer_changes_its_variables(cifar10_folder, tmp_path):
     folder_data = data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=8,
                                   deterministic=True)
-    run = training.SearchRun(training.SearchConfig(
-        model_dir=str(tmp_path / "search"), data=folder_data, epochs=1, batch_size=8,
-        network=search_model.SearchNetworkConfig(channels=4, layers=3),
-        steps_per_epoch=3, eval_steps=0, mixed_precision="float16", verbose=False))
+    loop = config_lib.LoopConfig(epochs=1, batch_size=8, steps_per_epoch=3, eval_steps=0,
+                                 mixed_precision="float16", verbose=False)
+    run = two_stage.TwoStageRun(config_lib.TwoStageConfig(
+        model_dir=str(tmp_path / "search"), data=folder_data, loop=loop,
+        network=search_model.SearchNetworkConfig(channels=4, layers=3)))
     assert run.model.cells[0].preprocess1.conv.conv.compute_dtype == "float16"
     arch_before = [v.numpy() for v in run.model.architecture_variables]
     weights = run.model.active_weight_variables()
@@ -136,14 +139,13 @@ def test_mixed_float16_every_optimizer_changes_its_variables(cifar10_folder, tmp
     assert all(_changed(arch_before, run.model.architecture_variables))
     assert np.mean(_changed(weights_before, weights)) > 0.9
 
-    train = retraining.TrainRun(retraining.TrainConfig(
-        model_dir=str(tmp_path / "train"), data=folder_data, channels=4, layers=3, epochs=1,
-        batch_size=8, steps_per_epoch=3, eval_steps=1, mixed_precision="float16",
-        verbose=False))
+    train = retrain.TrainRun(config_lib.TrainConfig(
+        model_dir=str(tmp_path / "train"), data=folder_data, channels=4, layers=3,
+        loop=dataclasses.replace(loop, eval_steps=1)))
     variables = train.model.trainable_variables
     before = [v.numpy() for v in variables]
     for epoch in range(1):
-        row = train._run_epoch(epoch, 3)
+        row = train.run_epoch(epoch, 3)
     assert np.isfinite(row["loss"])
     # Every weight but the auxiliary head (its loss is in, so it moves too).
     assert np.mean(_changed(before, variables)) > 0.95
@@ -161,16 +163,17 @@ def _image_folder(root, size, classes=3, per_class=4):
 
 
 def _imagenet_config(tmp_path, dataset, **data_kwargs):
-    return retraining.TrainConfig(
+    return config_lib.TrainConfig(
         model_dir=str(tmp_path / "run"), genotype="ISTA_ImageNet",
         data=data.DataConfig(dataset=dataset, **data_kwargs), channels=8, layers=3,
-        epochs=1, batch_size=4, steps_per_epoch=2, eval_steps=1, lr_schedule="warmup_linear",
-        label_smoothing=0.1, drop_path_prob=0.0, learning_rate=0.1, verbose=False)
+        loop=config_lib.LoopConfig(epochs=1, batch_size=4, steps_per_epoch=2, eval_steps=1,
+                                   learning_rate=0.1, verbose=False),
+        lr_schedule="warmup_linear", label_smoothing=0.1, drop_path_prob=0.0)
 
 
 def test_imagenet_path_on_a_224_folder_end_to_end(tmp_path):
     folder = _image_folder(tmp_path / "images", 224)
-    run = retraining.TrainRun(_imagenet_config(tmp_path, f"folder:{folder}"))
+    run = retrain.TrainRun(_imagenet_config(tmp_path, f"folder:{folder}"))
     assert type(run.model).__name__ == "NetworkImageNet"
     result = run.run()
     assert np.isfinite(result["test_loss"])
@@ -179,16 +182,18 @@ def test_imagenet_path_on_a_224_folder_end_to_end(tmp_path):
 
 def test_imagenet_path_on_tfds_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=8):
-        run = retraining.TrainRun(_imagenet_config(tmp_path, "imagenet2012"))
+        run = retrain.TrainRun(_imagenet_config(tmp_path, "imagenet2012"))
         assert run.info.num_classes == 1000
-        row = run._run_epoch(0, 2)
+        row = run.run_epoch(0, 2)
     assert np.isfinite(row["loss"])
 
 
 def test_warmup_then_linear_decay_schedule():
-    config = retraining.TrainConfig(model_dir="unused", epochs=250, learning_rate=0.5,
-                                    lr_schedule="warmup_linear", warmup_epochs=5)
-    lrs = [retraining.learning_rate_at(config, e) for e in range(250)]
+    config = config_lib.TrainConfig(
+        model_dir="unused", loop=config_lib.LoopConfig(epochs=250, learning_rate=0.5,
+                                                       learning_rate_min=0.0),
+        lr_schedule="warmup_linear", warmup_epochs=5)
+    lrs = [retrain.learning_rate_at(config, e) for e in range(250)]
     assert lrs[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert lrs[5] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 / 245)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))

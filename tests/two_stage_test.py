@@ -1,4 +1,4 @@
-"""The search loop end to end through train/main.py: artifacts, resume, bad input."""
+"""The two-stage search end to end through train/main.py: artifacts, resume, bad input."""
 
 import dataclasses
 import json
@@ -15,7 +15,9 @@ import tensorflow as tf
 from istanas_tf import data
 from istanas_tf import genotypes
 from istanas_tf import search_model
-from istanas_tf import training
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import steps
+from istanas_tf.training import two_stage
 from main_runner import MAIN, REPO, run_main
 
 EPOCHS = 3
@@ -153,27 +155,29 @@ def test_bad_flags_fail_with_a_message_naming_the_flag(tmp_path, cifar10_folder,
     assert "Traceback" not in result.stderr
 
 
-def _tiny_config(cifar10_folder, model_dir, **overrides):
-    return training.SearchConfig(
+def _tiny_config(cifar10_folder, model_dir, **loop):
+    return config_lib.TwoStageConfig(
         model_dir=str(model_dir),
         network=search_model.SearchNetworkConfig(channels=4, layers=3, seed=1),
         data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=16,
                              deterministic=True, seed=1),
-        **{**dict(epochs=2, batch_size=16, learning_rate=0.05, eval_steps=1, verbose=False),
-           **overrides})
+        loop=config_lib.LoopConfig(**{**dict(epochs=2, batch_size=16, learning_rate=0.05,
+                                             eval_steps=1, deterministic=True, seed=1,
+                                             verbose=False), **loop}))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar10_folder, tmp_path):
     config = _tiny_config(cifar10_folder, tmp_path / "nan", epochs=1)
-    run = training.SearchRun(config)
+    run = two_stage.TwoStageRun(config)
     run.run()
     checkpoint = tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints"))
     assert checkpoint.endswith("ckpt-1")
 
-    run = training.SearchRun(dataclasses.replace(config, epochs=2))
+    run = two_stage.TwoStageRun(dataclasses.replace(
+        config, loop=dataclasses.replace(config.loop, epochs=2)))
     stem_kernel = run.model.stem_conv.conv.kernel
     stem_kernel.assign(np.full(stem_kernel.shape, np.nan, np.float32))
-    with pytest.raises(training.NonFiniteLossError, match="epoch 2.*last good checkpoint"):
+    with pytest.raises(steps.NonFiniteLossError, match="epoch 2.*last good checkpoint"):
         run.run()
     assert tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints")) == checkpoint
     reader = tf.train.load_checkpoint(checkpoint)

@@ -1,0 +1,259 @@
+"""The one-stage search and evaluation (METHOD.md section 4) as one run.
+
+The super-net is the target network (``SearchNetworkConfig(one_stage=True)``: 20 cells,
+C = 36, auxiliary head, affine BN after every op). A run has two phases in one run
+directory, both resumable:
+
+1. **Search.** Each epoch trains weights and the b of the nodes still searching on the
+   same batches (the full training split, cutout), lr held at ``learning_rate``. After
+   the epoch the search ends if every node is frozen; otherwise :func:`stopping_step`
+   recovers the nodes, lets ``stopping.decide`` freeze each node whose z moved by at
+   most ``freeze_tolerance`` and reject the new z (keeping z_last) when its evaluation
+   network would have ``max_params`` parameters or more, and applies the decision.
+2. **Training.** The architecture fixed, ``loop.epochs`` more epochs with a cosine lr
+   ``learning_rate -> learning_rate_min`` and drop path ramped ``0 -> drop_path_prob``.
+
+At the end the alphas are folded into the BNs (``absorption.absorb``), the resulting
+evaluation network is evaluated on the test split and exported as a SavedModel.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from absl import logging
+
+from istanas_tf import absorption
+from istanas_tf import data
+from istanas_tf import export
+from istanas_tf import genotypes
+from istanas_tf import network_size
+from istanas_tf import search_model
+from istanas_tf import stopping
+from istanas_tf.training import builders
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import evaluate
+from istanas_tf.training import run_dir
+from istanas_tf.training import runtime
+from istanas_tf.training import state as state_lib
+from istanas_tf.training import steps as steps_lib
+
+CELL_TYPES = genotypes.CELL_TYPES
+
+
+def stopping_step(model: search_model.SearchNetwork, freeze_tolerance: float,
+                  max_params: int, recoveries=None) -> stopping.StopDecision:
+    """One after-epoch step of the stopping rule, applied to ``model``.
+
+    Recovers every node (``model.recover()``, unless ``recoveries`` are given), decides
+    (``stopping.decide``), then commits the new z of the nodes that were searching
+    unless the candidate was rejected, and freezes the nodes that stopped
+    (``model.freeze_node``: b stops training, their candidate ops' BN gamma/beta train).
+    """
+    recoveries = model.recover() if recoveries is None else recoveries
+    decision = stopping.decide(recoveries, model.supports, model.frozen_nodes,
+                               freeze_tolerance, max_params,
+                               model.evaluation_parameter_count)
+    if not decision.rejected:
+        model.commit(recoveries, nodes=decision.searching)
+    for cell_type, nodes in decision.newly_frozen.items():
+        for node in nodes:
+            model.freeze_node(cell_type, node)
+    return decision
+
+
+def _cifar_sized(info) -> None:
+    if info.augmentation != "cifar":
+        raise ValueError(f"--method=ista_onestage builds the CIFAR network; "
+                         f"--dataset={info.name} has {info.image_size} images "
+                         "(ImageNet-sized input is not supported)")
+
+
+class OneStageRun:
+    """Builds (or restores) a one-stage run; ``run()`` runs what is left of it.
+
+    Run state beyond the model and optimizers (checkpointed with them): the epoch
+    counter over both phases, the search length once the search has ended (0 before),
+    and per node the epoch it stopped at and whether the cap forced it
+    (``state.OneStageProgress``).
+    """
+
+    def __init__(self, config: config_lib.OneStageConfig):
+        self.config = config
+        setup = runtime.start(config, check_data=_cifar_sized)
+        self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
+        self.model, self.weight_optimizer, self.arch_optimizer = \
+            builders.build_search_model(config, self.strategy, self.info)
+        with self.strategy.scope():
+            self.progress = state_lib.OneStageProgress()
+            self.state = state_lib.RunState(config.model_dir, self.strategy, {
+                "model": self.model.variables,
+                "weight_optimizer": self.weight_optimizer.variables,
+                "arch_optimizer": self.arch_optimizer.variables,
+                "one_stage": self.progress.variables})
+        if self.state.restore():
+            self.model.sync_supports()
+        self._trace_steps()
+
+    def _trace_steps(self) -> None:
+        """New step functions: the support and the frozen set are baked into the traces."""
+        self._train_fn = steps_lib.distributed_step(self.strategy, self.model.train_step,
+                                                    self.model)
+        self._eval_fn = steps_lib.distributed_step(self.strategy, self.model.test_step,
+                                                   self.model)
+
+    def _train_epoch(self, epoch: int, steps: int) -> dict[str, float]:
+        """One epoch of one-stage steps on the full training split (cutout), then the
+        super-net in inference mode on the test split (reported, not used)."""
+        config, loop = self.config, self.config.loop
+        dataset = data.distributed_dataset(
+            self.strategy, config.data, self.info, "train", training=True,
+            global_batch_size=loop.batch_size, cutout=config.data.cutout_length > 0,
+            epoch_seed=epoch)
+        logs, train_time, _ = steps_lib.run_train_steps(
+            self._train_fn, self.model, dataset, steps, epoch=epoch,
+            model_dir=config.model_dir, verbose=loop.verbose and self.chief)
+        return {**logs, "train_time_s": train_time, **steps_lib.evaluate_split(
+            self._eval_fn, self.model, self.strategy, config.data, self.info, "test",
+            batch_size=loop.batch_size, max_steps=loop.eval_steps, prefix="test",
+            keys=("loss", "accuracy"))}
+
+    def run(self) -> dict[str, Any]:
+        """Runs the rest of the search, the training phase, then absorbs and exports."""
+        loop = self.config.loop
+        steps = steps_lib.steps_per_epoch(self.info, ("train",), loop.batch_size,
+                                          self.strategy, loop.steps_per_epoch)
+        while not self.progress.search_ended:
+            self.search_epoch(self.state.epochs_done, steps)
+        search_epochs = self.progress.search_length
+        for epoch in range(self.state.epochs_done, search_epochs + loop.epochs):
+            self._training_epoch(epoch, epoch - search_epochs, steps)
+        final = self.state.final_metrics()
+        # A rerun with more --epochs trained on above: absorb and export again.
+        if final is not None and final.get("train_epochs") == loop.epochs:
+            logging.info("Run already finished in %s", self.config.model_dir)
+            return final
+        return self._finish()
+
+    def search_epoch(self, epoch: int, steps: int) -> None:
+        """One search epoch (0-based ``epoch``) and the stopping rule after it."""
+        config = self.config
+        self.weight_optimizer.learning_rate = config.loop.learning_rate
+        self.model.drop_path_rate.assign(0.0)
+        logs = self._train_epoch(epoch, steps)
+        row: dict[str, Any] = {"epoch": epoch + 1, "phase": "search",
+                               "lr": config.loop.learning_rate, **logs}
+        architecture_before = (self.model.supports, self.model.frozen_nodes)
+        if all(all(flags) for flags in self.model.frozen_nodes.values()):
+            # Every node stopped after the previous epoch: the search ends here.
+            self.progress.end_search(epoch + 1)
+        else:
+            start = time.perf_counter()
+            decision = stopping_step(self.model, config.freeze_tolerance, config.max_params)
+            row["recovery_time_s"] = time.perf_counter() - start
+            for cell_type, nodes in decision.newly_frozen.items():
+                for node in nodes:
+                    self.progress.stop_node(cell_type, node, epoch + 1)
+            row.update(z_distance=decision.distances, newly_frozen=decision.newly_frozen,
+                       candidate_params=decision.candidate_params,
+                       rejected=decision.rejected)
+            if decision.rejected:
+                row["rejected_genotype"] = genotypes.to_json_dict(
+                    self.model.genotype(decision.candidate_supports))
+                logging.warning("epoch %d: the recovered architecture has %d parameters "
+                                ">= --max_params=%d: rejected, keeping the last z", epoch + 1,
+                                decision.candidate_params, config.max_params)
+            if epoch + 1 >= config.search_epochs:
+                self._force_stop(epoch + 1)
+        if (self.model.supports, self.model.frozen_nodes) != architecture_before:
+            self._trace_steps()  # the steps run other ops or train other variables
+        genotype = self.model.genotype()
+        row.update(frozen={t: list(flags) for t, flags in self.model.frozen_nodes.items()},
+                   params=self.model.evaluation_parameter_count(),
+                   genotype=genotypes.to_json_dict(genotype))
+        if self.progress.search_ended:
+            summary = {"search_epochs": self.progress.search_length,
+                       "node_stop_epochs": self.progress.stop_epochs(),
+                       "forced_stops": self.progress.forced_stops()}
+            row.update(search_ended=True, node_stop_epochs=summary["node_stop_epochs"],
+                       forced_stops=summary["forced_stops"])
+            if self.chief:
+                run_dir.write_json(run_dir.path(config.model_dir, run_dir.SEARCH_SUMMARY),
+                                   {**summary, "params": row["params"],
+                                    "genotype": row["genotype"]})
+        self.state.end_epoch(row, genotype, self.model)
+        frozen = sum(sum(flags) for flags in self.model.frozen_nodes.values())
+        logging.info("search epoch %d  loss %.4f  acc %.4f  test_acc %s  frozen %d/%d%s%s",
+                     epoch + 1, logs.get("loss", float("nan")),
+                     logs.get("accuracy", float("nan")),
+                     _fmt(logs.get("test_accuracy")), frozen, 2 * genotypes.STEPS,
+                     "  (rejected)" if row.get("rejected") else "",
+                     f"  search ended after {epoch + 1} epochs; node stop epochs "
+                     f"{self.progress.stop_epochs()}" if self.progress.search_ended else "")
+
+    def _force_stop(self, epoch: int) -> None:
+        """Ends the search at the --search_epochs cap, freezing the nodes still searching
+        at their last z."""
+        forced = False
+        for cell_type, flags in self.model.frozen_nodes.items():
+            for node, frozen in enumerate(flags):
+                if not frozen:
+                    self.model.freeze_node(cell_type, node)
+                    self.progress.stop_node(cell_type, node, epoch, forced=True)
+                    forced = True
+        if forced:
+            logging.warning("--search_epochs=%d reached with nodes still searching: froze "
+                            "them at their last z (forced stops %s)",
+                            self.config.search_epochs, self.progress.forced_stops())
+        self.progress.end_search(epoch)
+
+    def _training_epoch(self, epoch: int, phase_epoch: int, steps: int) -> None:
+        config, loop = self.config, self.config.loop
+        lr = runtime.cosine_learning_rate(phase_epoch, loop.epochs, loop.learning_rate,
+                                          loop.learning_rate_min)
+        drop_path = config.drop_path_prob * phase_epoch / loop.epochs
+        self.weight_optimizer.learning_rate = lr
+        self.model.drop_path_rate.assign(drop_path)
+        logs = self._train_epoch(epoch, steps)
+        self.state.end_epoch({"epoch": epoch + 1, "phase": "train",
+                              "train_epoch": phase_epoch + 1, "lr": lr,
+                              "drop_path_rate": drop_path, **logs})
+        logging.info("train epoch %d/%d  lr %.4g  drop path %.3f  loss %.4f  acc %.4f  "
+                     "test_acc %s  %.1fs", phase_epoch + 1, loop.epochs, lr, drop_path,
+                     logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
+                     _fmt(logs.get("test_accuracy")), logs["train_time_s"])
+
+    def _finish(self) -> dict[str, Any]:
+        """Absorbs the alphas, evaluates the evaluation network on the test split, exports."""
+        config = self.config
+        network = absorption.absorb(self.model, self.info.image_size[0], auxiliary=False)
+        final = evaluate.evaluate_network(network, config.data, self.info, "test",
+                                          config.loop.batch_size)
+        result = {"search_epochs": self.progress.search_length,
+                  "train_epochs": config.loop.epochs,
+                  "node_stop_epochs": self.progress.stop_epochs(),
+                  "forced_stops": self.progress.forced_stops(),
+                  "test_top1": final["top1"], "test_top5": final["top5"],
+                  "test_examples": final["examples"],
+                  "params": network_size.count_parameters(network),
+                  "genotype": genotypes.to_json_dict(self.model.genotype())}
+        if self.chief:
+            result["export"] = export.export_for_dataset(
+                network, self.info,
+                config.export_dir or run_dir.path(config.model_dir, run_dir.EXPORT),
+                config.model_name)
+            self.state.write_final_metrics(result)
+        logging.info("one-stage run finished: test top-1 %.4f top-5 %.4f, %d parameters, "
+                     "search %d epochs", final["top1"], final["top5"], result["params"],
+                     result["search_epochs"])
+        return result
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run_one_stage(config: config_lib.OneStageConfig) -> dict[str, Any]:
+    """Runs (or resumes) a one-stage search and training; returns the final metrics."""
+    return OneStageRun(config).run()

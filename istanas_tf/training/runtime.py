@@ -1,0 +1,139 @@
+"""Where a run executes: its strategy, which worker is the chief, precision, seeds, lr.
+
+:func:`start` is how every run begins: it checks the config, seeds the process, makes
+the ``tf.distribute`` strategy, loads the dataset, and (on the chief) records the run's
+settings in its directory, or checks them against the recorded ones on a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+
+import keras
+import tensorflow as tf
+
+from istanas_tf import data
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import run_dir
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for ``--strategy``."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment "
+                             "variable describing the cluster and this worker's task")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"--strategy={name!r} is not valid; valid: "
+                     f"{', '.join(config_lib.STRATEGIES)}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes logs and the real checkpoints in a multi-worker run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """Input pipelines of a strategy: one per worker (multi-worker), else one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+
+
+@contextlib.contextmanager
+def mixed_precision_policy(mixed_precision: str | None):
+    """Builds layers under ``mixed_<mixed_precision>`` (None: float32), then restores."""
+    previous = keras.mixed_precision.global_policy()
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy(f"mixed_{mixed_precision}")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def seed_process(loop: config_lib.LoopConfig) -> None:
+    """With ``--deterministic``: seeds Python, NumPy and TF, and makes TF's kernels
+    deterministic. (The data pipeline is seeded by its own config either way.)"""
+    if loop.deterministic:
+        keras.utils.set_random_seed(loop.seed)
+        tf.config.experimental.enable_op_determinism()
+
+
+def cosine_learning_rate(epoch: int, epochs: int, lr_max: float, lr_min: float) -> float:
+    """PyTorch ``CosineAnnealingLR`` stepped per epoch: lr of epoch ``epoch`` (0-based)."""
+    return lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def warmup_linear_learning_rate(epoch: int, epochs: int, lr_max: float, lr_min: float,
+                                warmup_epochs: int) -> float:
+    """A linear warm-up to ``lr_max`` over ``warmup_epochs``, then a linear decay that
+    reaches ``lr_min`` one epoch after the last (the ImageNet schedule)."""
+    if epoch < warmup_epochs:
+        return lr_max * (epoch + 1) / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+    return lr_min + (lr_max - lr_min) * (1.0 - progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What :func:`start` set up for a run.
+
+    Attributes:
+      strategy: the run's tf.distribute strategy.
+      chief: this process writes the run directory.
+      info: the loaded dataset.
+      resumed: the run directory already held this run.
+    """
+
+    strategy: tf.distribute.Strategy
+    chief: bool
+    info: data.DatasetInfo
+    resumed: bool
+
+
+def start(config: config_lib.RunConfig, check_data=None, **resolved) -> Runtime:
+    """Checks ``config``, seeds, makes the strategy, loads the data, records the run.
+
+    Args:
+      config: any mode's config.
+      check_data: optional ``info -> None`` raising ValueError for data the run cannot
+        use; called before anything is written to the run directory.
+      **resolved: recorded instead of the config's value (see
+        ``config.recorded_settings``).
+
+    Raises:
+      ValueError: an invalid setting (naming its flag), a batch that does not divide
+        over the replicas, or a run directory holding another run (``RunDirError``).
+    """
+    config.validate()
+    seed_process(config.loop)
+    strategy = make_strategy(config.loop.strategy)
+    chief = is_chief(strategy)
+    data.check_divisible(config.loop.batch_size, strategy.num_replicas_in_sync)
+    info = data.get_dataset_info(config.data)
+    if check_data is not None:
+        check_data(info)
+    resumed = bool(tf.train.latest_checkpoint(run_dir.path(config.model_dir,
+                                                           run_dir.CHECKPOINTS)))
+    # Only the chief records the settings: workers share the run directory, and two
+    # writers would race on run_config.json's temporary file.
+    if chief:
+        settings = config_lib.recorded_settings(config, **resolved)
+        resumed = run_dir.check_run_config(config.model_dir, settings)
+        run_dir.write_dataset_info(config.model_dir, info)
+    return Runtime(strategy=strategy, chief=chief, info=info, resumed=resumed)

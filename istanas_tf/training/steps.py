@@ -1,0 +1,145 @@
+"""The steps of an epoch, for every tf.distribute strategy (DESIGN.md decision 4).
+
+Keras 3 ``fit()`` fails under MultiWorkerMirroredStrategy, so the runs drive
+``strategy.run(model.train_step, ...)`` inside a ``tf.function`` themselves (like TF
+Model Garden's trainer): :func:`distributed_step` makes such a function of any model
+step, :func:`run_train_steps` and :func:`run_eval_steps` run an epoch of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import keras
+import tensorflow as tf
+
+from istanas_tf import data
+from istanas_tf.training import runtime
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped before saving anything from it."""
+
+
+def distributed_step(strategy: tf.distribute.Strategy, step: Callable, model) -> Callable:
+    """A traced function running ``step`` on every replica, returning global metrics.
+
+    Args:
+      strategy: the run's strategy.
+      step: a per-replica step, e.g. ``model.train_step``; it takes the batches.
+      model: the model whose ``metrics`` the function returns (aggregated).
+    """
+
+    @tf.function
+    def run(*batches):
+        strategy.run(step, args=batches)
+        # Read metrics in cross-replica context: SyncOnRead variables then aggregate.
+        return {m.name: m.result() for m in model.metrics}
+
+    return run
+
+
+def steps_per_epoch(info: data.DatasetInfo, splits: Iterable[str], batch_size: int,
+                    strategy: tf.distribute.Strategy, cap: int | None = None) -> int:
+    """Training steps per epoch: the whole batches every one of ``splits`` holds on
+    each input pipeline, at most ``cap`` (``--steps_per_epoch``).
+
+    Raises:
+      ValueError: the batch is larger than a split.
+    """
+    pipelines = runtime.num_input_pipelines(strategy)
+    splits = list(splits)
+    steps = min(data.steps_per_epoch(info, split, batch_size, num_input_pipelines=pipelines)
+                for split in splits)
+    if steps < 1:
+        what = "the training split" if splits == ["train"] else "a search split"
+        hint = "" if splits == ["train"] else " or raise --train_portion"
+        raise ValueError(f"--batch_size={batch_size} is larger than {what}; lower it{hint}")
+    return min(steps, cap) if cap else steps
+
+
+class _Progress:
+    """A Keras progress bar within the epoch, only on the chief and when verbose."""
+
+    def __init__(self, steps: int, enabled: bool):
+        self.bar = keras.utils.Progbar(steps, stateful_metrics=None) if enabled else None
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(step, [(k, v) for k, v in logs.items()], finalize=False)
+
+
+def _to_floats(logs) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items()}
+
+
+def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str) -> None:
+    bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite training values {bad} at epoch {epoch + 1}, step {step}: stopping. "
+            f"The last good checkpoint in {model_dir}/checkpoints is left intact; lower "
+            "--learning_rate or --arch_learning_rate and resume or start a new --model_dir.")
+
+
+def run_train_steps(step_fn: Callable, model, batches, steps: int, *, epoch: int,
+                    model_dir: str, verbose: bool) -> tuple[dict[str, float], float, float]:
+    """One epoch of training steps, shared by every run.
+
+    Resets the model's metrics, runs ``step_fn(batch)`` on up to ``steps`` batches with a
+    progress bar (when ``verbose``) and stops on a non-finite value.
+
+    Returns:
+      ``(logs, train_time_s, step_time_s)``: the last step's metrics, the epoch's wall
+      time, and the time per step after the first (which may include tracing).
+    """
+    for metric in model.metrics:
+        metric.reset_state()
+    progress = _Progress(steps, verbose)
+    start = first_step_end = time.perf_counter()
+    logs = {}
+    for step, batch in enumerate(batches):
+        if step >= steps:
+            break
+        logs = _to_floats(step_fn(batch))
+        _check_finite(logs, epoch, step + 1, model_dir)
+        progress.update(step + 1, logs)
+        if step == 0:
+            first_step_end = time.perf_counter()
+    end = time.perf_counter()
+    step_time = (end - first_step_end) / (steps - 1) if steps > 1 else end - start
+    return logs, end - start, step_time
+
+
+def evaluate_split(eval_fn: Callable, model, strategy: tf.distribute.Strategy,
+                   data_config: data.DataConfig, info: data.DatasetInfo, split: str, *,
+                   batch_size: int, max_steps: int | None, prefix: str,
+                   keys: Iterable[str]) -> dict[str, float]:
+    """The model's metrics ``keys`` on ``split`` in inference mode, as ``prefix_key``.
+
+    Args:
+      eval_fn: ``distributed_step(strategy, model.test_step, model)``.
+      max_steps: cap on batches (None: the whole split; 0: no evaluation, ``{}``).
+    """
+    if max_steps == 0:
+        return {}
+    dataset = data.distributed_dataset(strategy, data_config, info, split, training=False,
+                                       global_batch_size=batch_size)
+    logs = run_eval_steps(eval_fn, model, dataset, max_steps)
+    return {f"{prefix}_{key}": logs.get(key, float("nan")) for key in keys}
+
+
+def run_eval_steps(eval_fn: Callable, model, dataset,
+                   max_steps: int | None = None) -> dict[str, float]:
+    """Resets the model's metrics, runs ``eval_fn`` on up to ``max_steps`` batches (None:
+    all of ``dataset``) and returns the metrics' final values."""
+    for metric in model.metrics:
+        metric.reset_state()
+    logs = {}
+    for step, batch in enumerate(dataset):
+        if max_steps is not None and step >= max_steps:
+            break
+        logs = eval_fn(batch)
+    return _to_floats(logs)

@@ -1,0 +1,118 @@
+"""The two-stage search (METHOD.md section 3): ISTA-NAS, or the DARTS baseline.
+
+Each epoch: train (per batch an architecture step on a ``search_arch`` batch, then a
+weight step on a ``search_weights`` batch), evaluate the super-net on the architecture
+split, recover the architecture (one batched exact LASSO), log the genotype, checkpoint
+everything, and trace the step functions again when the support changed. The final
+genotype is then retrained from scratch (``retrain.run_training``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from absl import logging
+
+from istanas_tf import data
+from istanas_tf import genotypes
+from istanas_tf.training import builders
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import runtime
+from istanas_tf.training import state as state_lib
+from istanas_tf.training import steps as steps_lib
+
+
+class TwoStageRun:
+    """Builds (or restores) the search of ``config``; ``run()`` runs the remaining epochs.
+
+    Attributes:
+      model: the super-net (``search_model.SearchNetwork``), compiled.
+      state: the run directory's checkpoints, metrics and summaries.
+      strategy, chief, info: as ``runtime.start`` set them up.
+    """
+
+    def __init__(self, config: config_lib.TwoStageConfig):
+        self.config = config
+        setup = runtime.start(config)
+        self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
+        self.model, self.weight_optimizer, self.arch_optimizer = \
+            builders.build_search_model(config, self.strategy, self.info)
+        with self.strategy.scope():
+            self.state = state_lib.RunState(config.model_dir, self.strategy, {
+                "model": self.model.variables,
+                "weight_optimizer": self.weight_optimizer.variables,
+                "arch_optimizer": self.arch_optimizer.variables})
+        if self.state.restore():
+            self.model.sync_supports()
+        self._trace_steps()
+
+    def _trace_steps(self) -> None:
+        """New step functions: the support (Python data) is baked into their traces."""
+        self._train_fn = steps_lib.distributed_step(
+            self.strategy, lambda w, a: self.model.train_step((w, a)), self.model)
+        self._eval_fn = steps_lib.distributed_step(self.strategy, self.model.test_step,
+                                                   self.model)
+
+    def run(self) -> dict[str, Any]:
+        """Runs the remaining epochs; returns the last epoch's metrics and the genotype."""
+        loop = self.config.loop
+        steps = steps_lib.steps_per_epoch(self.info, ("search_weights", "search_arch"),
+                                          loop.batch_size, self.strategy, loop.steps_per_epoch)
+        row: dict[str, Any] = {}
+        if self.state.epochs_done >= loop.epochs:
+            logging.info("Search already finished (%d epochs) in %s", self.state.epochs_done,
+                         self.config.model_dir)
+        for epoch in range(self.state.epochs_done, loop.epochs):
+            row = self._run_epoch(epoch, steps)
+        return {**row, "genotype": genotypes.to_json_dict(self.model.genotype())}
+
+    def _datasets(self, epoch: int):
+        config = self.config
+        make = lambda split: data.distributed_dataset(
+            self.strategy, config.data, self.info, split, training=True,
+            global_batch_size=config.loop.batch_size, epoch_seed=epoch)
+        return make("search_weights"), make("search_arch")
+
+    def _run_epoch(self, epoch: int, steps: int) -> dict[str, Any]:
+        config, loop = self.config, self.config.loop
+        lr = runtime.cosine_learning_rate(epoch, loop.epochs, loop.learning_rate,
+                                          loop.learning_rate_min)
+        self.weight_optimizer.learning_rate = lr
+        weights_data, arch_data = self._datasets(epoch)
+        logs, train_time, step_time = steps_lib.run_train_steps(
+            lambda pair: self._train_fn(*pair), self.model, zip(weights_data, arch_data),
+            steps, epoch=epoch, model_dir=config.model_dir, verbose=loop.verbose and self.chief)
+        eval_logs = steps_lib.evaluate_split(
+            self._eval_fn, self.model, self.strategy, config.data, self.info, "search_arch",
+            batch_size=loop.batch_size, max_steps=loop.eval_steps, prefix="val",
+            keys=("loss", "accuracy"))
+
+        recovery_start = time.perf_counter()
+        recoveries = self.model.recover()
+        changed = self.model.commit(recoveries)
+        recovery_time = time.perf_counter() - recovery_start
+        genotype = self.model.genotype()
+        distances = {t: [float(d) for d in recoveries[t].distances] if t in recoveries
+                     else [0.0] * genotypes.STEPS for t in genotypes.CELL_TYPES}
+
+        row = {"epoch": epoch + 1, "lr": lr, **logs, **eval_logs,
+               "train_time_s": train_time, "step_time_s": step_time,
+               "recovery_time_s": recovery_time, "support_changed": changed,
+               "z_distance": distances, "genotype": genotypes.to_json_dict(genotype)}
+        self.state.end_epoch(row, genotype, self.model)
+        logging.info(
+            "epoch %d/%d  lr %.4g  loss %.4f  acc %.4f  arch_loss %.4f  val_acc %s  "
+            "step %.3fs  recovery %.1fms  support %s", epoch + 1, loop.epochs, lr,
+            logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
+            logs.get("arch_loss", float("nan")),
+            f"{eval_logs['val_accuracy']:.4f}" if eval_logs else "-",
+            step_time, 1e3 * recovery_time, "changed" if changed else "same")
+        if changed:
+            self._trace_steps()
+        return row
+
+
+def run_two_stage(config: config_lib.TwoStageConfig) -> dict[str, Any]:
+    """Runs (or resumes) a two-stage search; returns the final metrics and genotype."""
+    return TwoStageRun(config).run()
