@@ -10,9 +10,9 @@ machine of this kind: sparse 1.8 s/step, dense 22 s/step, peak memory 1.4 GB aga
 9.2 GB.
 
 The step is built as the training loop builds it (``istanas_tf.training``): the model
-and both optimizers as in ``SearchRun.__init__`` (default strategy scope, TorchSGD
-0.1 / momentum 0.9 / L2 3e-4 / clip 5, TorchAdam 6e-4 / 0.5 / 0.999 / L2 1e-3, first
-recovery), and the step as ``_distributed_step`` traces it (a ``tf.function`` running
+and both optimizers as ``training.builders`` makes them for a ``TwoStageRun`` (default
+strategy scope, TorchSGD 0.1 / momentum 0.9 / L2 3e-4 / clip 5, TorchAdam 6e-4 / 0.5 /
+0.999 / L2 1e-3, first recovery), and the step as ``steps.distributed_step`` traces it (a ``tf.function`` running
 ``strategy.run(model.train_step)`` and returning the metrics), each step's metrics read
 back to Python floats as the loop does. Data: random images (N(0, 1)) and labels
 (uniform over 10 classes) from fixed seeds, one weight batch and one architecture batch
@@ -60,16 +60,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import harness  # noqa: E402  (benchmarks/harness.py, beside this file)
 
 METHODS = ("ista", "darts")
 DEFAULT_STEPS = {"ista": 5, "darts": 3}
@@ -209,7 +207,7 @@ def _breakdown(model, weights_batch, arch_batch, steps: int) -> dict:
     """
     import tensorflow as tf
 
-    from istanas_tf.search_model import apply_present_gradients as _apply
+    from istanas_tf.search_steps import apply_present_gradients as _apply
 
     @tf.function
     def forward(images):
@@ -262,24 +260,14 @@ def _parse_steps(text: str, methods) -> dict[str, int]:
 
 
 def _run_method(method: str, steps: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", method,
-               "--steps", str(steps), "--batch_size", str(args.batch_size),
-               "--channels", str(args.channels), "--layers", str(args.layers),
-               "--image_size", str(args.image_size), "--num_classes", str(args.num_classes),
-               "--seed", str(args.seed)]
-    if args.breakdown:
-        command.append("--breakdown")
+    extra = ["--steps", str(steps)] + (["--breakdown"] if args.breakdown else [])
     print(f"[{method}] running {steps} timed steps after {WARMUP_STEPS} warm-up steps ...",
           file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    for line in process.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-            result["subprocess_wall_s"] = wall
-            print(f"[{method}] done in {wall:.0f} s", file=sys.stderr, flush=True)
-            return result
+    result, wall, process = harness.run_worker(__file__, method, args, extra, RESULT_PREFIX)
+    if result is not None:
+        result["subprocess_wall_s"] = wall
+        print(f"[{method}] done in {wall:.0f} s", file=sys.stderr, flush=True)
+        return result
     sys.stderr.write(process.stdout[-5000:] + process.stderr[-5000:])
     raise RuntimeError(f"the {method} subprocess failed (exit code {process.returncode})")
 
@@ -346,27 +334,19 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
             for part, b in r.get("breakdown", {}).items():
                 print(f"| {method} | {part} | {b['first_s']:.1f} | {b['median_s']:.3f} | "
                       f"{b['graph_ops']} |")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    harness.save_results(args, results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--num_classes", type=int, default=10)
+    harness.add_network_arguments(parser)
     parser.add_argument("--steps", default="ista=5,darts=3",
                         help="timed steps after the 2 warm-up steps: one number, or "
                              "method=N pairs (default ista=5,darts=3)")
     parser.add_argument("--methods", default="ista,darts",
                         help="comma-separated methods to run, each in its own subprocess")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--breakdown", action="store_true",
                         help="also time arch step, weight step and forward pass separately")
-    parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

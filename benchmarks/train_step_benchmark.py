@@ -60,16 +60,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import harness  # noqa: E402  (benchmarks/harness.py, beside this file)
 
 VARIANTS = ("graph", "xla")
 LABELS = {"graph": "tf.function (no XLA)", "xla": "tf.function + jit_compile (XLA)"}
@@ -154,34 +152,18 @@ def _worker(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------- parent
-def _load_average() -> float | None:
-    """The 1-minute load average (other processes competing for the CPUs), if known."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def _run_variant(variant: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
-               "--steps", str(args.steps), "--batch_size", str(args.batch_size),
-               "--channels", str(args.channels), "--layers", str(args.layers),
-               "--image_size", str(args.image_size), "--num_classes", str(args.num_classes),
-               "--drop_path", str(args.drop_path), "--seed", str(args.seed)]
     print(f"[{variant}] {WARMUP_STEPS} warm-up steps, then {args.steps} timed steps ...",
           file=sys.stderr, flush=True)
-    load_before = _load_average()
-    start = time.perf_counter()
-    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    load = {"load_before": load_before, "load_after": _load_average()}
-    for line in process.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-            result["subprocess_wall_s"] = wall
-            result.update(load)
-            print(f"[{variant}] done in {wall:.0f} s", file=sys.stderr, flush=True)
-            return result
+    load_before = harness.load_average()
+    result, wall, process = harness.run_worker(
+        __file__, variant, args, ["--steps", str(args.steps), "--drop_path", str(args.drop_path)],
+        RESULT_PREFIX)
+    load = {"load_before": load_before, "load_after": harness.load_average()}
+    if result is not None:
+        result.update(subprocess_wall_s=wall, **load)
+        print(f"[{variant}] done in {wall:.0f} s", file=sys.stderr, flush=True)
+        return result
     tail = (process.stdout[-3000:] + process.stderr[-6000:]).strip()
     print(f"[{variant}] FAILED (exit code {process.returncode}) after {wall:.0f} s:\n{tail}",
           file=sys.stderr, flush=True)
@@ -230,25 +212,17 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
         print(f"\nParameters: {ok[0]['parameters'] / 1e6:.3f} M without the auxiliary head, "
               f"{ok[0]['parameters_with_auxiliary'] / 1e6:.3f} M with it; traces per "
               f"variant: " + ", ".join(f"{r['variant']} {r['tracing_count']}" for r in ok))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    harness.save_results(args, results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--num_classes", type=int, default=10)
+    harness.add_network_arguments(parser)
     parser.add_argument("--drop_path", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps after the 2 warm-up steps (median reported)")
     parser.add_argument("--variants", default="graph,xla",
                         help="comma-separated variants, each in its own subprocess")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:

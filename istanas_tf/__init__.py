@@ -24,8 +24,7 @@ from istanas_tf.genotypes import GENOTYPES, Genotype, get_genotype
 from istanas_tf.network_size import describe
 from istanas_tf.networks import build_network
 from istanas_tf.search_model import SearchNetwork, SearchNetworkConfig
-from istanas_tf.training.config import (LoopConfig, OneStageConfig, TrainConfig,
-                                        TwoStageConfig)
+from istanas_tf.training.config import LoopConfig, OneStageConfig, TrainConfig, TwoStageConfig
 from istanas_tf.training.evaluate import evaluate
 from istanas_tf.training.one_stage import run_one_stage
 from istanas_tf.training.restore import export_run

@@ -19,9 +19,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from istanas_tf import genotypes
-from istanas_tf import networks
-from istanas_tf import search_model
+from istanas_tf import genotypes, networks, search_model
 
 
 def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> None:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 import keras
 import tensorflow as tf
 
-from istanas_tf import genotypes
+from istanas_tf import blocks, genotypes
 from istanas_tf import operations as ops
 
 NUM_OPS = genotypes.NUM_OPS
@@ -114,7 +114,7 @@ class Cell(keras.layers.Layer):
             stride = 2 if reduction and index < 2 else 1
             self.ops.append(ops.make_op(op_name, channels, stride, options,
                                         layer_name=f"op{position}_{op_name}"))
-            self.drop_paths.append(ops.DropPath(
+            self.drop_paths.append(blocks.DropPath(
                 seed=None if seed is None else seed + position, name=f"drop_path{position}"))
 
     def build(self, *args, **kwargs):
@@ -177,7 +177,7 @@ class SearchCell(keras.layers.Layer):
         self.drop_path = drop_path
         self.seed = seed
         # One layer serves every op: each call draws fresh noise from its seed generator.
-        self.drop_path_layer = ops.DropPath(seed=seed, name="drop_path") if drop_path else None
+        self.drop_path_layer = blocks.DropPath(seed=seed, name="drop_path") if drop_path else None
         self.preprocess0, self.preprocess1 = _preprocessing(channels, reduction_prev, affine)
         options = ops.OpOptions(affine=affine, bn_after_pool=bn_after_pool,
                                 bn_after_identity=bn_after_identity)

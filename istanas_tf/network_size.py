@@ -11,8 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from istanas_tf import genotypes
-from istanas_tf import networks
+from istanas_tf import genotypes, networks
 
 
 def count_parameters(network: keras.Model, include_auxiliary: bool = False) -> int:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from istanas_tf import blocks, genotypes
 from istanas_tf import cells as cell_lib
-from istanas_tf import genotypes
-from istanas_tf import operations as ops
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
@@ -32,9 +31,9 @@ class AuxiliaryHead(keras.layers.Layer):
         self.num_classes = num_classes
         self.imagenet = imagenet
         self.conv1 = keras.layers.Conv2D(128, 1, use_bias=False, name="conv1")
-        self.bn1 = ops.batch_norm(name="bn1")
+        self.bn1 = blocks.batch_norm(name="bn1")
         self.conv2 = keras.layers.Conv2D(768, 2, use_bias=False, name="conv2")
-        self.bn2 = None if imagenet else ops.batch_norm(name="bn2")
+        self.bn2 = None if imagenet else blocks.batch_norm(name="bn2")
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
 
     def call(self, x, training=None):
@@ -195,8 +194,8 @@ class NetworkCIFAR(_Network):
     STEM_MULTIPLIER = 3
 
     def _build_stem(self, channels):
-        return [ops.SymmetricConv(self.STEM_MULTIPLIER * channels, 3, name="stem_conv"),
-                ops.batch_norm(name="stem_bn")]
+        return [blocks.SymmetricConv(self.STEM_MULTIPLIER * channels, 3, name="stem_conv"),
+                blocks.batch_norm(name="stem_bn")]
 
     def _stem(self, images, training):
         conv, bn = self.stem_layers
@@ -216,12 +215,12 @@ class NetworkImageNet(_Network):
     imagenet = True
 
     def _build_stem(self, channels):
-        return [ops.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
-                ops.batch_norm(name="stem0_bn1"),
-                ops.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
-                ops.batch_norm(name="stem0_bn2"),
-                ops.SymmetricConv(channels, 3, 2, name="stem1_conv"),
-                ops.batch_norm(name="stem1_bn")]
+        return [blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
+                blocks.batch_norm(name="stem0_bn1"),
+                blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
+                blocks.batch_norm(name="stem0_bn2"),
+                blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
+                blocks.batch_norm(name="stem1_bn")]
 
     def _stem(self, images, training):
         conv1, bn1, conv2, bn2, conv3, bn3 = self.stem_layers

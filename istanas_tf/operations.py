@@ -1,131 +1,53 @@
-"""Candidate operations and cell building blocks of the DARTS search space (NHWC).
+"""The candidate operations of the DARTS search space (NHWC), as Keras layers.
 
-Numerics follow the published PyTorch code (METHOD.md section 1), not Keras defaults:
+Numerics follow the published PyTorch code (METHOD.md section 1), not Keras defaults
+(the convolutions and BNs are :mod:`istanas_tf.blocks`'):
 
-- Padding is symmetric, ``(k - 1) * d / 2`` pixels on every side. At stride 1 Keras'
-  ``'same'`` is exactly that for odd kernels; at stride 2 it pads only the bottom/right,
-  which samples different pixels, so strided ops pad explicitly.
 - avg-pool divides by the number of valid (non-pad) pixels; max-pool never returns a pad.
 - FactorizedReduce's second 1x1 conv reads the input shifted by one pixel.
-- BatchNorm uses eps 1e-5 and moving-average momentum 0.9 (PyTorch's 0.1).
+- sep_conv and dil_conv pad symmetrically and end in a BN (eps 1e-5, momentum 0.9).
 
 ``OPS`` maps each primitive name to a factory ``(channels, stride, options) -> Layer``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from typing import Callable
 
 import keras
 import tensorflow as tf
 
 from istanas_tf import genotypes
-
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+from istanas_tf.blocks import SymmetricConv, batch_norm, pad_symmetric
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
+class _OpWithBatchNorms(keras.layers.Layer):
+    """A layer whose BNs are named by ``_BATCH_NORMS`` (attributes, None when absent).
 
-_SYNCHRONIZED = threading.local()
-
-
-@contextlib.contextmanager
-def synchronized_batch_norm(enabled: bool = True):
-    """Within this scope, new BN layers use global-batch statistics under tf.distribute.
-
-    With it, N replicas compute the same BN statistics as one device on the whole batch
-    (the super-net's search then does not depend on the replica count); without it,
-    each replica normalises with its own share of the batch (cheaper on many GPUs).
+    ``batch_norms`` lists them in order (the one-stage search freezes their gamma/beta);
+    ``last_bn`` is the BN the op ends in, where BN absorption folds the architecture
+    weight (None for an op without BN).
     """
-    previous = getattr(_SYNCHRONIZED, "enabled", False)
-    _SYNCHRONIZED.enabled = enabled
-    try:
-        yield
-    finally:
-        _SYNCHRONIZED.enabled = previous
 
+    _BATCH_NORMS: tuple[str, ...] = ()
 
-def batch_norm(affine: bool = True, name: str | None = None) -> keras.layers.Layer:
-    """BatchNorm with PyTorch's eps and momentum; ``affine=False`` drops gamma and beta."""
-    return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name,
-        synchronized=getattr(_SYNCHRONIZED, "enabled", False))
+    @property
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        return [bn for bn in (getattr(self, name) for name in self._BATCH_NORMS)
+                if bn is not None]
 
-
-def _pad_symmetric(x: tf.Tensor, pad: int, value: float = 0.0) -> tf.Tensor:
-    """Pads the two spatial axes of an NHWC tensor by ``pad`` on every side."""
-    if pad == 0:
-        return x
-    return tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], constant_values=value)
+    @property
+    def last_bn(self) -> keras.layers.BatchNormalization | None:
+        return self.batch_norms[-1] if self.batch_norms else None
 
 
 @_register
-class SymmetricConv(keras.layers.Layer):
-    """Conv2D or DepthwiseConv2D (no bias) with PyTorch's symmetric padding.
-
-    Args:
-      filters: output channels (ignored when ``depthwise``: a depthwise conv keeps them).
-      kernel_size: odd spatial kernel size k.
-      stride: 1 or 2.
-      dilation: dilation d; the padding is ``(k - 1) * d / 2``.
-      depthwise: a depthwise (per-channel) conv instead of a full one.
-      padding: explicit symmetric padding; ``None`` means ``(k - 1) * d / 2`` (same size).
-    """
-
-    def __init__(self, filters: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-                 depthwise: bool = False, padding: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.filters = filters
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.dilation = dilation
-        self.depthwise = depthwise
-        self.padding = (kernel_size - 1) * dilation // 2 if padding is None else padding
-        # A dilated strided conv with an even padding reads only even pixels: it equals
-        # an undilated stride-1 conv on the subsampled input (same kernel, padding / d).
-        # TF has no dilated strided depthwise kernel, and this is also 4x cheaper.
-        self._subsample_first = (stride > 1 and dilation == stride
-                                 and self.padding % dilation == 0)
-        conv_dilation = 1 if self._subsample_first else dilation
-        conv_stride = 1 if self._subsample_first else stride
-        self._conv_padding = (self.padding // dilation if self._subsample_first
-                              else self.padding)
-        # 'same' at stride 1 pads (k_eff - 1) / 2 on each side, which is symmetric.
-        effective = (kernel_size - 1) * conv_dilation + 1
-        self._use_same = conv_stride == 1 and self._conv_padding * 2 == effective - 1
-        common = dict(kernel_size=kernel_size, strides=conv_stride, dilation_rate=conv_dilation,
-                      padding="same" if self._use_same else "valid", use_bias=False,
-                      name="depthwise" if depthwise else "conv")
-        if depthwise:
-            self.conv = keras.layers.DepthwiseConv2D(**common)
-        else:
-            self.conv = keras.layers.Conv2D(filters, **common)
-
-    def build(self, input_shape):
-        # The kernel depends only on the channel count; the padded size is known at call.
-        self.conv.build((None, None, None, input_shape[-1]))
-
-    def call(self, x):
-        if self._subsample_first:
-            x = x[:, ::self.stride, ::self.stride, :]
-        if not self._use_same:
-            x = _pad_symmetric(x, self._conv_padding)
-        return self.conv(x)
-
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters,
-                "kernel_size": self.kernel_size, "stride": self.stride,
-                "dilation": self.dilation, "depthwise": self.depthwise,
-                "padding": self.padding}
-
-
-@_register
-class ReLUConvBN(keras.layers.Layer):
+class ReLUConvBN(_OpWithBatchNorms):
     """ReLU -> Conv kxk (symmetric padding, no bias) -> BN. Used for cell preprocessing."""
+
+    _BATCH_NORMS = ("bn",)
 
     def __init__(self, channels_out: int, kernel_size: int = 1, stride: int = 1,
                  affine: bool = True, **kwargs):
@@ -137,10 +59,6 @@ class ReLUConvBN(keras.layers.Layer):
         self.conv = SymmetricConv(channels_out, kernel_size, stride, name="conv")
         self.bn = batch_norm(affine, name="bn")
 
-    @property
-    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        """The BNs inside the op."""
-        return [self.bn]
 
     def call(self, x, training=None):
         return self.bn(self.conv(tf.nn.relu(x)), training=training)
@@ -151,12 +69,14 @@ class ReLUConvBN(keras.layers.Layer):
 
 
 @_register
-class SepConv(keras.layers.Layer):
+class SepConv(_OpWithBatchNorms):
     """DARTS separable conv: (ReLU, depthwise kxk, pointwise 1x1, BN) applied twice.
 
     The stride applies to the first depthwise conv only.
     Parameters with affine BN: 2 * (k*k*C + C*C + 2*C).
     """
+
+    _BATCH_NORMS = ("bn1", "bn2")
 
     def __init__(self, channels_out: int, kernel_size: int, stride: int = 1,
                  affine: bool = True, **kwargs):
@@ -175,16 +95,6 @@ class SepConv(keras.layers.Layer):
                                               name="pointwise2")
         self.bn2 = batch_norm(affine, name="bn2")
 
-    @property
-    def last_bn(self) -> keras.layers.BatchNormalization:
-        """The BN the op ends in (where BN absorption folds the architecture weight)."""
-        return self.bn2
-
-    @property
-    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        """The BNs inside the op, in order (the one-stage search freezes their gamma/beta)."""
-        return [self.bn1, self.bn2]
-
     def call(self, x, training=None):
         x = self.bn1(self.pointwise1(self.depthwise1(tf.nn.relu(x))), training=training)
         return self.bn2(self.pointwise2(self.depthwise2(tf.nn.relu(x))), training=training)
@@ -195,11 +105,13 @@ class SepConv(keras.layers.Layer):
 
 
 @_register
-class DilConv(keras.layers.Layer):
+class DilConv(_OpWithBatchNorms):
     """ReLU -> depthwise kxk with dilation -> pointwise 1x1 -> BN.
 
     Parameters with affine BN: k*k*C + C*C + 2*C.
     """
+
+    _BATCH_NORMS = ("bn",)
 
     def __init__(self, channels_out: int, kernel_size: int, stride: int = 1,
                  dilation: int = 2, affine: bool = True, **kwargs):
@@ -215,14 +127,6 @@ class DilConv(keras.layers.Layer):
                                              name="pointwise")
         self.bn = batch_norm(affine, name="bn")
 
-    @property
-    def last_bn(self) -> keras.layers.BatchNormalization:
-        return self.bn
-
-    @property
-    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        return [self.bn]
-
     def call(self, x, training=None):
         return self.bn(self.pointwise(self.depthwise(tf.nn.relu(x))), training=training)
 
@@ -233,12 +137,14 @@ class DilConv(keras.layers.Layer):
 
 
 @_register
-class FactorizedReduce(keras.layers.Layer):
+class FactorizedReduce(_OpWithBatchNorms):
     """Halves the resolution: ReLU, two 1x1 stride-2 convs to C/2 each, concat, BN.
 
     The second conv reads the input shifted by one pixel (``x[:, 1:, 1:]``), so the two
     halves see complementary pixels. Parameters with affine BN: 2 * (C_in * C/2) + 2*C.
     """
+
+    _BATCH_NORMS = ("bn",)
 
     def __init__(self, channels_out: int, affine: bool = True, **kwargs):
         if channels_out % 2:
@@ -254,14 +160,6 @@ class FactorizedReduce(keras.layers.Layer):
         self.conv1 = keras.layers.Conv2D(channels_out // 2, 1, use_bias=False, name="conv1")
         self.conv2 = keras.layers.Conv2D(channels_out // 2, 1, use_bias=False, name="conv2")
         self.bn = batch_norm(affine, name="bn")
-
-    @property
-    def last_bn(self) -> keras.layers.BatchNormalization:
-        return self.bn
-
-    @property
-    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        return [self.bn]
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
@@ -280,7 +178,7 @@ class FactorizedReduce(keras.layers.Layer):
 
 
 @_register
-class Pool(keras.layers.Layer):
+class Pool(_OpWithBatchNorms):
     """3x3 max or average pooling with PyTorch's padding 1, optionally followed by BN.
 
     Average pooling divides by the number of valid pixels (``count_include_pad=False``);
@@ -288,6 +186,8 @@ class Pool(keras.layers.Layer):
     ``'SAME'`` pooling, which is symmetric for a 3x3 window; at stride 2 the input is
     padded by 1 on every side and pooled ``'VALID'``, the windows PyTorch produces.
     """
+
+    _BATCH_NORMS = ("batch_norm",)
 
     def __init__(self, kind: str, stride: int = 1, bn: bool = False, affine: bool = True,
                  **kwargs):
@@ -300,25 +200,17 @@ class Pool(keras.layers.Layer):
         self.affine = affine
         self.batch_norm = batch_norm(affine, name="bn") if bn else None
 
-    @property
-    def last_bn(self) -> keras.layers.BatchNormalization | None:
-        return self.batch_norm
-
-    @property
-    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        return [] if self.batch_norm is None else [self.batch_norm]
-
     def call(self, x, training=None):
         if self.stride == 1:
             pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
             y = pool(x, ksize=3, strides=1, padding="SAME")
         elif self.kind == "max":
-            y = tf.nn.max_pool2d(_pad_symmetric(x, 1, float("-inf")), 3, self.stride, "VALID")
+            y = tf.nn.max_pool2d(pad_symmetric(x, 1, float("-inf")), 3, self.stride, "VALID")
         else:
             # Window sums over the zero-padded input, divided by each window's count of
             # valid pixels (pooling a padded ones mask gives count / 9).
-            sums = tf.nn.avg_pool2d(_pad_symmetric(x, 1), 3, self.stride, "VALID")
-            ones = _pad_symmetric(tf.ones_like(x[:1, :, :, :1]), 1)
+            sums = tf.nn.avg_pool2d(pad_symmetric(x, 1), 3, self.stride, "VALID")
+            ones = pad_symmetric(tf.ones_like(x[:1, :, :, :1]), 1)
             valid = tf.nn.avg_pool2d(ones, 3, self.stride, "VALID")
             y = sums / valid
         if self.batch_norm is not None:
@@ -331,22 +223,16 @@ class Pool(keras.layers.Layer):
 
 
 @_register
-class Identity(keras.layers.Layer):
+class Identity(_OpWithBatchNorms):
     """The stride-1 skip connection, optionally followed by BN (one-stage cells)."""
+
+    _BATCH_NORMS = ("batch_norm",)
 
     def __init__(self, bn: bool = False, affine: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.bn = bn
         self.affine = affine
         self.batch_norm = batch_norm(affine, name="bn") if bn else None
-
-    @property
-    def last_bn(self) -> keras.layers.BatchNormalization | None:
-        return self.batch_norm
-
-    @property
-    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        return [] if self.batch_norm is None else [self.batch_norm]
 
     @property
     def is_identity(self) -> bool:
@@ -360,33 +246,6 @@ class Identity(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "bn": self.bn, "affine": self.affine}
-
-
-@_register
-class DropPath(keras.layers.Layer):
-    """Drops a whole sample's path with probability ``rate`` (training only).
-
-    Keeps the expectation: kept samples are scaled by ``1 / (1 - rate)``. ``rate`` is
-    passed to ``call`` (a float or a scalar tensor, e.g. a variable ramped per epoch).
-    """
-
-    def __init__(self, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, x, rate=0.0, training=None):
-        if not training:
-            return x
-        keep = 1.0 - tf.cast(rate, x.dtype)
-        noise = keras.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=self.seed_generator,
-                                     dtype=x.dtype)
-        # floor(keep + U[0,1)) is 1 with probability keep; rate 0 keeps everything.
-        mask = tf.floor(keep + noise)
-        return x / keep * mask
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
 
 
 @dataclasses.dataclass(frozen=True)

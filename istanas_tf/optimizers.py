@@ -32,7 +32,9 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         # Keras' own clipnorm runs before the all-reduce (per replica); clip the summed
-        # gradient instead so that N replicas step exactly like one device.
+        # gradient instead so that N replicas step exactly like one device. This
+        # overrides a private Keras method: Keras has no public hook between the
+        # cross-replica sum and the update (hence keras pinned to 3.15 in pyproject.toml).
         grads_and_vars = list(super()._all_reduce_sum_gradients(grads_and_vars))
         if self.clip_global_norm is None:
             return grads_and_vars
@@ -76,6 +78,8 @@ class TorchSGD(_TorchStyleOptimizer):
     def update_step(self, gradient, variable, learning_rate):
         gradient = self._with_l2(gradient, variable)
         learning_rate = tf.cast(learning_rate, variable.dtype)
+        # _get_variable_index is private, but it is how Keras' own optimizers find a
+        # variable's slots; there is no public equivalent (keras pinned to 3.15).
         buffer = self.momentums[self._get_variable_index(variable)]
         self.assign(buffer, self.momentum * buffer + gradient)
         self.assign_sub(variable, learning_rate * buffer)

@@ -4,10 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from istanas_tf import absorption
-from istanas_tf import data
-from istanas_tf import optimizers
-from istanas_tf import search_model
+from istanas_tf import absorption, data, optimizers, search_model
 from istanas_tf.training import state
 
 # C = 4, 5 cells (reductions at cells 1 and 3, auxiliary head after cell 3), 32x32.

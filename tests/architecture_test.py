@@ -7,11 +7,11 @@ The recovered z is checked against the KKT conditions and scipy's exact LASSO
 import numpy as np
 import pytest
 import tensorflow as tf
+from lasso_oracle import kkt_violation, scipy_lasso
 
 from istanas_tf import architecture as arch
 from istanas_tf import genotypes
 from istanas_tf import sparse_coding as sc
-from lasso_oracle import kkt_violation, scipy_lasso
 
 NODE_WIDTHS = (14, 21, 28, 35)  # n_j = 7 (j + 2)
 

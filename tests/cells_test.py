@@ -3,8 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import cells
-from istanas_tf import genotypes
+from istanas_tf import cells, genotypes
 
 
 def test_channel_schedule_doubles_at_the_two_reductions():

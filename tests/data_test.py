@@ -17,10 +17,10 @@ import textwrap
 import types
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from istanas_tf import data
 from istanas_tf.data import augment
@@ -42,6 +42,13 @@ def _batches(dataset, count=None):
 def _all(dataset):
     batches = _batches(dataset)
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _search_splits(config, info, batch_size):
+    """(images, labels) of ``train``, ``search_weights`` and ``search_arch`` in order."""
+    return [_all(data.make_dataset(config, info, split, training=False,
+                                   batch_size=batch_size))
+            for split in ("train", "search_weights", "search_arch")]
 
 
 def _digests(images):
@@ -149,12 +156,8 @@ def test_search_halves_are_disjoint_cover_train_and_keep_classes(cifar10_folder,
     assert data.num_examples(info, "search_weights") == int(np.floor(portion * n))
     assert (data.num_examples(info, "search_weights")
             + data.num_examples(info, "search_arch")) == n
-    train, train_labels = _all(data.make_dataset(config, info, "train", training=False,
-                                                 batch_size=64))
-    weights, weight_labels = _all(data.make_dataset(config, info, "search_weights",
-                                                    training=False, batch_size=64))
-    arch, _ = _all(data.make_dataset(config, info, "search_arch", training=False,
-                                     batch_size=64))
+    (train, train_labels), (weights, weight_labels), (arch, _) = _search_splits(
+        config, info, batch_size=64)
     assert len(set(_digests(train))) == n  # the subset has no duplicate images
     assert set(_digests(weights)).isdisjoint(_digests(arch))
     # The weight half is the first floor(portion * N) examples, the rest the other half.
@@ -360,12 +363,8 @@ def test_tfds_cifar10_mock(tmp_path):
                                                                           "cifar")
         assert (info.mean, info.std) == (CIFAR10_MEAN, CIFAR10_STD)
         assert (info.num_train, data.num_examples(info, "search_weights")) == (40, 10)
-        train, labels = _all(data.make_dataset(config, info, "train", training=False,
-                                               batch_size=16))
-        weights, _ = _all(data.make_dataset(config, info, "search_weights",
-                                            training=False, batch_size=16))
-        arch, _ = _all(data.make_dataset(config, info, "search_arch", training=False,
-                                         batch_size=16))
+        (train, labels), (weights, _), (arch, _) = _search_splits(config, info,
+                                                                  batch_size=16)
         assert _digests(weights) + _digests(arch) == _digests(train)
         assert set(_digests(weights)).isdisjoint(_digests(arch))
         assert labels.dtype == np.int32 and 0 <= labels.min() and labels.max() < 10

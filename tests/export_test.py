@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from istanas_tf import data
-from istanas_tf import export
-from istanas_tf import networks
+from istanas_tf import data, export, networks
 
 IMAGE_SIZE = (32, 32)
 MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 statistics, [0, 1] pixel units

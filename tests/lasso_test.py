@@ -8,9 +8,9 @@ LASSO's dual (a least-distance problem), which is an exact active-set method.
 import numpy as np
 import pytest
 import tensorflow as tf
+from lasso_oracle import kkt_violation, objective, scipy_lasso
 
 from istanas_tf import lasso
-from lasso_oracle import kkt_violation, objective, scipy_lasso
 
 LAM = 1e-5
 NODE_WIDTHS = (14, 21, 28, 35)  # n_j = 7 (j + 2)

@@ -1,9 +1,15 @@
-"""Runs train/main.py in a subprocess, as a user would, for the end-to-end tests."""
+"""Runs train/main.py in a subprocess, as a user would, and reads what a run leaves.
+
+Shared by the end-to-end tests of the three kinds of run.
+"""
 
 import json
 import pathlib
 import subprocess
 import sys
+
+import pytest
+import tensorflow as tf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = str(REPO / "train" / "main.py")
@@ -15,6 +21,42 @@ def run_main(args, timeout=900):
                           timeout=timeout, cwd=REPO)
 
 
+def run_to_completion(args, timeout=900):
+    """``run_main(args)``, asserting that it succeeded (its stderr tail otherwise)."""
+    result = run_main(args, timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def last_json(result):
     """The JSON object a finished command prints as its last line of stdout."""
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def checkpoint_state(model_dir, required_parts):
+    """Every saved variable of a run's latest checkpoint, by key.
+
+    Asserts that each of ``required_parts`` is part of some key, so that a comparison of
+    two states cannot pass on a checkpoint that lost a group of variables.
+    """
+    reader = tf.train.load_checkpoint(str(pathlib.Path(model_dir) / "checkpoints"))
+    keys = [k for k in reader.get_variable_to_shape_map() if not k.startswith("_")
+            and "save_counter" not in k]
+    for part in required_parts:
+        assert any(part in k for k in keys), part
+    return {k: reader.get_tensor(k) for k in keys}
+
+
+def assert_evaluations_match(summary, model_dir, data_flags, examples, tolerance):
+    """``--mode=eval`` of the run's SavedModel and of its run directory give the top-1
+    and top-5 the run reported, on ``examples`` test images; returns the evaluations."""
+    evaluations = []
+    for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
+        result = run_main(["--mode=eval", source, *data_flags], timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        evaluation = last_json(result)
+        assert evaluation["examples"] == examples
+        assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=tolerance)
+        assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=tolerance)
+        evaluations.append(evaluation)
+    return evaluations

@@ -4,10 +4,7 @@ import math
 
 import pytest
 
-from istanas_tf import genotypes
-from istanas_tf import network_size
-from istanas_tf import networks
-
+from istanas_tf import genotypes, network_size, networks
 
 # ---------------------------------------------------------------------------------------
 # Independent oracle: the DARTS PyTorch networks counted by hand, layer by layer.

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from istanas_tf import genotypes
-from istanas_tf import networks
+from istanas_tf import genotypes, networks
 
 
 def test_auxiliary_logits_only_in_training():

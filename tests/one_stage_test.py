@@ -11,17 +11,19 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from main_runner import (
+    MAIN,
+    REPO,
+    assert_evaluations_match,
+    checkpoint_state,
+    last_json,
+    run_main,
+    run_to_completion,
+)
 
-from istanas_tf import absorption
-from istanas_tf import data
-from istanas_tf import genotypes
-from istanas_tf import network_size
-from istanas_tf import optimizers
-from istanas_tf import search_model
+from istanas_tf import absorption, data, genotypes, network_size, optimizers, search_model
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import one_stage
-from istanas_tf.training import restore
-from main_runner import MAIN, REPO, last_json, run_main
+from istanas_tf.training import one_stage, restore
 
 CELL_TYPES = genotypes.CELL_TYPES
 
@@ -271,21 +273,15 @@ def _rows(model_dir):
 
 
 def _final_state(model_dir):
-    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
-    keys = [k for k in reader.get_variable_to_shape_map() if not k.startswith("_")
-            and "save_counter" not in k]
-    for part in ("normal_code.Sb_0", "normal_frozen", "one_stage_node_stop_epoch",
-                 "drop_path_rate", "moving_mean", "arch_optimizer"):
-        assert any(part in k for k in keys), part
-    return {k: reader.get_tensor(k) for k in keys}
+    return checkpoint_state(model_dir, (
+        "normal_code.Sb_0", "normal_frozen", "one_stage_node_stop_epoch", "drop_path_rate",
+        "moving_mean", "arch_optimizer"))
 
 
 @pytest.fixture(scope="module")
 def finished_run(cifar10_folder, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("one_stage")
-    result = run_main(_tiny_flags(cifar10_folder, model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return model_dir, last_json(result)
+    return model_dir, last_json(run_to_completion(_tiny_flags(cifar10_folder, model_dir)))
 
 
 def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
@@ -311,14 +307,9 @@ def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
     assert summary["test_examples"] == 160
 
     # The SavedModel (and the run directory) evaluate to the accuracy the run reported.
-    common = [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=16"]
-    for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
-        result = run_main(["--mode=eval", source, *common], timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        evaluation = last_json(result)
-        assert evaluation["examples"] == 160
-        assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=1e-9)
-        assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=1e-9)
+    assert_evaluations_match(summary, model_dir, [f"--dataset=folder:{cifar10_folder}",
+                                                  "--max_examples_per_class=16"],
+                             examples=160, tolerance=1e-9)
 
 
 def test_rerun_of_a_finished_run_changes_nothing(finished_run, cifar10_folder):

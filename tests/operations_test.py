@@ -1,11 +1,11 @@
 """Numeric tests of the candidate ops against hand computations and a numpy reference."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
-from istanas_tf import genotypes
+from istanas_tf import blocks, genotypes
 from istanas_tf import operations as ops
 
 
@@ -41,7 +41,7 @@ def test_symmetric_conv_matches_pytorch_padding(kernel_size, stride, dilation, d
                                                 size):
     rng = np.random.default_rng(0)
     x = rng.normal(size=[1, size, size, 3]).astype(np.float32)
-    layer = ops.SymmetricConv(4, kernel_size, stride, dilation, depthwise=depthwise)
+    layer = blocks.SymmetricConv(4, kernel_size, stride, dilation, depthwise=depthwise)
     y = layer(x).numpy()[0]
     kernel = layer.conv.weights[0].numpy()
     expected = reference_conv(x[0].astype(np.float64), kernel.astype(np.float64), stride,
@@ -54,7 +54,7 @@ def test_stride2_samples_pytorch_positions_not_tf_same():
     # A 1x1-centred delta kernel at stride 2 must return the even pixels (0, 2, 4, ...),
     # the centres symmetric padding gives; TF 'same' would return the odd ones.
     x = np.arange(36, dtype=np.float32).reshape([1, 6, 6, 1])
-    layer = ops.SymmetricConv(1, 3, stride=2)
+    layer = blocks.SymmetricConv(1, 3, stride=2)
     layer(x)
     kernel = np.zeros([3, 3, 1, 1], np.float32)
     kernel[1, 1] = 1.0
@@ -103,15 +103,15 @@ def test_factorized_reduce_reads_shifted_input():
     layer.conv1.kernel.assign(identity)
     layer.conv2.kernel.assign(identity)
     y = layer(x, training=False).numpy()[0]
-    scale = 1.0 / np.sqrt(1.0 + ops.BN_EPSILON)  # fresh BN: mean 0, variance 1
+    scale = 1.0 / np.sqrt(1.0 + blocks.BN_EPSILON)  # fresh BN: mean 0, variance 1
     np.testing.assert_allclose(y[..., :2], x[0, ::2, ::2] * scale, rtol=1e-6)
     np.testing.assert_allclose(y[..., 2:], x[0, 1::2, 1::2] * scale, rtol=1e-6)
 
 
 def test_batch_norm_uses_pytorch_eps_and_momentum():
-    bn = ops.batch_norm()
+    bn = blocks.batch_norm()
     assert bn.epsilon == 1e-5 and bn.momentum == 0.9
-    bn_free = ops.batch_norm(affine=False)
+    bn_free = blocks.batch_norm(affine=False)
     bn_free.build((None, 4, 4, 3))
     assert bn_free.trainable_weights == []
 
@@ -144,14 +144,14 @@ def test_op_parameter_counts(name, stride, options, expected):
 
 
 ALL_LAYERS = [
-    ops.SymmetricConv(4, 3, 2, 1, depthwise=False),
+    blocks.SymmetricConv(4, 3, 2, 1, depthwise=False),
     ops.ReLUConvBN(4, 1, 1, affine=False),
     ops.SepConv(4, 5, 2, affine=True),
     ops.DilConv(4, 3, 1, 2, affine=False),
     ops.FactorizedReduce(4),
     ops.Pool("avg", 2, bn=True, affine=False),
     ops.Identity(bn=True),
-    ops.DropPath(seed=3),
+    blocks.DropPath(seed=3),
 ]
 
 
@@ -163,7 +163,7 @@ def test_config_round_trip(layer):
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(restored) is type(layer)
     x = np.random.default_rng(0).normal(size=[2, 8, 8, 4]).astype(np.float32)
-    if not isinstance(layer, ops.DropPath):
+    if not isinstance(layer, blocks.DropPath):
         y = layer(x)
         restored(x)
         restored.set_weights(layer.get_weights())
@@ -172,7 +172,7 @@ def test_config_round_trip(layer):
 
 def test_drop_path_identity_at_inference_and_unbiased_in_training():
     x = tf.ones([20000, 1, 1, 1])
-    layer = ops.DropPath(seed=0)
+    layer = blocks.DropPath(seed=0)
     np.testing.assert_array_equal(layer(x, rate=0.3, training=False), x)
     y = layer(x, rate=0.3, training=True).numpy().ravel()
     # Each sample is either dropped (0) or scaled by 1 / 0.7.

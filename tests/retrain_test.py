@@ -8,29 +8,26 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from main_runner import REPO, assert_evaluations_match, last_json, run_main, run_to_completion
 from PIL import Image
 
-from istanas_tf import data
-from istanas_tf import search_model
+from istanas_tf import data, search_model
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import retrain
-from istanas_tf.training import two_stage
-from main_runner import REPO, last_json, run_main
+from istanas_tf.training import retrain, two_stage
 
 
-
+def _tiny_flags(folder, model_dir):
+    """The retraining CPU config, smaller: 60 images per class, C = 4, 3 cells, 3 epochs."""
+    return [f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
+            f"--dataset=folder:{folder}", f"--model_dir={model_dir}",
+            "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
+            "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"]
 
 
 @pytest.fixture(scope="module")
 def trained_run(cifar10_folder, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("train")
-    result = run_main([
-        f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
-        f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
-        "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
-        "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return model_dir, last_json(result)
+    return model_dir, last_json(run_to_completion(_tiny_flags(cifar10_folder, model_dir)))
 
 
 def test_cpu_config_trains_exports_and_reports_top1_top5(trained_run):
@@ -47,24 +44,15 @@ def test_cpu_config_trains_exports_and_reports_top1_top5(trained_run):
 
 def test_export_and_checkpoint_evaluate_to_the_reported_accuracy(trained_run, cifar10_folder):
     model_dir, summary = trained_run
-    common = [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=60"]
-    for source in (f"--saved_model={summary['export']}", f"--model_dir={model_dir}"):
-        result = run_main(["--mode=eval", source, *common], timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        evaluation = last_json(result)
-        assert evaluation["examples"] == 600
-        assert evaluation["top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
-        assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=1e-6)
+    for evaluation in assert_evaluations_match(
+            summary, model_dir, [f"--dataset=folder:{cifar10_folder}",
+                                 "--max_examples_per_class=60"], examples=600, tolerance=1e-6):
         assert set(evaluation["per_class_accuracy"]) >= {"airplane", "truck"}
 
 
 def test_rerun_of_a_finished_run_exports_nothing_new(trained_run, cifar10_folder):
     model_dir, summary = trained_run
-    result = run_main([
-        f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
-        f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
-        "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
-        "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"])
+    result = run_main(_tiny_flags(cifar10_folder, model_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     assert last_json(result) == summary
     assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]

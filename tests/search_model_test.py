@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from istanas_tf import optimizers
-from istanas_tf import search_model
+from istanas_tf import optimizers, search_model
 
 TINY = dict(num_classes=10, channels=4, layers=3, seed=0)
 

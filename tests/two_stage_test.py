@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,14 +10,11 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from main_runner import MAIN, REPO, checkpoint_state, run_main, run_to_completion
 
-from istanas_tf import data
-from istanas_tf import genotypes
-from istanas_tf import search_model
+from istanas_tf import data, genotypes, search_model
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import steps
-from istanas_tf.training import two_stage
-from main_runner import MAIN, REPO, run_main
+from istanas_tf.training import steps, two_stage
 
 EPOCHS = 3
 
@@ -37,23 +33,17 @@ def _tiny_flags(folder, model_dir, **overrides):
 
 
 def _final_state(model_dir):
-    """Every saved variable of the final checkpoint (model and optimizers), by key."""
-    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
-    keys = [k for k in reader.get_variable_to_shape_map() if not k.startswith("_")
-            and "save_counter" not in k]
-    # The architecture state and the weights of every cell must be in there.
-    for part in ("normal_code.Sb_0", "reduce_code.Sz", "normal_code.Ssupport",
-                 "cell1.Spreprocess0", "moving_mean"):
-        assert any(part in k for k in keys), part
-    return {k: reader.get_tensor(k) for k in keys}
+    """Every saved variable of the final checkpoint: the architecture state and the
+    weights of every cell must be in there."""
+    return checkpoint_state(model_dir, ("normal_code.Sb_0", "reduce_code.Sz",
+                                        "normal_code.Ssupport", "cell1.Spreprocess0",
+                                        "moving_mean"))
 
 
 @pytest.fixture(scope="module")
 def finished_run(cifar10_folder, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("search")
-    result = run_main(_tiny_flags(cifar10_folder, model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return model_dir, result
+    return model_dir, run_to_completion(_tiny_flags(cifar10_folder, model_dir))
 
 
 def test_search_writes_every_artifact(finished_run):

@@ -50,24 +50,25 @@ def _mode_defaults(flag: str) -> str:
     return " (default: " + ", ".join(f"{mode} {value}" for mode, value in found.items()) + ")"
 
 
-def define_flags() -> None:
-    """Defines the flags (in a function so tests can import this module)."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the flags (in a function so tests can import this module and define them
+    on their own ``flag_values``)."""
 
-    def setting(kind, name, help_text, **kwargs):
+    def setting(kind, name, help_text):
         definer = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
                    "bool": flags.DEFINE_boolean, "str": flags.DEFINE_string,
                    "list": flags.DEFINE_list}[kind]
-        definer(name, None, help_text + _mode_defaults(name), **kwargs)
+        definer(name, None, help_text + _mode_defaults(name), flag_values=flag_values)
 
-    flags.DEFINE_enum("mode", "search", MODES, "What to run.")
+    flags.DEFINE_enum("mode", "search", MODES, "What to run.", flag_values=flag_values)
     flags.DEFINE_enum("method", "ista", METHODS,
                       "search: ista (two-stage ISTA-NAS), darts (dense first-order DARTS) "
                       "or ista_onestage (search and train the target network in one run, "
-                      "then absorb and export).")
-    flags.DEFINE_string("model_dir", None, "Run directory; rerunning the command resumes.")
+                      "then absorb and export).", flag_values=flag_values)
+    flags.DEFINE_string("model_dir", None, "Run directory; rerunning the command resumes.", flag_values=flag_values)
     flags.DEFINE_string("genotype", "ISTA_twostage",
-                        "train, describe: a named genotype or a genotype .json file.")
-    flags.DEFINE_string("diagram", None, "describe: also write the cells' diagram (PNG) here.")
+                        "train, describe: a named genotype or a genotype .json file.", flag_values=flag_values)
+    flags.DEFINE_string("diagram", None, "describe: also write the cells' diagram (PNG) here.", flag_values=flag_values)
     # The network.
     setting("int", "init_channels", "Initial channels C (train and describe: None is the "
                                     "dataset family's default, 36 CIFAR / 48 ImageNet).")
@@ -119,13 +120,13 @@ def define_flags() -> None:
                                  "(unset: MODEL_DIR/export).")
     setting("str", "model_name", "SavedModel name (TF Serving).")
     flags.DEFINE_integer("version", None,
-                         "export: SavedModel version (default: one more than the largest).")
+                         "export: SavedModel version (default: one more than the largest).", flag_values=flag_values)
     flags.DEFINE_boolean("overwrite", False,
-                         "export: replace an existing SavedModel version directory.")
+                         "export: replace an existing SavedModel version directory.", flag_values=flag_values)
     flags.DEFINE_string("saved_model", None,
                         "eval: a SavedModel version directory to evaluate instead of "
-                        "--model_dir's checkpoint.")
-    flags.DEFINE_enum("split", "test", ["test", "train"], "eval: the split to evaluate.")
+                        "--model_dir's checkpoint.", flag_values=flag_values)
+    flags.DEFINE_enum("split", "test", ["test", "train"], "eval: the split to evaluate.", flag_values=flag_values)
     # Data.
     setting("str", "dataset", "cifar10 | cifar100 | imagenet2012 | folder:PATH "
                               "(PATH/<split>/<class>/*.jpg|png).")

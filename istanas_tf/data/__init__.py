@@ -50,12 +50,27 @@ Modules, each importing only those above it:
 * ``pipeline``: ``make_dataset``, ``distributed_dataset``, batching and shuffles.
 """
 
-from istanas_tf.data.augment import (CIFAR_PADDING, COLOR_JITTER, HUE_JITTER,
-                                     IMAGENET_AREA_RANGE, IMAGENET_RATIO_RANGE,
-                                     IMAGENET_RESIZE, color_jitter, cutout,
-                                     flip_left_right, normalize, pad_and_crop)
-from istanas_tf.data.config import (FOLDER_PREFIX, IMAGENET_CROP, SPLITS, VALID_DATASETS,
-                                    DataConfig, DataError)
+from istanas_tf.data.augment import (
+                                     CIFAR_PADDING,
+                                     COLOR_JITTER,
+                                     HUE_JITTER,
+                                     IMAGENET_AREA_RANGE,
+                                     IMAGENET_RATIO_RANGE,
+                                     IMAGENET_RESIZE,
+                                     color_jitter,
+                                     cutout,
+                                     flip_left_right,
+                                     normalize,
+                                     pad_and_crop,
+)
+from istanas_tf.data.config import (
+                                     FOLDER_PREFIX,
+                                     IMAGENET_CROP,
+                                     SPLITS,
+                                     VALID_DATASETS,
+                                     DataConfig,
+                                     DataError,
+)
 from istanas_tf.data.folders import SMALL_IMAGE_MAX_SIDE
 from istanas_tf.data.info import DatasetInfo, num_examples, steps_per_epoch
 from istanas_tf.data.pipeline import check_divisible, distributed_dataset, make_dataset

@@ -10,9 +10,9 @@ import itertools
 import json
 import os
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from istanas_tf.data.config import DECODE_BATCH, IMAGENET_CROP, DataConfig, DataError
 from istanas_tf.data.info import DatasetInfo, Source, to_cpu

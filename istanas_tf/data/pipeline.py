@@ -11,9 +11,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from istanas_tf.data.augment import (CIFAR_PADDING, cutout, flip_left_right,
-                                     imagenet_eval_image, imagenet_train_image, normalize,
-                                     pad_and_crop)
+from istanas_tf.data.augment import (
+    CIFAR_PADDING,
+    cutout,
+    flip_left_right,
+    imagenet_eval_image,
+    imagenet_train_image,
+    normalize,
+    pad_and_crop,
+)
 from istanas_tf.data.config import IMAGENET_CROP, DataConfig, DataError
 from istanas_tf.data.info import DatasetInfo
 

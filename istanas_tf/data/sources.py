@@ -8,12 +8,11 @@ import dataclasses
 import os
 from typing import Sequence
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
-from istanas_tf.data.config import (DECODE_BATCH, IMAGENET_CROP, TFDS_DATASETS, DataConfig,
-                                    DataError)
+from istanas_tf.data.config import DECODE_BATCH, IMAGENET_CROP, TFDS_DATASETS, DataConfig, DataError
 from istanas_tf.data.folders import folder_info
 from istanas_tf.data.info import DatasetInfo, Source, to_cpu
 

@@ -13,11 +13,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from istanas_tf import data
-from istanas_tf import genotypes
-from istanas_tf import networks
-from istanas_tf import optimizers
-from istanas_tf import search_model
+from istanas_tf import data, genotypes, networks, optimizers, search_model
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import runtime
 

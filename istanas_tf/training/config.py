@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from istanas_tf import genotypes
-from istanas_tf import networks
+from istanas_tf import genotypes, networks
 from istanas_tf.data import DataConfig
 from istanas_tf.search_model import SearchNetworkConfig
 
@@ -150,8 +149,25 @@ class ArchitectureOptimizerConfig:
         ])
 
 
+class _RunSettings:
+    """What the three mode configs share: validation, the loop first, then the mode's own
+    checks (``checks()``), then each nested config that the mode has."""
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """The mode's own (ok, message) checks."""
+        return []
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag of the first invalid setting."""
+        self.loop.validate()
+        _check(self.checks())
+        for part in ("arch", "network", "data"):
+            if hasattr(self, part):
+                getattr(self, part).validate()
+
+
 @dataclasses.dataclass(frozen=True)
-class TwoStageConfig:
+class TwoStageConfig(_RunSettings):
     """A two-stage search (METHOD.md section 3), ISTA-NAS or the DARTS baseline.
 
     Attributes:
@@ -170,16 +186,9 @@ class TwoStageConfig:
     loop: LoopConfig = LoopConfig()
     arch: ArchitectureOptimizerConfig = ArchitectureOptimizerConfig()
 
-    def validate(self) -> None:
-        """Raises ValueError naming the flag of the first invalid setting."""
-        self.loop.validate()
-        self.arch.validate()
-        self.network.validate()
-        self.data.validate()
-
 
 @dataclasses.dataclass(frozen=True)
-class OneStageConfig:
+class OneStageConfig(_RunSettings):
     """A one-stage run (METHOD.md section 4): search, then train, absorb and export.
 
     Attributes:
@@ -216,10 +225,8 @@ class OneStageConfig:
     export_dir: str | None = None
     model_name: str = "istanas"
 
-    def validate(self) -> None:
-        """Raises ValueError naming the flag of the first invalid setting."""
-        self.loop.validate()
-        _check([
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.network.one_stage,
              "the one-stage run needs SearchNetworkConfig(one_stage=True)"),
             (_is_int(self.search_epochs) and self.search_epochs >= 1,
@@ -230,14 +237,11 @@ class OneStageConfig:
              f"--freeze_tolerance must be >= 0, got {self.freeze_tolerance}"),
             (_is_int(self.max_params) and self.max_params >= 1,
              f"--max_params must be >= 1, got {self.max_params}"),
-        ])
-        self.arch.validate()
-        self.network.validate()
-        self.data.validate()
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_RunSettings):
     """Retraining a genotype from scratch (METHOD.md section 5), then exporting it.
 
     Attributes:
@@ -280,10 +284,8 @@ class TrainConfig:
     export_dir: str | None = None
     model_name: str = "istanas"
 
-    def validate(self) -> None:
-        """Raises ValueError naming the flag of the first invalid setting."""
-        self.loop.validate()
-        _check([
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.lr_schedule in LR_SCHEDULES,
              f"--lr_schedule={self.lr_schedule!r} is not valid; valid: "
              f"{', '.join(LR_SCHEDULES)}"),
@@ -298,8 +300,7 @@ class TrainConfig:
             (self.layers is None or (_is_int(self.layers) and self.layers >= 3),
              f"--layers must be at least 3 (the reductions sit at cells layers//3 and "
              f"2*layers//3 and must be distinct), got {self.layers}"),
-        ])
-        self.data.validate()
+        ]
 
     def network_settings(self, family: str) -> tuple[int, int]:
         """``(channels, layers)`` for a dataset family: the flags, else its defaults."""

@@ -24,18 +24,9 @@ from typing import Any
 
 from absl import logging
 
-from istanas_tf import absorption
-from istanas_tf import data
-from istanas_tf import export
-from istanas_tf import genotypes
-from istanas_tf import network_size
-from istanas_tf import search_model
-from istanas_tf import stopping
-from istanas_tf.training import builders
+from istanas_tf import absorption, export, genotypes, network_size, search_model, stopping
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import evaluate
-from istanas_tf.training import run_dir
-from istanas_tf.training import runtime
+from istanas_tf.training import evaluate, run_dir, runtime, search_run
 from istanas_tf.training import state as state_lib
 from istanas_tf.training import steps as steps_lib
 
@@ -70,7 +61,7 @@ def _cifar_sized(info) -> None:
                          "(ImageNet-sized input is not supported)")
 
 
-class OneStageRun:
+class OneStageRun(search_run.SearchRun):
     """Builds (or restores) a one-stage run; ``run()`` runs what is left of it.
 
     Run state beyond the model and optimizers (checkpointed with them): the epoch
@@ -80,44 +71,23 @@ class OneStageRun:
     """
 
     def __init__(self, config: config_lib.OneStageConfig):
-        self.config = config
-        setup = runtime.start(config, check_data=_cifar_sized)
-        self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
-        self.model, self.weight_optimizer, self.arch_optimizer = \
-            builders.build_search_model(config, self.strategy, self.info)
-        with self.strategy.scope():
-            self.progress = state_lib.OneStageProgress()
-            self.state = state_lib.RunState(config.model_dir, self.strategy, {
-                "model": self.model.variables,
-                "weight_optimizer": self.weight_optimizer.variables,
-                "arch_optimizer": self.arch_optimizer.variables,
-                "one_stage": self.progress.variables})
-        if self.state.restore():
-            self.model.sync_supports()
-        self._trace_steps()
+        super().__init__(config, check_data=_cifar_sized)
 
-    def _trace_steps(self) -> None:
-        """New step functions: the support and the frozen set are baked into the traces."""
-        self._train_fn = steps_lib.distributed_step(self.strategy, self.model.train_step,
-                                                    self.model)
-        self._eval_fn = steps_lib.distributed_step(self.strategy, self.model.test_step,
-                                                   self.model)
+    def _extra_state(self) -> dict[str, list]:
+        self.progress = state_lib.OneStageProgress()
+        return {"one_stage": self.progress.variables}
 
     def _train_epoch(self, epoch: int, steps: int) -> dict[str, float]:
         """One epoch of one-stage steps on the full training split (cutout), then the
         super-net in inference mode on the test split (reported, not used)."""
-        config, loop = self.config, self.config.loop
-        dataset = data.distributed_dataset(
-            self.strategy, config.data, self.info, "train", training=True,
-            global_batch_size=loop.batch_size, cutout=config.data.cutout_length > 0,
-            epoch_seed=epoch)
-        logs, train_time, _ = steps_lib.run_train_steps(
-            self._train_fn, self.model, dataset, steps, epoch=epoch,
-            model_dir=config.model_dir, verbose=loop.verbose and self.chief)
+        config = self.config
+        logs, train_time, _ = steps_lib.train_on_split(
+            self.train_fn, self.model, self.strategy, config, self.info, "train",
+            epoch=epoch, steps=steps, chief=self.chief, cutout=config.data.cutout_length > 0)
         return {**logs, "train_time_s": train_time, **steps_lib.evaluate_split(
-            self._eval_fn, self.model, self.strategy, config.data, self.info, "test",
-            batch_size=loop.batch_size, max_steps=loop.eval_steps, prefix="test",
-            keys=("loss", "accuracy"))}
+            self.eval_fn, self.model, self.strategy, config.data, self.info, "test",
+            batch_size=config.loop.batch_size, max_steps=config.loop.eval_steps,
+            prefix="test", keys=("loss", "accuracy"))}
 
     def run(self) -> dict[str, Any]:
         """Runs the rest of the search, the training phase, then absorbs and exports."""
@@ -167,7 +137,7 @@ class OneStageRun:
             if epoch + 1 >= config.search_epochs:
                 self._force_stop(epoch + 1)
         if (self.model.supports, self.model.frozen_nodes) != architecture_before:
-            self._trace_steps()  # the steps run other ops or train other variables
+            self.trace_steps()  # the steps run other ops or train other variables
         genotype = self.model.genotype()
         row.update(frozen={t: list(flags) for t, flags in self.model.frozen_nodes.items()},
                    params=self.model.evaluation_parameter_count(),

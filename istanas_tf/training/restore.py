@@ -15,14 +15,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from istanas_tf import absorption
-from istanas_tf import data
-from istanas_tf import export
-from istanas_tf import genotypes
-from istanas_tf import network_size
-from istanas_tf.training import builders
+from istanas_tf import absorption, data, export, genotypes, network_size
+from istanas_tf.training import builders, run_dir
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir
 from istanas_tf.training import state as state_lib
 
 

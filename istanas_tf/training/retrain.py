@@ -15,14 +15,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from istanas_tf import data
-from istanas_tf import export
-from istanas_tf import genotypes
-from istanas_tf import network_size
-from istanas_tf.training import builders
+from istanas_tf import export, genotypes, network_size
+from istanas_tf.training import builders, run_dir, runtime
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir
-from istanas_tf.training import runtime
 from istanas_tf.training import state as state_lib
 from istanas_tf.training import steps as steps_lib
 
@@ -105,13 +100,9 @@ class TrainRun:
         self.optimizer.learning_rate = lr
         drop_path = config.drop_path_prob * epoch / loop.epochs  # DARTS' linear ramp
         self.model.drop_path_rate.assign(drop_path)
-        dataset = data.distributed_dataset(
-            self.strategy, config.data, self.info, "train", training=True,
-            global_batch_size=loop.batch_size, cutout=config.data.cutout_length > 0,
-            epoch_seed=epoch)
-        logs, train_time, _ = steps_lib.run_train_steps(
-            self._train_fn, self.model, dataset, steps, epoch=epoch,
-            model_dir=config.model_dir, verbose=loop.verbose and self.chief)
+        logs, train_time, _ = steps_lib.train_on_split(
+            self._train_fn, self.model, self.strategy, config, self.info, "train",
+            epoch=epoch, steps=steps, chief=self.chief, cutout=config.data.cutout_length > 0)
         eval_logs = self.evaluate(loop.eval_steps)
         row = {"epoch": epoch + 1, "lr": lr, "drop_path_rate": drop_path, **logs,
                **eval_logs, "train_time_s": train_time}

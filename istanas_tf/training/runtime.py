@@ -97,13 +97,11 @@ class Runtime:
       strategy: the run's tf.distribute strategy.
       chief: this process writes the run directory.
       info: the loaded dataset.
-      resumed: the run directory already held this run.
     """
 
     strategy: tf.distribute.Strategy
     chief: bool
     info: data.DatasetInfo
-    resumed: bool
 
 
 def start(config: config_lib.RunConfig, check_data=None, **resolved) -> Runtime:
@@ -128,12 +126,10 @@ def start(config: config_lib.RunConfig, check_data=None, **resolved) -> Runtime:
     info = data.get_dataset_info(config.data)
     if check_data is not None:
         check_data(info)
-    resumed = bool(tf.train.latest_checkpoint(run_dir.path(config.model_dir,
-                                                           run_dir.CHECKPOINTS)))
     # Only the chief records the settings: workers share the run directory, and two
     # writers would race on run_config.json's temporary file.
     if chief:
-        settings = config_lib.recorded_settings(config, **resolved)
-        resumed = run_dir.check_run_config(config.model_dir, settings)
+        run_dir.check_run_config(config.model_dir,
+                                 config_lib.recorded_settings(config, **resolved))
         run_dir.write_dataset_info(config.model_dir, info)
-    return Runtime(strategy=strategy, chief=chief, info=info, resumed=resumed)
+    return Runtime(strategy=strategy, chief=chief, info=info)

@@ -16,9 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from istanas_tf import genotypes
-from istanas_tf.training import run_dir
-from istanas_tf.training import runtime
-from istanas_tf.training import summaries
+from istanas_tf.training import run_dir, runtime, summaries
 
 
 def variables_by_path(variables) -> dict[str, Any]:

@@ -113,6 +113,23 @@ def run_train_steps(step_fn: Callable, model, batches, steps: int, *, epoch: int
     return logs, end - start, step_time
 
 
+def train_on_split(step_fn: Callable, model, strategy: tf.distribute.Strategy, config,
+                   info: data.DatasetInfo, split: str, *, epoch: int, steps: int,
+                   chief: bool, cutout: bool = False):
+    """One epoch of ``step_fn`` on ``split``'s training pipeline (``run_train_steps``).
+
+    Args:
+      config: the run's config (its ``data``, ``loop`` and ``model_dir``).
+      epoch: 0-based; seeds the epoch's shuffle and augmentation (resumes see the same).
+      cutout: apply the data config's cutout.
+    """
+    dataset = data.distributed_dataset(strategy, config.data, info, split, training=True,
+                                       global_batch_size=config.loop.batch_size,
+                                       cutout=cutout, epoch_seed=epoch)
+    return run_train_steps(step_fn, model, dataset, steps, epoch=epoch,
+                           model_dir=config.model_dir, verbose=config.loop.verbose and chief)
+
+
 def evaluate_split(eval_fn: Callable, model, strategy: tf.distribute.Strategy,
                    data_config: data.DataConfig, info: data.DatasetInfo, split: str, *,
                    batch_size: int, max_steps: int | None, prefix: str,

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import diagram
-from istanas_tf import genotypes
+from istanas_tf import diagram, genotypes
 from istanas_tf.training import run_dir
 
 

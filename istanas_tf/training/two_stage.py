@@ -14,16 +14,13 @@ from typing import Any
 
 from absl import logging
 
-from istanas_tf import data
-from istanas_tf import genotypes
-from istanas_tf.training import builders
+from istanas_tf import data, genotypes
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import runtime
-from istanas_tf.training import state as state_lib
+from istanas_tf.training import runtime, search_run
 from istanas_tf.training import steps as steps_lib
 
 
-class TwoStageRun:
+class TwoStageRun(search_run.SearchRun):
     """Builds (or restores) the search of ``config``; ``run()`` runs the remaining epochs.
 
     Attributes:
@@ -33,26 +30,10 @@ class TwoStageRun:
     """
 
     def __init__(self, config: config_lib.TwoStageConfig):
-        self.config = config
-        setup = runtime.start(config)
-        self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
-        self.model, self.weight_optimizer, self.arch_optimizer = \
-            builders.build_search_model(config, self.strategy, self.info)
-        with self.strategy.scope():
-            self.state = state_lib.RunState(config.model_dir, self.strategy, {
-                "model": self.model.variables,
-                "weight_optimizer": self.weight_optimizer.variables,
-                "arch_optimizer": self.arch_optimizer.variables})
-        if self.state.restore():
-            self.model.sync_supports()
-        self._trace_steps()
+        super().__init__(config)
 
-    def _trace_steps(self) -> None:
-        """New step functions: the support (Python data) is baked into their traces."""
-        self._train_fn = steps_lib.distributed_step(
-            self.strategy, lambda w, a: self.model.train_step((w, a)), self.model)
-        self._eval_fn = steps_lib.distributed_step(self.strategy, self.model.test_step,
-                                                   self.model)
+    def _train_step(self, weights_batch, arch_batch):
+        return self.model.train_step((weights_batch, arch_batch))
 
     def run(self) -> dict[str, Any]:
         """Runs the remaining epochs; returns the last epoch's metrics and the genotype."""
@@ -81,10 +62,10 @@ class TwoStageRun:
         self.weight_optimizer.learning_rate = lr
         weights_data, arch_data = self._datasets(epoch)
         logs, train_time, step_time = steps_lib.run_train_steps(
-            lambda pair: self._train_fn(*pair), self.model, zip(weights_data, arch_data),
+            lambda pair: self.train_fn(*pair), self.model, zip(weights_data, arch_data),
             steps, epoch=epoch, model_dir=config.model_dir, verbose=loop.verbose and self.chief)
         eval_logs = steps_lib.evaluate_split(
-            self._eval_fn, self.model, self.strategy, config.data, self.info, "search_arch",
+            self.eval_fn, self.model, self.strategy, config.data, self.info, "search_arch",
             batch_size=loop.batch_size, max_steps=loop.eval_steps, prefix="val",
             keys=("loss", "accuracy"))
 
@@ -109,7 +90,7 @@ class TwoStageRun:
             f"{eval_logs['val_accuracy']:.4f}" if eval_logs else "-",
             step_time, 1e3 * recovery_time, "changed" if changed else "same")
         if changed:
-            self._trace_steps()
+            self.trace_steps()
         return row
 
 

@@ -1,0 +1,64 @@
+"""What the step benchmarks share: network-size flags and a worker per subprocess.
+
+Each configuration runs in a fresh process (``--worker NAME``), so its first step
+includes tracing and its memory is its own; the worker prints one line
+``<prefix><json result>`` that the parent reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+NETWORK_FLAGS = ("batch_size", "channels", "layers", "image_size", "num_classes", "seed")
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's shape: batch 64 of 32x32 images, C = 16, 8 cells, 10 classes."""
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="", help="also write the raw results here")
+
+
+def save_results(args: argparse.Namespace, results: dict) -> None:
+    """Writes the raw results to ``--json`` when it is given."""
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other processes competing for the CPUs), if known."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def run_worker(script: str, name: str, args: argparse.Namespace, extra: list[str],
+               prefix: str) -> tuple[dict | None, float, subprocess.CompletedProcess]:
+    """Runs ``script --worker name`` with the network flags of ``args`` and ``extra``.
+
+    Returns:
+      ``(result or None if the worker printed none, wall seconds, the process)``.
+    """
+    command = [sys.executable, os.path.abspath(script), "--worker", name, *extra]
+    for flag in NETWORK_FLAGS:
+        command += [f"--{flag}", str(getattr(args, flag))]
+    start = time.perf_counter()
+    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    for line in process.stdout.splitlines():
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix):]), wall, process
+    return None, wall, process

@@ -1,0 +1,143 @@
+"""The building blocks of every network here, with the published PyTorch numerics.
+
+- BatchNorm with PyTorch's eps 1e-5 and moving-average momentum 0.9 (PyTorch's 0.1),
+  synchronized across replicas only inside :func:`synchronized_batch_norm`.
+- :class:`SymmetricConv`: padding ``(k - 1) * d / 2`` pixels on every side. At stride 1
+  Keras' ``'same'`` is exactly that for odd kernels; at stride 2 it pads only the
+  bottom/right, which samples different pixels, so strided convs pad explicitly.
+- :class:`DropPath`: a whole sample's path dropped, the kept ones scaled by 1 / keep.
+
+The candidate ops (:mod:`istanas_tf.operations`) and the networks' stems and heads are
+made of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import keras
+import tensorflow as tf
+
+_register = keras.saving.register_keras_serializable(package="istanas_tf")
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+_SYNCHRONIZED = threading.local()
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+    """Within this scope, new BN layers use global-batch statistics under tf.distribute.
+
+    With it, N replicas compute the same BN statistics as one device on the whole batch
+    (the super-net's search then does not depend on the replica count); without it,
+    each replica normalises with its own share of the batch (cheaper on many GPUs).
+    """
+    previous = getattr(_SYNCHRONIZED, "enabled", False)
+    _SYNCHRONIZED.enabled = enabled
+    try:
+        yield
+    finally:
+        _SYNCHRONIZED.enabled = previous
+
+
+def batch_norm(affine: bool = True, name: str | None = None) -> keras.layers.Layer:
+    """BatchNorm with PyTorch's eps and momentum; ``affine=False`` drops gamma and beta."""
+    return keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name,
+        synchronized=getattr(_SYNCHRONIZED, "enabled", False))
+
+
+def pad_symmetric(x: tf.Tensor, pad: int, value: float = 0.0) -> tf.Tensor:
+    """Pads the two spatial axes of an NHWC tensor by ``pad`` on every side."""
+    if pad == 0:
+        return x
+    return tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], constant_values=value)
+
+
+@_register
+class SymmetricConv(keras.layers.Layer):
+    """Conv2D or DepthwiseConv2D (no bias) with PyTorch's symmetric padding.
+
+    Args:
+      filters: output channels (ignored when ``depthwise``: a depthwise conv keeps them).
+      kernel_size: odd spatial kernel size k.
+      stride: 1 or 2.
+      dilation: dilation d; the padding is ``(k - 1) * d / 2``.
+      depthwise: a depthwise (per-channel) conv instead of a full one.
+      padding: explicit symmetric padding; ``None`` means ``(k - 1) * d / 2`` (same size).
+    """
+
+    def __init__(self, filters: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                 depthwise: bool = False, padding: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.depthwise = depthwise
+        self.padding = (kernel_size - 1) * dilation // 2 if padding is None else padding
+        # A dilated strided conv with an even padding reads only even pixels: it equals
+        # an undilated stride-1 conv on the subsampled input (same kernel, padding / d).
+        # TF has no dilated strided depthwise kernel, and this is also 4x cheaper.
+        self._subsample_first = (stride > 1 and dilation == stride
+                                 and self.padding % dilation == 0)
+        conv_dilation = 1 if self._subsample_first else dilation
+        conv_stride = 1 if self._subsample_first else stride
+        self._conv_padding = (self.padding // dilation if self._subsample_first
+                              else self.padding)
+        # 'same' at stride 1 pads (k_eff - 1) / 2 on each side, which is symmetric.
+        effective = (kernel_size - 1) * conv_dilation + 1
+        self._use_same = conv_stride == 1 and self._conv_padding * 2 == effective - 1
+        common = dict(kernel_size=kernel_size, strides=conv_stride, dilation_rate=conv_dilation,
+                      padding="same" if self._use_same else "valid", use_bias=False,
+                      name="depthwise" if depthwise else "conv")
+        if depthwise:
+            self.conv = keras.layers.DepthwiseConv2D(**common)
+        else:
+            self.conv = keras.layers.Conv2D(filters, **common)
+
+    def build(self, input_shape):
+        # The kernel depends only on the channel count; the padded size is known at call.
+        self.conv.build((None, None, None, input_shape[-1]))
+
+    def call(self, x):
+        if self._subsample_first:
+            x = x[:, ::self.stride, ::self.stride, :]
+        if not self._use_same:
+            x = pad_symmetric(x, self._conv_padding)
+        return self.conv(x)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters,
+                "kernel_size": self.kernel_size, "stride": self.stride,
+                "dilation": self.dilation, "depthwise": self.depthwise,
+                "padding": self.padding}
+
+
+@_register
+class DropPath(keras.layers.Layer):
+    """Drops a whole sample's path with probability ``rate`` (training only).
+
+    Keeps the expectation: kept samples are scaled by ``1 / (1 - rate)``. ``rate`` is
+    passed to ``call`` (a float or a scalar tensor, e.g. a variable ramped per epoch).
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, rate=0.0, training=None):
+        if not training:
+            return x
+        keep = 1.0 - tf.cast(rate, x.dtype)
+        noise = keras.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=self.seed_generator,
+                                     dtype=x.dtype)
+        # floor(keep + U[0,1)) is 1 with probability keep; rate 0 keeps everything.
+        mask = tf.floor(keep + noise)
+        return x / keep * mask
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}

@@ -1,0 +1,68 @@
+"""train/cli_flags.py: flags -> configs, with every default taken from the dataclasses."""
+
+import importlib.util
+
+import pytest
+from absl import flags
+
+from istanas_tf.training import config as config_lib
+from main_runner import REPO
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """The flags module of the command line, its flags defined on a private FlagValues."""
+    spec = importlib.util.spec_from_file_location("cli_flags", REPO / "train" / "cli_flags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = flags.FlagValues()
+    module.define_flags(values)
+    return module, values
+
+
+def _parse(cli, *args):
+    module, values = cli
+    values.unparse_flags()
+    values(["main.py", *args])
+    return module, values
+
+
+def test_unset_flags_leave_every_dataclass_default(cli):
+    module, values = _parse(cli, "--model_dir=/tmp/x")
+    assert module.build_config(config_lib.TwoStageConfig, values) == \
+        config_lib.TwoStageConfig(model_dir="/tmp/x")
+    assert module.build_config(config_lib.OneStageConfig, values) == \
+        config_lib.OneStageConfig(model_dir="/tmp/x")
+    assert module.build_config(config_lib.TrainConfig, values) == \
+        config_lib.TrainConfig(model_dir="/tmp/x")
+
+
+def test_given_flags_reach_every_field_they_name(cli):
+    module, values = _parse(cli, "--model_dir=/tmp/x", "--seed=7", "--deterministic",
+                            "--init_channels=0", "--epochs=3", "--arch_learning_rate=1e-4",
+                            "--mean=0.5,0.5,0.5", "--std=0.2,0.2,0.2", "--progress=false")
+    config = module.build_config(config_lib.OneStageConfig, values)
+    assert (config.loop.seed, config.data.seed, config.network.seed) == (7, 7, 7)
+    assert config.loop.deterministic and config.data.deterministic
+    assert config.network.channels == 0  # not swallowed by an `or` default...
+    with pytest.raises(ValueError, match="--init_channels"):
+        config.validate()  # ...but refused, naming the flag
+    assert (config.loop.epochs, config.arch.learning_rate) == (3, 1e-4)
+    assert config.data.mean == (0.5, 0.5, 0.5) and not config.loop.verbose
+    # What a flag does not name keeps the mode's own default.
+    assert config.loop.batch_size == config_lib.OneStageConfig(model_dir="").loop.batch_size
+
+
+def test_search_config_follows_the_method(cli):
+    module, values = _parse(cli, "--model_dir=/tmp/x", "--method=darts")
+    assert module.search_config(values).network.method == "darts"
+    module, values = _parse(cli, "--model_dir=/tmp/x", "--method=ista_onestage")
+    config = module.search_config(values)
+    assert isinstance(config, config_lib.OneStageConfig) and config.network.one_stage
+
+
+def test_help_shows_the_dataclass_defaults_per_mode(cli):
+    _, values = cli
+    assert "two-stage 50, one-stage 600, train 600" in values["epochs"].help
+    assert "two-stage 256, one-stage 96, train 96" in values["batch_size"].help
+    assert "(default: 0.9)" in values["momentum"].help
