@@ -77,16 +77,17 @@ class SymmetricConv(keras.layers.Layer):
         self.stride = stride
         self.dilation = dilation
         self.depthwise = depthwise
-        self.padding = (kernel_size - 1) * dilation // 2 if padding is None else padding
+        # Stored as given, None included, so that the config records the argument
+        # (not a value derived from kernel_size and dilation); pad is the one applied.
+        self.padding = padding
+        pad = (kernel_size - 1) * dilation // 2 if padding is None else padding
         # A dilated strided conv with an even padding reads only even pixels: it equals
         # an undilated stride-1 conv on the subsampled input (same kernel, padding / d).
         # TF has no dilated strided depthwise kernel, and this is also 4x cheaper.
-        self._subsample_first = (stride > 1 and dilation == stride
-                                 and self.padding % dilation == 0)
+        self._subsample_first = (stride > 1 and dilation == stride and pad % dilation == 0)
         conv_dilation = 1 if self._subsample_first else dilation
         conv_stride = 1 if self._subsample_first else stride
-        self._conv_padding = (self.padding // dilation if self._subsample_first
-                              else self.padding)
+        self._conv_padding = pad // dilation if self._subsample_first else pad
         # 'same' at stride 1 pads (k_eff - 1) / 2 on each side, which is symmetric.
         effective = (kernel_size - 1) * conv_dilation + 1
         self._use_same = conv_stride == 1 and self._conv_padding * 2 == effective - 1
