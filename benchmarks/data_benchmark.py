@@ -50,8 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--folder", default=str(CIFAR10_FOLDER))
     parser.add_argument("--max_examples_per_class", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=0,
-                        help="override every row's batch size (0: the paper's)")
+    parser.add_argument(
+        "--batch_size", type=int, default=0, help="override every row's batch size (0: the paper's)"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args()
@@ -59,32 +60,51 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir:
         config = data.DataConfig(
-            dataset=f"folder:{args.folder}", data_dir=cache_dir, seed=0,
-            deterministic=True, cutout_length=16,
-            max_examples_per_class=args.max_examples_per_class)
+            dataset=f"folder:{args.folder}",
+            data_dir=cache_dir,
+            seed=0,
+            deterministic=True,
+            cutout_length=16,
+            max_examples_per_class=args.max_examples_per_class,
+        )
         start = time.perf_counter()
         info = data.get_dataset_info(config)
         seconds = time.perf_counter() - start
         decoded = info.num_train + info.num_test
-        rows.append(("first pass: list + decode + validate + statistics "
-                     "(get_dataset_info)", "-", decoded, decoded / seconds))
+        rows.append(
+            (
+                "first pass: list + decode + validate + statistics (get_dataset_info)",
+                "-",
+                decoded,
+                decoded / seconds,
+            )
+        )
 
         # The paper's settings: two-stage search batches of 256 from the weight half
         # (no cutout); evaluation training batches of 96 with cutout 16 (METHOD.md 3-5).
         for name, split, training, batch_size, cutout in (
-                ("search_weights: pad-crop, flip, normalise", "search_weights", True,
-                 256, False),
-                ("train: pad-crop, flip, normalise, cutout 16", "train", True, 96, True),
-                ("train: pad-crop, flip, normalise, cutout 16", "train", True, 256, True),
-                ("test: normalise (evaluation order)", "test", False, 256, False)):
+            ("search_weights: pad-crop, flip, normalise", "search_weights", True, 256, False),
+            ("train: pad-crop, flip, normalise, cutout 16", "train", True, 96, True),
+            ("train: pad-crop, flip, normalise, cutout 16", "train", True, 256, True),
+            ("test: normalise (evaluation order)", "test", False, 256, False),
+        ):
             batch_size = args.batch_size or batch_size
-            dataset = data.make_dataset(config, info, split, training=training,
-                                        batch_size=batch_size, cutout=cutout, repeat=True)
+            dataset = data.make_dataset(
+                config,
+                info,
+                split,
+                training=training,
+                batch_size=batch_size,
+                cutout=cutout,
+                repeat=True,
+            )
             rate, images = _images_per_second(dataset, args.steps, args.warmup)
             rows.append((name, batch_size, images, rate))
 
-    print(f"\nCIFAR-10 folder {args.folder}: {info.num_train} train / {info.num_test} test "
-          f"images, {os.cpu_count()} CPUs\n")
+    print(
+        f"\nCIFAR-10 folder {args.folder}: {info.num_train} train / {info.num_test} test "
+        f"images, {os.cpu_count()} CPUs\n"
+    )
     print("| pipeline | batch | images | images/s |")
     print("| --- | ---: | ---: | ---: |")
     for name, batch, images, rate in rows:

@@ -45,8 +45,9 @@ def load_average() -> float | None:
         return None
 
 
-def run_worker(script: str, name: str, args: argparse.Namespace, extra: list[str],
-               prefix: str) -> tuple[dict | None, float, subprocess.CompletedProcess]:
+def run_worker(
+    script: str, name: str, args: argparse.Namespace, extra: list[str], prefix: str
+) -> tuple[dict | None, float, subprocess.CompletedProcess]:
     """Runs ``script --worker name`` with the network flags of ``args`` and ``extra``.
 
     Returns:
@@ -60,5 +61,5 @@ def run_worker(script: str, name: str, args: argparse.Namespace, extra: list[str
     wall = time.perf_counter() - start
     for line in process.stdout.splitlines():
         if line.startswith(prefix):
-            return json.loads(line[len(prefix):]), wall, process
+            return json.loads(line[len(prefix) :]), wall, process
     return None, wall, process

@@ -81,10 +81,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=100)
     args = parser.parse_args()
 
-    print(f"CPU cores: {os.cpu_count()}, {platform.processor() or platform.machine()}; "
-          f"TF {tf.__version__}, scipy {scipy.__version__}; lam = {LAM}\n")
-    print("| regime | seed | ours ms | scipy ms | speed-up | max abs rel. objective gap "
-          "| max KKT violation / lam | same top-2 |")
+    print(
+        f"CPU cores: {os.cpu_count()}, {platform.processor() or platform.machine()}; "
+        f"TF {tf.__version__}, scipy {scipy.__version__}; lam = {LAM}\n"
+    )
+    print(
+        "| regime | seed | ours ms | scipy ms | speed-up | max abs rel. objective gap "
+        "| max KKT violation / lam | same top-2 |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = {}
     for regime, scale in REGIMES:
@@ -95,19 +99,25 @@ def main():
             problems = [(A[i, :, :n], b[i]) for i, n in enumerate(NODE_WIDTHS)]
             reference = [scipy_lasso(A_i, b_i) for A_i, b_i in problems]
             ours, theirs = median_ms(
-                [lambda: lasso.solve_lasso(A_t, b_t, LAM).numpy(),
-                 lambda: [scipy_lasso(A_i, b_i) for A_i, b_i in problems]], args.repeats)
+                [
+                    lambda: lasso.solve_lasso(A_t, b_t, LAM).numpy(),
+                    lambda: [scipy_lasso(A_i, b_i) for A_i, b_i in problems],
+                ],
+                args.repeats,
+            )
             gaps, kkt, same = [], [], 0
             for i, (A_i, b_i) in enumerate(problems):
-                z_i = z[i, :A_i.shape[1]]
-                assert np.all(z[i, A_i.shape[1]:] == 0.0), "padding must stay exactly zero"
+                z_i = z[i, : A_i.shape[1]]
+                assert np.all(z[i, A_i.shape[1] :] == 0.0), "padding must stay exactly zero"
                 f_ref = objective(A_i, b_i, reference[i])
                 gaps.append((objective(A_i, b_i, z_i) - f_ref) / f_ref)
                 kkt.append(kkt_violation(A_i, b_i, z_i))
                 same += top2(z_i) == top2(reference[i])
             worst_gap = max(gaps, key=abs)
-            print(f"| {regime} | {seed} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.1f}x "
-                  f"| {worst_gap:.1e} | {max(kkt):.1e} | {same}/8 |")
+            print(
+                f"| {regime} | {seed} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.1f}x "
+                f"| {worst_gap:.1e} | {max(kkt):.1e} | {same}/8 |"
+            )
             summary.setdefault(regime, []).append((ours, theirs))
 
     normal = architecture.ArchitectureEncoding(seed=1, name="normal")
@@ -121,13 +131,16 @@ def main():
             for b in encoding.b:
                 b.assign_add(1e-4 * rng.standard_normal(b.shape).astype(np.float32))
         start = time.perf_counter()
-        for encoding, recovery in zip((normal, reduce),
-                                      architecture.solve_jointly([normal, reduce])):
+        for encoding, recovery in zip(
+            (normal, reduce), architecture.solve_jointly([normal, reduce])
+        ):
             encoding.commit(recovery)
         if repeat:
             times.append(time.perf_counter() - start)
-    print(f"| encodings (solve_jointly + commit, warm start) | - | "
-          f"{1e3 * np.median(times):.2f} | - | - | - | - | - |")
+    print(
+        f"| encodings (solve_jointly + commit, warm start) | - | "
+        f"{1e3 * np.median(times):.2f} | - | - | - | - | - |"
+    )
     print()
     for regime, rows in summary.items():
         ours, theirs = np.median(np.array(rows), axis=0)

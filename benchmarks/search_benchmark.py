@@ -12,8 +12,9 @@ machine of this kind: sparse 1.8 s/step, dense 22 s/step, peak memory 1.4 GB aga
 The step is built as the training loop builds it (``istanas_tf.training``): the model
 and both optimizers as ``training.builders`` makes them for a ``TwoStageRun`` (default
 strategy scope, TorchSGD 0.1 / momentum 0.9 / L2 3e-4 / clip 5, TorchAdam 6e-4 / 0.5 /
-0.999 / L2 1e-3, first recovery), and the step as ``steps.distributed_step`` traces it (a ``tf.function`` running
-``strategy.run(model.train_step)`` and returning the metrics), each step's metrics read
+0.999 / L2 1e-3, first recovery), and the step as ``steps.distributed_step`` traces it
+(a ``tf.function`` running ``strategy.run(model.train_step)`` and returning the
+metrics), each step's metrics read
 back to Python floats as the loop does. Data: random images (N(0, 1)) and labels
 (uniform over 10 classes) from fixed seeds, one weight batch and one architecture batch
 reused every step.
@@ -73,8 +74,10 @@ METHODS = ("ista", "darts")
 DEFAULT_STEPS = {"ista": 5, "darts": 3}
 WARMUP_STEPS = 2
 RESULT_PREFIX = "SEARCH_BENCHMARK_RESULT "
-PUBLISHED = {"ista": {"s_per_step": 1.8, "peak_mb": 1400.0},
-             "darts": {"s_per_step": 22.0, "peak_mb": 9200.0}}
+PUBLISHED = {
+    "ista": {"s_per_step": 1.8, "peak_mb": 1400.0},
+    "darts": {"s_per_step": 22.0, "peak_mb": 9200.0},
+}
 TARGET_TIME_RATIO = 0.1
 TARGET_MEMORY_RATIO = 0.3
 
@@ -119,9 +122,8 @@ def _worker(args: argparse.Namespace) -> dict:
     import tensorflow as tf
 
     from istanas_tf import search_model
-    from istanas_tf.training import builders
+    from istanas_tf.training import builders, runtime
     from istanas_tf.training import config as config_lib
-    from istanas_tf.training import runtime
     from istanas_tf.training import steps as steps_lib
 
     method = args.worker
@@ -133,27 +135,37 @@ def _worker(args: argparse.Namespace) -> dict:
     # the super-net (its first architecture recovered) and both optimizers.
     strategy = runtime.make_strategy("default")
     config = config_lib.TwoStageConfig(
-        model_dir="unused", network=search_model.SearchNetworkConfig(
-            channels=args.channels, layers=args.layers, method=method, seed=args.seed))
+        model_dir="unused",
+        network=search_model.SearchNetworkConfig(
+            channels=args.channels, layers=args.layers, method=method, seed=args.seed
+        ),
+    )
     with strategy.scope():
-        model = builders.search_network(config.network, args.num_classes, args.image_size,
-                                        replicas=strategy.num_replicas_in_sync)
-        model.compile(builders.weight_optimizer(config.loop),
-                      builders.architecture_optimizer(config.arch, None))
+        model = builders.search_network(
+            config.network,
+            args.num_classes,
+            args.image_size,
+            replicas=strategy.num_replicas_in_sync,
+        )
+        model.compile(
+            builders.weight_optimizer(config.loop),
+            builders.architecture_optimizer(config.arch, None),
+        )
     build_s = time.perf_counter() - build_start
 
     shape = [args.batch_size, args.image_size, args.image_size, 3]
     seeds = tf.constant([[args.seed, i] for i in range(4)], tf.int32)
-    weights_batch = (tf.random.stateless_normal(shape, seeds[0]),
-                     tf.random.stateless_uniform([args.batch_size], seeds[1], 0,
-                                                 args.num_classes, tf.int32))
-    arch_batch = (tf.random.stateless_normal(shape, seeds[2]),
-                  tf.random.stateless_uniform([args.batch_size], seeds[3], 0,
-                                              args.num_classes, tf.int32))
+    weights_batch = (
+        tf.random.stateless_normal(shape, seeds[0]),
+        tf.random.stateless_uniform([args.batch_size], seeds[1], 0, args.num_classes, tf.int32),
+    )
+    arch_batch = (
+        tf.random.stateless_normal(shape, seeds[2]),
+        tf.random.stateless_uniform([args.batch_size], seeds[3], 0, args.num_classes, tf.int32),
+    )
 
     # As TwoStageRun._trace_steps / _run_epoch.
-    train_fn = steps_lib.distributed_step(
-        strategy, lambda w, a: model.train_step((w, a)), model)
+    train_fn = steps_lib.distributed_step(strategy, lambda w, a: model.train_step((w, a)), model)
 
     def step() -> float:
         start = time.perf_counter()
@@ -189,8 +201,9 @@ def _worker(args: argparse.Namespace) -> dict:
         "baseline_rss_mb": baseline_rss,
         "peak_before_steps_mb": peak_before_steps,
         "step_peak_rss_mb": step_peak,
-        "step_increment_mb": (None if step_peak is None or baseline_rss is None
-                              else step_peak - baseline_rss),
+        "step_increment_mb": (
+            None if step_peak is None or baseline_rss is None else step_peak - baseline_rss
+        ),
         "peak_rss_mb": _max_rss_mb(),
         "supports": {k: [list(s) for s in v] for k, v in model.supports.items()},
     }
@@ -229,9 +242,11 @@ def _breakdown(model, weights_batch, arch_batch, steps: int) -> dict:
         _apply(model.optimizer, tape.gradient(loss, weight_vars), weight_vars)
         return loss
 
-    parts = {"forward (training mode)": (forward, weights_batch[0]),
-             "architecture step": (arch_step, *arch_batch),
-             "weight step": (weight_step, *weights_batch)}
+    parts = {
+        "forward (training mode)": (forward, weights_batch[0]),
+        "architecture step": (arch_step, *arch_batch),
+        "weight step": (weight_step, *weights_batch),
+    }
     out = {}
     for name, (fn, *fn_args) in parts.items():
         start = time.perf_counter()
@@ -242,9 +257,11 @@ def _breakdown(model, weights_batch, arch_batch, steps: int) -> dict:
             start = time.perf_counter()
             fn(*fn_args).numpy()
             times.append(time.perf_counter() - start)
-        out[name] = {"first_s": first, "median_s": statistics.median(times[1:]),
-                     "graph_ops": len(fn.get_concrete_function(*fn_args).graph
-                                      .get_operations())}
+        out[name] = {
+            "first_s": first,
+            "median_s": statistics.median(times[1:]),
+            "graph_ops": len(fn.get_concrete_function(*fn_args).graph.get_operations()),
+        }
     return out
 
 
@@ -261,8 +278,11 @@ def _parse_steps(text: str, methods) -> dict[str, int]:
 
 def _run_method(method: str, steps: int, args: argparse.Namespace) -> dict:
     extra = ["--steps", str(steps)] + (["--breakdown"] if args.breakdown else [])
-    print(f"[{method}] running {steps} timed steps after {WARMUP_STEPS} warm-up steps ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{method}] running {steps} timed steps after {WARMUP_STEPS} warm-up steps ...",
+        file=sys.stderr,
+        flush=True,
+    )
     result, wall, process = harness.run_worker(__file__, method, args, extra, RESULT_PREFIX)
     if result is not None:
         result["subprocess_wall_s"] = wall
@@ -288,26 +308,34 @@ def _ratio(results, key: str):
 def _print_report(results: dict, args: argparse.Namespace) -> None:
     import tensorflow as tf  # only for the version line
 
-    print(f"\nSearch step (architecture step + weight step), batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}, C = {args.channels}, {args.layers} cells, "
-          f"{args.num_classes} classes; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}; "
-          f"{WARMUP_STEPS} warm-up steps, then the timed steps\n")
-    print("| method | timed steps | s/step (median) | min-max s | first step s (tracing) "
-          "| 2nd step s | build s | peak RSS MB | baseline RSS MB | step peak +MB "
-          "| graph ops | updated weights |")
+    print(
+        f"\nSearch step (architecture step + weight step), batch {args.batch_size}, "
+        f"{args.image_size}x{args.image_size}, C = {args.channels}, {args.layers} cells, "
+        f"{args.num_classes} classes; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}; "
+        f"{WARMUP_STEPS} warm-up steps, then the timed steps\n"
+    )
+    print(
+        "| method | timed steps | s/step (median) | min-max s | first step s (tracing) "
+        "| 2nd step s | build s | peak RSS MB | baseline RSS MB | step peak +MB "
+        "| graph ops | updated weights |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for method, r in results.items():
         label = {"ista": "ista (sparse)", "darts": "darts (dense)"}.get(method, method)
         times = r["step_times_s"]
-        print(f"| {label} | {len(times)} | {r['median_s']:.3f} | "
-              f"{min(times):.2f}-{max(times):.2f} | {r['first_step_s']:.1f} | "
-              f"{_fmt(r['second_step_s'])} | {r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-              f"{_fmt(r['baseline_rss_mb'], '.0f')} | {_fmt(r['step_increment_mb'], '.0f')} | "
-              f"{r['graph_ops']} | {r['updated_weights']}/{r['all_weights']} |")
+        print(
+            f"| {label} | {len(times)} | {r['median_s']:.3f} | "
+            f"{min(times):.2f}-{max(times):.2f} | {r['first_step_s']:.1f} | "
+            f"{_fmt(r['second_step_s'])} | {r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{_fmt(r['baseline_rss_mb'], '.0f')} | {_fmt(r['step_increment_mb'], '.0f')} | "
+            f"{r['graph_ops']} | {r['updated_weights']}/{r['all_weights']} |"
+        )
     for method, published in PUBLISHED.items():
         label = {"ista": "published PyTorch, sparse", "darts": "published PyTorch, dense"}
-        print(f"| {label[method]} | - | {published['s_per_step']:.1f} | - | - | - | - | "
-              f"{published['peak_mb']:.0f} | - | - | - | - |")
+        print(
+            f"| {label[method]} | - | {published['s_per_step']:.1f} | - | - | - | - | "
+            f"{published['peak_mb']:.0f} | - | - | - | - |"
+        )
 
     time_ratio = _ratio(results, "median_s")
     peak_ratio = _ratio(results, "peak_rss_mb")
@@ -318,35 +346,52 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
         verdict = lambda ratio, target: "meets" if ratio <= target else "MISSES"
         print("\n| ratio sparse / dense | this run | target | verdict | published PyTorch |")
         print("| --- | ---: | ---: | --- | ---: |")
-        print(f"| step time (median) | {time_ratio:.3f} | <= {TARGET_TIME_RATIO} | "
-              f"{verdict(time_ratio, TARGET_TIME_RATIO)} | {pub_t:.3f} |")
-        print(f"| peak RSS | {peak_ratio:.3f} | <= {TARGET_MEMORY_RATIO} | "
-              f"{verdict(peak_ratio, TARGET_MEMORY_RATIO)} | {pub_m:.3f} |")
+        print(
+            f"| step time (median) | {time_ratio:.3f} | <= {TARGET_TIME_RATIO} | "
+            f"{verdict(time_ratio, TARGET_TIME_RATIO)} | {pub_t:.3f} |"
+        )
+        print(
+            f"| peak RSS | {peak_ratio:.3f} | <= {TARGET_MEMORY_RATIO} | "
+            f"{verdict(peak_ratio, TARGET_MEMORY_RATIO)} | {pub_m:.3f} |"
+        )
         if inc_ratio is not None:
-            print(f"| step memory increment (peak - baseline) | {inc_ratio:.3f} | "
-                  f"(<= {TARGET_MEMORY_RATIO}) | {verdict(inc_ratio, TARGET_MEMORY_RATIO)} "
-                  f"| - |")
+            print(
+                f"| step memory increment (peak - baseline) | {inc_ratio:.3f} | "
+                f"(<= {TARGET_MEMORY_RATIO}) | {verdict(inc_ratio, TARGET_MEMORY_RATIO)} "
+                f"| - |"
+            )
 
     if args.breakdown:
         print("\n| method | part | first call s (tracing) | median s | graph ops |")
         print("| --- | --- | ---: | ---: | ---: |")
         for method, r in results.items():
             for part, b in r.get("breakdown", {}).items():
-                print(f"| {method} | {part} | {b['first_s']:.1f} | {b['median_s']:.3f} | "
-                      f"{b['graph_ops']} |")
+                print(
+                    f"| {method} | {part} | {b['first_s']:.1f} | {b['median_s']:.3f} | "
+                    f"{b['graph_ops']} |"
+                )
     harness.save_results(args, results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_network_arguments(parser)
-    parser.add_argument("--steps", default="ista=5,darts=3",
-                        help="timed steps after the 2 warm-up steps: one number, or "
-                             "method=N pairs (default ista=5,darts=3)")
-    parser.add_argument("--methods", default="ista,darts",
-                        help="comma-separated methods to run, each in its own subprocess")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time arch step, weight step and forward pass separately")
+    parser.add_argument(
+        "--steps",
+        default="ista=5,darts=3",
+        help="timed steps after the 2 warm-up steps: one number, or "
+        "method=N pairs (default ista=5,darts=3)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="ista,darts",
+        help="comma-separated methods to run, each in its own subprocess",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time arch step, weight step and forward pass separately",
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -91,9 +91,7 @@ def _worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from istanas_tf import network_size
-    from istanas_tf import networks
-    from istanas_tf import optimizers
+    from istanas_tf import network_size, networks, optimizers
     from istanas_tf.training import runtime
     from istanas_tf.training import steps as steps_lib
 
@@ -104,19 +102,31 @@ def _worker(args: argparse.Namespace) -> dict:
     strategy = runtime.make_strategy("default")
     with strategy.scope():
         model = networks.build_network(
-            "cifar", GENOTYPE, args.channels, args.layers, args.num_classes,
-            args.image_size, auxiliary=True, bn_after_param_free_ops=False,
-            seed=args.seed, name="network")
-        optimizer = optimizers.TorchSGD(LEARNING_RATE, momentum=MOMENTUM, l2=WEIGHT_DECAY,
-                                        clip_global_norm=GRAD_CLIP)
+            "cifar",
+            GENOTYPE,
+            args.channels,
+            args.layers,
+            args.num_classes,
+            args.image_size,
+            auxiliary=True,
+            bn_after_param_free_ops=False,
+            seed=args.seed,
+            name="network",
+        )
+        optimizer = optimizers.TorchSGD(
+            LEARNING_RATE, momentum=MOMENTUM, l2=WEIGHT_DECAY, clip_global_norm=GRAD_CLIP
+        )
         model.compile(optimizer, auxiliary_weight=AUXILIARY_WEIGHT, label_smoothing=0.0)
     model.drop_path_rate.assign(args.drop_path)
     build_s = time.perf_counter() - build_start
 
     shape = [args.batch_size, args.image_size, args.image_size, 3]
-    batch = (tf.random.stateless_normal(shape, [args.seed, 0]),
-             tf.random.stateless_uniform([args.batch_size], [args.seed, 1], 0,
-                                         args.num_classes, tf.int32))
+    batch = (
+        tf.random.stateless_normal(shape, [args.seed, 0]),
+        tf.random.stateless_uniform(
+            [args.batch_size], [args.seed, 1], 0, args.num_classes, tf.int32
+        ),
+    )
 
     # As retrain.TrainRun._step_fn.
     step = model.train_step
@@ -153,25 +163,44 @@ def _worker(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------- parent
 def _run_variant(variant: str, args: argparse.Namespace) -> dict:
-    print(f"[{variant}] {WARMUP_STEPS} warm-up steps, then {args.steps} timed steps ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{variant}] {WARMUP_STEPS} warm-up steps, then {args.steps} timed steps ...",
+        file=sys.stderr,
+        flush=True,
+    )
     load_before = harness.load_average()
     result, wall, process = harness.run_worker(
-        __file__, variant, args, ["--steps", str(args.steps), "--drop_path", str(args.drop_path)],
-        RESULT_PREFIX)
+        __file__,
+        variant,
+        args,
+        ["--steps", str(args.steps), "--drop_path", str(args.drop_path)],
+        RESULT_PREFIX,
+    )
     load = {"load_before": load_before, "load_after": harness.load_average()}
     if result is not None:
         result.update(subprocess_wall_s=wall, **load)
         print(f"[{variant}] done in {wall:.0f} s", file=sys.stderr, flush=True)
         return result
     tail = (process.stdout[-3000:] + process.stderr[-6000:]).strip()
-    print(f"[{variant}] FAILED (exit code {process.returncode}) after {wall:.0f} s:\n{tail}",
-          file=sys.stderr, flush=True)
-    error_lines = [l.strip() for l in tail.splitlines() if l.strip()]
-    summary = next((l for l in reversed(error_lines) if "Error" in l), error_lines[-1]
-                   if error_lines else "no output")
-    return {"variant": variant, "failed": True, "returncode": process.returncode,
-            "error": summary[:300], "error_tail": tail, "subprocess_wall_s": wall, **load}
+    print(
+        f"[{variant}] FAILED (exit code {process.returncode}) after {wall:.0f} s:\n{tail}",
+        file=sys.stderr,
+        flush=True,
+    )
+    error_lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    summary = next(
+        (line for line in reversed(error_lines) if "Error" in line),
+        error_lines[-1] if error_lines else "no output",
+    )
+    return {
+        "variant": variant,
+        "failed": True,
+        "returncode": process.returncode,
+        "error": summary[:300],
+        "error_tail": tail,
+        "subprocess_wall_s": wall,
+        **load,
+    }
 
 
 def _loads(result: dict) -> str:
@@ -182,36 +211,46 @@ def _loads(result: dict) -> str:
 def _print_report(results: dict, args: argparse.Namespace) -> None:
     import tensorflow as tf  # only for the version line
 
-    print(f"\nTraining step of the evaluation network ({GENOTYPE}, NetworkCIFAR), batch "
-          f"{args.batch_size}, {args.image_size}x{args.image_size}, C = {args.channels}, "
-          f"{args.layers} cells, {args.num_classes} classes, auxiliary head (weight "
-          f"{AUXILIARY_WEIGHT}), drop path {args.drop_path}; {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}), TensorFlow {tf.__version__}; "
-          f"{WARMUP_STEPS} warm-up steps, then {args.steps} timed steps\n")
+    print(
+        f"\nTraining step of the evaluation network ({GENOTYPE}, NetworkCIFAR), batch "
+        f"{args.batch_size}, {args.image_size}x{args.image_size}, C = {args.channels}, "
+        f"{args.layers} cells, {args.num_classes} classes, auxiliary head (weight "
+        f"{AUXILIARY_WEIGHT}), drop path {args.drop_path}; {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), TensorFlow {tf.__version__}; "
+        f"{WARMUP_STEPS} warm-up steps, then {args.steps} timed steps\n"
+    )
     graph = results.get("graph")
     graph_median = None if graph is None or graph.get("failed") else graph["median_s"]
-    print("| variant | first step s (trace/compile) | 2nd step s | s/step (median) "
-          "| min-max s | vs PyTorch 1.0 s | vs graph (XLA / no-XLA) | build s "
-          "| load avg before/after |")
+    print(
+        "| variant | first step s (trace/compile) | 2nd step s | s/step (median) "
+        "| min-max s | vs PyTorch 1.0 s | vs graph (XLA / no-XLA) | build s "
+        "| load avg before/after |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, r in results.items():
         label = LABELS.get(variant, variant)
         if r.get("failed"):
-            print(f"| {label} | FAILED: {r['error'].replace('|', '/')} | - | - | - | - | - "
-                  f"| - | {_loads(r)} |")
+            print(
+                f"| {label} | FAILED: {r['error'].replace('|', '/')} | - | - | - | - | - "
+                f"| - | {_loads(r)} |"
+            )
             continue
         times = r["step_times_s"]
         versus = "-" if graph_median is None else f"{r['median_s'] / graph_median:.2f}"
-        print(f"| {label} | {r['first_step_s']:.1f} | {r['second_step_s']:.2f} | "
-              f"{r['median_s']:.3f} | {min(times):.3f}-{max(times):.3f} | "
-              f"{r['median_s'] / PUBLISHED_S_PER_STEP:.2f} | {versus} | {r['build_s']:.1f} | "
-              f"{_loads(r)} |")
+        print(
+            f"| {label} | {r['first_step_s']:.1f} | {r['second_step_s']:.2f} | "
+            f"{r['median_s']:.3f} | {min(times):.3f}-{max(times):.3f} | "
+            f"{r['median_s'] / PUBLISHED_S_PER_STEP:.2f} | {versus} | {r['build_s']:.1f} | "
+            f"{_loads(r)} |"
+        )
     print(f"| published PyTorch | - | - | {PUBLISHED_S_PER_STEP:.1f} | - | 1.00 | - | - | - |")
     ok = [r for r in results.values() if not r.get("failed")]
     if ok:
-        print(f"\nParameters: {ok[0]['parameters'] / 1e6:.3f} M without the auxiliary head, "
-              f"{ok[0]['parameters_with_auxiliary'] / 1e6:.3f} M with it; traces per "
-              f"variant: " + ", ".join(f"{r['variant']} {r['tracing_count']}" for r in ok))
+        print(
+            f"\nParameters: {ok[0]['parameters'] / 1e6:.3f} M without the auxiliary head, "
+            f"{ok[0]['parameters_with_auxiliary'] / 1e6:.3f} M with it; traces per "
+            f"variant: " + ", ".join(f"{r['variant']} {r['tracing_count']}" for r in ok)
+        )
     harness.save_results(args, results)
 
 
@@ -219,10 +258,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_network_arguments(parser)
     parser.add_argument("--drop_path", type=float, default=0.2)
-    parser.add_argument("--steps", type=int, default=10,
-                        help="timed steps after the 2 warm-up steps (median reported)")
-    parser.add_argument("--variants", default="graph,xla",
-                        help="comma-separated variants, each in its own subprocess")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="timed steps after the 2 warm-up steps (median reported)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="graph,xla",
+        help="comma-separated variants, each in its own subprocess",
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:

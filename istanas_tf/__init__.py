@@ -34,8 +34,23 @@ from istanas_tf.training.two_stage import run_two_stage
 __version__ = "0.2.0"
 
 __all__ = [
-    "DataConfig", "GENOTYPES", "Genotype", "LoopConfig", "OneStageConfig", "SearchNetwork",
-    "SearchNetworkConfig", "TrainConfig", "TwoStageConfig", "absorb", "build_network",
-    "describe", "evaluate", "export_run", "export_saved_model", "get_genotype",
-    "run_one_stage", "run_training", "run_two_stage",
+    "DataConfig",
+    "GENOTYPES",
+    "Genotype",
+    "LoopConfig",
+    "OneStageConfig",
+    "SearchNetwork",
+    "SearchNetworkConfig",
+    "TrainConfig",
+    "TwoStageConfig",
+    "absorb",
+    "build_network",
+    "describe",
+    "evaluate",
+    "export_run",
+    "export_saved_model",
+    "get_genotype",
+    "run_one_stage",
+    "run_training",
+    "run_two_stage",
 ]

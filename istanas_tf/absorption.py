@@ -30,17 +30,21 @@ def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> Non
     """
     src, dst = source.weights, target.weights
     if len(src) != len(dst):
-        raise ValueError(f"cannot copy {source.name} ({len(src)} variables) into "
-                         f"{target.name} ({len(dst)} variables)")
+        raise ValueError(
+            f"cannot copy {source.name} ({len(src)} variables) into "
+            f"{target.name} ({len(dst)} variables)"
+        )
     for s, d in zip(src, dst):
         if tuple(s.shape) != tuple(d.shape) or s.name != d.name:
-            raise ValueError(f"cannot copy {s.path} {tuple(s.shape)} into "
-                             f"{d.path} {tuple(d.shape)}")
+            raise ValueError(
+                f"cannot copy {s.path} {tuple(s.shape)} into {d.path} {tuple(d.shape)}"
+            )
         d.assign(s)
 
 
-def absorb(super_net: search_model.SearchNetwork, image_size: int = 32,
-           auxiliary: bool | None = None) -> networks.NetworkCIFAR:
+def absorb(
+    super_net: search_model.SearchNetwork, image_size: int = 32, auxiliary: bool | None = None
+) -> networks.NetworkCIFAR:
     """Builds the evaluation network of a one-stage super-net's current genotype.
 
     Copies the stem, each cell's preprocessing, each selected op (node j's flat
@@ -60,25 +64,36 @@ def absorb(super_net: search_model.SearchNetwork, image_size: int = 32,
     """
     config = super_net.config
     if not config.one_stage:
-        raise ValueError("absorption needs the one-stage super-net "
-                         "(SearchNetworkConfig(one_stage=True)): only its ops all end in "
-                         "an affine BN")
+        raise ValueError(
+            "absorption needs the one-stage super-net "
+            "(SearchNetworkConfig(one_stage=True)): only its ops all end in "
+            "an affine BN"
+        )
     if auxiliary is None:
         auxiliary = super_net.auxiliary_head is not None
     if auxiliary and super_net.auxiliary_head is None:
         raise ValueError("auxiliary=True, but the super-net has no auxiliary head")
     genotype = super_net.genotype()
     network = networks.build_network(
-        "cifar", genotype, config.channels, config.layers, config.num_classes,
-        image_size, auxiliary=auxiliary, bn_after_param_free_ops=True,
-        drop_path_rate=float(keras.ops.convert_to_numpy(super_net.drop_path_rate)))
+        "cifar",
+        genotype,
+        config.channels,
+        config.layers,
+        config.num_classes,
+        image_size,
+        auxiliary=auxiliary,
+        bn_after_param_free_ops=True,
+        drop_path_rate=float(keras.ops.convert_to_numpy(super_net.drop_path_rate)),
+    )
 
     conv, bn = network.stem_layers
     _copy_weights(super_net.stem_conv, conv)
     _copy_weights(super_net.stem_bn, bn)
     supports = super_net.supports
-    alphas = {cell_type: [a.numpy() for a in node_alphas]
-              for cell_type, node_alphas in super_net.alphas().items()}
+    alphas = {
+        cell_type: [a.numpy() for a in node_alphas]
+        for cell_type, node_alphas in super_net.alphas().items()
+    }
     for source, target in zip(super_net.cells, network.cells):
         cell_type = genotypes.cell_type(source.reduction)
         _copy_weights(source.preprocess0, target.preprocess0)

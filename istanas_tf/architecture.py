@@ -17,7 +17,8 @@ genotype, flat indices per node, turned into a genotype by
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -92,9 +93,17 @@ class ArchitectureEncoding(keras.layers.Layer):
         naming the layers after their cell type ("normal", "reduce") keeps them clear.
     """
 
-    def __init__(self, steps=genotypes.STEPS, num_ops=NUM_OPS, proj_dims=7,
-                 sparseness=genotypes.PICKS_PER_NODE, lam=1e-5, distinct_inputs=False,
-                 seed=0, **kwargs):
+    def __init__(
+        self,
+        steps=genotypes.STEPS,
+        num_ops=NUM_OPS,
+        proj_dims=7,
+        sparseness=genotypes.PICKS_PER_NODE,
+        lam=1e-5,
+        distinct_inputs=False,
+        seed=0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         _check_int_at_least("steps", steps, 1)
         _check_int_at_least("num_ops", num_ops, 1)
@@ -104,11 +113,15 @@ class ArchitectureEncoding(keras.layers.Layer):
         else:
             limit = NUM_CELL_INPUTS * num_ops
             why = f"node 0 has {NUM_CELL_INPUTS} inputs x {num_ops} ops = {limit} candidates"
-        if isinstance(sparseness, bool) or not isinstance(sparseness, (int, np.integer)) \
-                or not 1 <= sparseness <= limit:
+        if (
+            isinstance(sparseness, bool)
+            or not isinstance(sparseness, (int, np.integer))
+            or not 1 <= sparseness <= limit
+        ):
             raise ValueError(
                 f"sparseness={sparseness!r} out of range: must be an integer in "
-                f"[1, {limit}] with distinct_inputs={distinct_inputs} ({why})")
+                f"[1, {limit}] with distinct_inputs={distinct_inputs} ({why})"
+            )
         if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam > 0):
             raise ValueError(f"lam={lam!r} out of range: must be a finite number > 0")
         self.steps = int(steps)
@@ -119,7 +132,8 @@ class ArchitectureEncoding(keras.layers.Layer):
         self.distinct_inputs = bool(distinct_inputs)
         self.seed = int(seed)
         self.num_candidates = tuple(
-            genotypes.num_candidates(j, self.num_ops) for j in range(self.steps))
+            genotypes.num_candidates(j, self.num_ops) for j in range(self.steps)
+        )
         # The variables do not depend on any input: create them now, so that a new
         # encoding (or one made by from_config) can be solved and restored at once.
         self.build()
@@ -132,18 +146,43 @@ class ArchitectureEncoding(keras.layers.Layer):
         # One attribute per variable (not a list): tf.train.Checkpoint does not follow
         # Keras' tracked lists, and per-node names keep checkpoint keys readable.
         for j, n in enumerate(self.num_candidates):
-            setattr(self, f"A_{j}", self.add_weight(
-                name=f"A_{j}", shape=(self.proj_dims, n), dtype="float32", trainable=False,
-                initializer=_array_initializer(rng_A.uniform(size=(self.proj_dims, n)))))
+            setattr(
+                self,
+                f"A_{j}",
+                self.add_weight(
+                    name=f"A_{j}",
+                    shape=(self.proj_dims, n),
+                    dtype="float32",
+                    trainable=False,
+                    initializer=_array_initializer(rng_A.uniform(size=(self.proj_dims, n))),
+                ),
+            )
         for j in range(self.steps):
-            setattr(self, f"b_{j}", self.add_weight(
-                name=f"b_{j}", shape=(self.proj_dims,), dtype="float32", trainable=True,
-                initializer=_array_initializer(1e-3 * rng_b.standard_normal(self.proj_dims))))
-        self.z = self.add_weight(name="z", shape=(self.steps, n_max), dtype="float32",
-                                 trainable=False, initializer="zeros")
+            setattr(
+                self,
+                f"b_{j}",
+                self.add_weight(
+                    name=f"b_{j}",
+                    shape=(self.proj_dims,),
+                    dtype="float32",
+                    trainable=True,
+                    initializer=_array_initializer(1e-3 * rng_b.standard_normal(self.proj_dims)),
+                ),
+            )
+        self.z = self.add_weight(
+            name="z",
+            shape=(self.steps, n_max),
+            dtype="float32",
+            trainable=False,
+            initializer="zeros",
+        )
         self.support = self.add_weight(
-            name="support", shape=(self.steps, self.sparseness), dtype="int32",
-            trainable=False, initializer=keras.initializers.Constant(_NOT_RECOVERED))
+            name="support",
+            shape=(self.steps, self.sparseness),
+            dtype="int32",
+            trainable=False,
+            initializer=keras.initializers.Constant(_NOT_RECOVERED),
+        )
         self.built = True
 
     @property
@@ -158,9 +197,15 @@ class ArchitectureEncoding(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(steps=self.steps, num_ops=self.num_ops, proj_dims=self.proj_dims,
-                      sparseness=self.sparseness, lam=self.lam,
-                      distinct_inputs=self.distinct_inputs, seed=self.seed)
+        config.update(
+            steps=self.steps,
+            num_ops=self.num_ops,
+            proj_dims=self.proj_dims,
+            sparseness=self.sparseness,
+            lam=self.lam,
+            distinct_inputs=self.distinct_inputs,
+            seed=self.seed,
+        )
         return config
 
     def _check_finite_b(self) -> None:
@@ -171,10 +216,12 @@ class ArchitectureEncoding(keras.layers.Layer):
                 if not np.all(np.isfinite(values)):
                     raise ValueError(
                         f"{self.name}: b of node {j} contains NaN or inf ({values}); "
-                        "the architecture code diverged, no genotype can be recovered")
+                        "the architecture code diverged, no genotype can be recovered"
+                    )
             else:
                 tf.debugging.assert_all_finite(
-                    b.value, f"{self.name}: b of node {j} contains NaN or inf")
+                    b.value, f"{self.name}: b of node {j} contains NaN or inf"
+                )
 
     def _layout(self) -> tuple:
         """The static description of this encoding's problems (a tracing key)."""
@@ -222,8 +269,10 @@ class ArchitectureEncoding(keras.layers.Layer):
         """
         support = self.support.numpy()
         if np.any(support == _NOT_RECOVERED):
-            raise ValueError(f"{self.name}: no architecture recovered yet; commit a "
-                             "recovery first (encoding.commit(encoding.solve()))")
+            raise ValueError(
+                f"{self.name}: no architecture recovered yet; commit a "
+                "recovery first (encoding.commit(encoding.solve()))"
+            )
         return tuple(tuple(int(i) for i in row) for row in support)
 
     def selected_support(self) -> tuple[tuple[int, ...], ...]:
@@ -249,8 +298,9 @@ class ArchitectureEncoding(keras.layers.Layer):
         return alphas
 
 
-def solve_jointly(encodings: Sequence[ArchitectureEncoding],
-                  warm_start: bool = True) -> list[Recovery]:
+def solve_jointly(
+    encodings: Sequence[ArchitectureEncoding], warm_start: bool = True
+) -> list[Recovery]:
     """Recovers all nodes of several encodings in one batched ``lasso.solve_lasso`` call.
 
     The normal and the reduction encoding together make the 8 problems of a recovery,
@@ -274,20 +324,28 @@ def solve_jointly(encodings: Sequence[ArchitectureEncoding],
     # Plain tensors and static layouts in, so the traced solve is shared by every
     # encoding of the same shape (tracing on the encoding objects would keep one graph,
     # of 100+ MB, per object).
-    return list(_solve_stacked(
-        tuple(tuple(a.value for a in e.A) for e in encodings),
-        tuple(tuple(b.value for b in e.b) for e in encodings),
-        tuple(e.z.value for e in encodings),
-        tuple(e._layout() for e in encodings), encodings[0].lam, bool(warm_start)))
+    return list(
+        _solve_stacked(
+            tuple(tuple(a.value for a in e.A) for e in encodings),
+            tuple(tuple(b.value for b in e.b) for e in encodings),
+            tuple(e.z.value for e in encodings),
+            tuple(e._layout() for e in encodings),
+            encodings[0].lam,
+            bool(warm_start),
+        )
+    )
 
 
 def _recovery_of(z, z_last, layout) -> Recovery:
     """The Recovery of a new z ([steps, >= n_max] float64) against z_last [steps, n_max]."""
     num_candidates, sparseness, num_ops, distinct_inputs = layout
-    z = z[:, :z_last.shape[1]]
-    support = tf.stack([
-        sparse_coding.select_support(z[j, :n], sparseness, num_ops, distinct_inputs)
-        for j, n in enumerate(num_candidates)])
+    z = z[:, : z_last.shape[1]]
+    support = tf.stack(
+        [
+            sparse_coding.select_support(z[j, :n], sparseness, num_ops, distinct_inputs)
+            for j, n in enumerate(num_candidates)
+        ]
+    )
     distances = tf.norm(z - tf.cast(z_last, tf.float64), axis=-1)
     return Recovery(z=z, support=support, distances=distances)
 
@@ -303,16 +361,23 @@ def _solve_stacked(A_parts, b_parts, z_parts, layouts, lam, warm_start):
       layouts: per encoding, ``ArchitectureEncoding._layout()`` (static).
     """
     n_max = max(layout[0][-1] for layout in layouts)
-    A = tf.concat([tf.stack([tf.pad(tf.cast(a, tf.float64), [[0, 0], [0, n_max - a.shape[1]]])
-                             for a in parts]) for parts in A_parts], axis=0)
-    b = tf.concat([tf.stack([tf.cast(v, tf.float64) for v in parts]) for parts in b_parts],
-                  axis=0)
-    z0 = tf.concat([tf.pad(tf.cast(z, tf.float64), [[0, 0], [0, n_max - z.shape[1]]])
-                    for z in z_parts], axis=0)
+    A = tf.concat(
+        [
+            tf.stack(
+                [tf.pad(tf.cast(a, tf.float64), [[0, 0], [0, n_max - a.shape[1]]]) for a in parts]
+            )
+            for parts in A_parts
+        ],
+        axis=0,
+    )
+    b = tf.concat([tf.stack([tf.cast(v, tf.float64) for v in parts]) for parts in b_parts], axis=0)
+    z0 = tf.concat(
+        [tf.pad(tf.cast(z, tf.float64), [[0, 0], [0, n_max - z.shape[1]]]) for z in z_parts], axis=0
+    )
     z = lasso.solve_lasso(A, b, lam, z0 if warm_start else None)
     recoveries, start = [], 0
     for z_last, layout in zip(z_parts, layouts):
         steps = len(layout[0])
-        recoveries.append(_recovery_of(z[start:start + steps], z_last, layout))
+        recoveries.append(_recovery_of(z[start : start + steps], z_last, layout))
         start += steps
     return tuple(recoveries)

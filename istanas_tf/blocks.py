@@ -45,8 +45,13 @@ def synchronized_batch_norm(enabled: bool = True):
 def batch_norm(affine: bool = True, name: str | None = None) -> keras.layers.Layer:
     """BatchNorm with PyTorch's eps and momentum; ``affine=False`` drops gamma and beta."""
     return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name,
-        synchronized=getattr(_SYNCHRONIZED, "enabled", False))
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        center=affine,
+        scale=affine,
+        name=name,
+        synchronized=getattr(_SYNCHRONIZED, "enabled", False),
+    )
 
 
 def pad_symmetric(x: tf.Tensor, pad: int, value: float = 0.0) -> tf.Tensor:
@@ -69,8 +74,16 @@ class SymmetricConv(keras.layers.Layer):
       padding: explicit symmetric padding; ``None`` means ``(k - 1) * d / 2`` (same size).
     """
 
-    def __init__(self, filters: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-                 depthwise: bool = False, padding: int | None = None, **kwargs):
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        depthwise: bool = False,
+        padding: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.filters = filters
         self.kernel_size = kernel_size
@@ -84,16 +97,21 @@ class SymmetricConv(keras.layers.Layer):
         # A dilated strided conv with an even padding reads only even pixels: it equals
         # an undilated stride-1 conv on the subsampled input (same kernel, padding / d).
         # TF has no dilated strided depthwise kernel, and this is also 4x cheaper.
-        self._subsample_first = (stride > 1 and dilation == stride and pad % dilation == 0)
+        self._subsample_first = stride > 1 and dilation == stride and pad % dilation == 0
         conv_dilation = 1 if self._subsample_first else dilation
         conv_stride = 1 if self._subsample_first else stride
         self._conv_padding = pad // dilation if self._subsample_first else pad
         # 'same' at stride 1 pads (k_eff - 1) / 2 on each side, which is symmetric.
         effective = (kernel_size - 1) * conv_dilation + 1
         self._use_same = conv_stride == 1 and self._conv_padding * 2 == effective - 1
-        common = dict(kernel_size=kernel_size, strides=conv_stride, dilation_rate=conv_dilation,
-                      padding="same" if self._use_same else "valid", use_bias=False,
-                      name="depthwise" if depthwise else "conv")
+        common = dict(
+            kernel_size=kernel_size,
+            strides=conv_stride,
+            dilation_rate=conv_dilation,
+            padding="same" if self._use_same else "valid",
+            use_bias=False,
+            name="depthwise" if depthwise else "conv",
+        )
         if depthwise:
             self.conv = keras.layers.DepthwiseConv2D(**common)
         else:
@@ -105,16 +123,21 @@ class SymmetricConv(keras.layers.Layer):
 
     def call(self, x):
         if self._subsample_first:
-            x = x[:, ::self.stride, ::self.stride, :]
+            x = x[:, :: self.stride, :: self.stride, :]
         if not self._use_same:
             x = pad_symmetric(x, self._conv_padding)
         return self.conv(x)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters,
-                "kernel_size": self.kernel_size, "stride": self.stride,
-                "dilation": self.dilation, "depthwise": self.depthwise,
-                "padding": self.padding}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "dilation": self.dilation,
+            "depthwise": self.depthwise,
+            "padding": self.padding,
+        }
 
 
 @_register
@@ -134,8 +157,9 @@ class DropPath(keras.layers.Layer):
         if not training:
             return x
         keep = 1.0 - tf.cast(rate, x.dtype)
-        noise = keras.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=self.seed_generator,
-                                     dtype=x.dtype)
+        noise = keras.random.uniform(
+            [tf.shape(x)[0], 1, 1, 1], seed=self.seed_generator, dtype=x.dtype
+        )
         # floor(keep + U[0,1)) is 1 with probability keep; rate 0 keeps everything.
         mask = tf.floor(keep + noise)
         return x / keep * mask

@@ -15,7 +15,8 @@ where C doubles.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -38,7 +39,8 @@ def check_layers(layers: int) -> None:
     if layers < 3:
         raise ValueError(
             f"layers must be at least 3 (the reductions sit at cells layers//3 and "
-            f"2*layers//3 and must be distinct), got {layers}")
+            f"2*layers//3 and must be distinct), got {layers}"
+        )
 
 
 class CellSpec(NamedTuple):
@@ -49,8 +51,7 @@ class CellSpec(NamedTuple):
     reduction_prev: bool
 
 
-def cell_schedule(layers: int, channels: int,
-                  first_input_reduced: bool = False) -> list[CellSpec]:
+def cell_schedule(layers: int, channels: int, first_input_reduced: bool = False) -> list[CellSpec]:
     """The cells of a network of ``layers`` cells starting at ``channels``.
 
     Args:
@@ -94,9 +95,17 @@ class Cell(keras.layers.Layer):
       seed: seeds the drop path noise (None: unseeded).
     """
 
-    def __init__(self, picks: Sequence[Sequence], concat: Sequence[int], channels: int,
-                 reduction: bool, reduction_prev: bool, bn_after_param_free_ops: bool = False,
-                 seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        picks: Sequence[Sequence],
+        concat: Sequence[int],
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        bn_after_param_free_ops: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.picks = [tuple(p) for p in picks]
         self.concat = list(concat)
@@ -106,23 +115,29 @@ class Cell(keras.layers.Layer):
         self.bn_after_param_free_ops = bn_after_param_free_ops
         self.seed = seed
         self.preprocess0, self.preprocess1 = _preprocessing(channels, reduction_prev, True)
-        options = ops.OpOptions(bn_after_pool=bn_after_param_free_ops,
-                                bn_after_identity=bn_after_param_free_ops)
+        options = ops.OpOptions(
+            bn_after_pool=bn_after_param_free_ops, bn_after_identity=bn_after_param_free_ops
+        )
         self.ops = []
         self.drop_paths = []
         for position, (op_name, index) in enumerate(self.picks):
             stride = 2 if reduction and index < 2 else 1
-            self.ops.append(ops.make_op(op_name, channels, stride, options,
-                                        layer_name=f"op{position}_{op_name}"))
-            self.drop_paths.append(blocks.DropPath(
-                seed=None if seed is None else seed + position, name=f"drop_path{position}"))
+            self.ops.append(
+                ops.make_op(
+                    op_name, channels, stride, options, layer_name=f"op{position}_{op_name}"
+                )
+            )
+            self.drop_paths.append(
+                blocks.DropPath(
+                    seed=None if seed is None else seed + position, name=f"drop_path{position}"
+                )
+            )
 
     def build(self, *args, **kwargs):
         """Sublayers create their weights on their first call (shapes vary by input)."""
 
     def call(self, s0, s1, drop_path_rate=0.0, training=None):
-        states = [self.preprocess0(s0, training=training),
-                  self.preprocess1(s1, training=training)]
+        states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         for node in range(len(self.picks) // 2):
             total = 0.0
             for position in (2 * node, 2 * node + 1):
@@ -135,10 +150,16 @@ class Cell(keras.layers.Layer):
         return tf.concat([states[i] for i in self.concat], axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "picks": [list(p) for p in self.picks],
-                "concat": self.concat, "channels": self.channels,
-                "reduction": self.reduction, "reduction_prev": self.reduction_prev,
-                "bn_after_param_free_ops": self.bn_after_param_free_ops, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "picks": [list(p) for p in self.picks],
+            "concat": self.concat,
+            "channels": self.channels,
+            "reduction": self.reduction,
+            "reduction_prev": self.reduction_prev,
+            "bn_after_param_free_ops": self.bn_after_param_free_ops,
+            "seed": self.seed,
+        }
 
 
 @_register
@@ -162,10 +183,19 @@ class SearchCell(keras.layers.Layer):
     that length.
     """
 
-    def __init__(self, channels: int, reduction: bool, reduction_prev: bool,
-                 affine: bool = True, bn_after_pool: bool = False,
-                 bn_after_identity: bool = False, steps: int = genotypes.STEPS,
-                 drop_path: bool = False, seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        affine: bool = True,
+        bn_after_pool: bool = False,
+        bn_after_identity: bool = False,
+        steps: int = genotypes.STEPS,
+        drop_path: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.channels = channels
         self.reduction = reduction
@@ -179,8 +209,9 @@ class SearchCell(keras.layers.Layer):
         # One layer serves every op: each call draws fresh noise from its seed generator.
         self.drop_path_layer = blocks.DropPath(seed=seed, name="drop_path") if drop_path else None
         self.preprocess0, self.preprocess1 = _preprocessing(channels, reduction_prev, affine)
-        options = ops.OpOptions(affine=affine, bn_after_pool=bn_after_pool,
-                                bn_after_identity=bn_after_identity)
+        options = ops.OpOptions(
+            affine=affine, bn_after_pool=bn_after_pool, bn_after_identity=bn_after_identity
+        )
         self.candidates = []
         for node in range(steps):
             node_ops = []
@@ -188,16 +219,22 @@ class SearchCell(keras.layers.Layer):
                 predecessor, op = divmod(index, NUM_OPS)
                 stride = 2 if reduction and predecessor < 2 else 1
                 name = genotypes.PRIMITIVES[op]
-                node_ops.append(ops.make_op(name, channels, stride, options,
-                                            layer_name=f"node{node}_in{predecessor}_{name}"))
+                node_ops.append(
+                    ops.make_op(
+                        name,
+                        channels,
+                        stride,
+                        options,
+                        layer_name=f"node{node}_in{predecessor}_{name}",
+                    )
+                )
             self.candidates.append(node_ops)
 
     def build(self, *args, **kwargs):
         """Candidate ops create their weights on their first call (SearchNetwork.build_all)."""
 
     def call(self, s0, s1, supports, weights, drop_path_rate=0.0, training=None):
-        states = [self.preprocess0(s0, training=training),
-                  self.preprocess1(s1, training=training)]
+        states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         for node in range(self.steps):
             total = 0.0
             for position, index in enumerate(supports[node]):
@@ -211,16 +248,24 @@ class SearchCell(keras.layers.Layer):
 
     def active_ops(self, supports) -> list[keras.layers.Layer]:
         """The candidate ops a forward pass with ``supports`` runs."""
-        return [self.candidates[node][index] for node in range(self.steps)
-                for index in supports[node]]
+        return [
+            self.candidates[node][index] for node in range(self.steps) for index in supports[node]
+        ]
 
     def candidate_batch_norms(self, node: int) -> list[keras.layers.BatchNormalization]:
         """Every BN inside the candidate ops of ``node`` (not the preprocessing BNs)."""
         return [bn for op in self.candidates[node] for bn in op.batch_norms]
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels,
-                "reduction": self.reduction, "reduction_prev": self.reduction_prev,
-                "affine": self.affine, "bn_after_pool": self.bn_after_pool,
-                "bn_after_identity": self.bn_after_identity, "steps": self.steps,
-                "drop_path": self.drop_path, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "channels": self.channels,
+            "reduction": self.reduction,
+            "reduction_prev": self.reduction_prev,
+            "affine": self.affine,
+            "bn_after_pool": self.bn_after_pool,
+            "bn_after_identity": self.bn_after_identity,
+            "steps": self.steps,
+            "drop_path": self.drop_path,
+            "seed": self.seed,
+        }

@@ -44,9 +44,15 @@ class DartsArchitecture(keras.layers.Layer):
         rng = np.random.default_rng(self.seed)
         for node in range(self.steps):
             shape = (NUM_CELL_INPUTS + node, NUM_OPS)
-            setattr(self, f"alpha{node}", self.add_weight(
-                shape=shape, name=f"alpha{node}",
-                initializer=keras.initializers.Constant(1e-3 * rng.standard_normal(shape))))
+            setattr(
+                self,
+                f"alpha{node}",
+                self.add_weight(
+                    shape=shape,
+                    name=f"alpha{node}",
+                    initializer=keras.initializers.Constant(1e-3 * rng.standard_normal(shape)),
+                ),
+            )
         self.built = True
 
     @property
@@ -59,8 +65,7 @@ class DartsArchitecture(keras.layers.Layer):
 
     def support_tuple(self) -> tuple[tuple[int, ...], ...]:
         """Every candidate of every node: the dense super-net runs them all."""
-        return tuple(tuple(range(genotypes.num_candidates(node)))
-                     for node in range(self.steps))
+        return tuple(tuple(range(genotypes.num_candidates(node))) for node in range(self.steps))
 
     def alphas(self, support=None) -> list[tf.Tensor]:
         """Per node, the softmax weights of every candidate, flat [n_j]."""
@@ -73,7 +78,7 @@ class DartsArchitecture(keras.layers.Layer):
         for logits in self.logits:
             weights = tf.nn.softmax(logits, axis=-1).numpy()
             strongest = weights.max(axis=1)
-            edges = sorted(np.argsort(-strongest, kind="stable")[:genotypes.PICKS_PER_NODE])
+            edges = sorted(np.argsort(-strongest, kind="stable")[: genotypes.PICKS_PER_NODE])
             edges = sorted(edges, key=lambda e: -strongest[e])
             support.append(tuple(int(e) * NUM_OPS + int(weights[e].argmax()) for e in edges))
         return tuple(support)

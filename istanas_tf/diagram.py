@@ -78,8 +78,10 @@ class _Edge:
 
 
 def _edges(picks: tuple[tuple[str, int], ...], concat: tuple[int, ...]) -> list[_Edge]:
-    edges = [_Edge(index, 2 + position // PICKS_PER_NODE, op)
-             for position, (op, index) in enumerate(picks)]
+    edges = [
+        _Edge(index, 2 + position // PICKS_PER_NODE, op)
+        for position, (op, index) in enumerate(picks)
+    ]
     edges += [_Edge(state, _OUTPUT, None) for state in concat]
     return edges
 
@@ -96,8 +98,10 @@ def _layout(edges: list[_Edge]) -> dict[int, tuple[float, float]]:
     depth = {0: 0, 1: 0}
     for key in list(range(2, STEPS + 2)) + [_OUTPUT]:  # inputs precede their readers
         depth[key] = 1 + max(depth[source] for source in inputs[key])
-    columns = [[key for key in sorted(depth) if depth[key] == column]
-               for column in range(max(depth.values()) + 1)]
+    columns = [
+        [key for key in sorted(depth) if depth[key] == column]
+        for column in range(max(depth.values()) + 1)
+    ]
     tallest = max(len(keys) for keys in columns)
     positions: dict[int, tuple[float, float]] = {}
     for column, keys in enumerate(columns):
@@ -121,7 +125,7 @@ def _control_point(p0: np.ndarray, p2: np.ndarray, rad: float) -> np.ndarray:
 
 def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, t: np.ndarray) -> np.ndarray:
     t = np.asarray(t, dtype=float)[..., None]
-    return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
+    return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t**2 * p2
 
 
 def _upright_angle(p0, p1, p2, t: float) -> float:
@@ -135,8 +139,7 @@ def _upright_angle(p0, p1, p2, t: float) -> float:
     return float(angle)
 
 
-def _choose_rads(edges: list[_Edge],
-                 positions: dict[int, tuple[float, float]]) -> list[float]:
+def _choose_rads(edges: list[_Edge], positions: dict[int, tuple[float, float]]) -> list[float]:
     """A curvature (arc3 ``rad``) per edge, in data units.
 
     Each edge takes the first candidate of ``_RADS`` that stays clear of nodes other
@@ -152,8 +155,9 @@ def _choose_rads(edges: list[_Edge],
     for edge in edges:
         p0 = np.array(positions[edge.source])
         p2 = np.array(positions[edge.target])
-        others = np.array([centre for key, centre in positions.items()
-                           if key not in (edge.source, edge.target)])
+        others = np.array(
+            [centre for key, centre in positions.items() if key not in (edge.source, edge.target)]
+        )
         best = None
         for preference, rad in enumerate(_RADS):
             curve = _bezier(p0, _control_point(p0, p2, rad), p2, t)
@@ -206,8 +210,9 @@ def _draw_cell(ax, renderer, positions, edges, rads) -> None:
     """
     circles = {}
     for key, (x, y) in positions.items():
-        circle = Circle((x, y), _RADIUS, facecolor=_node_colour(key), edgecolor="black",
-                        linewidth=1.0, zorder=3)
+        circle = Circle(
+            (x, y), _RADIUS, facecolor=_node_colour(key), edgecolor="black", linewidth=1.0, zorder=3
+        )
         ax.add_patch(circle)
         circles[key] = circle
         ax.text(x, y, _node_name(key), ha="center", va="center", fontsize=11, zorder=4)
@@ -225,10 +230,15 @@ def _draw_cell(ax, renderer, positions, edges, rads) -> None:
         curves.append(to_display(_bezier(p0, controls[-1], p2, np.linspace(0, 1, 120))))
     # A label must not hide an arrow head: the stretch of each curve just before its
     # target's circle (its own included).
-    heads = np.concatenate([
-        curve[(np.linalg.norm(curve - curve[-1], axis=1) > node_radius)
-              & (np.linalg.norm(curve - curve[-1], axis=1) < node_radius + 18)]
-        for curve in curves])
+    heads = np.concatenate(
+        [
+            curve[
+                (np.linalg.norm(curve - curve[-1], axis=1) > node_radius)
+                & (np.linalg.norm(curve - curve[-1], axis=1) < node_radius + 18)
+            ]
+            for curve in curves
+        ]
+    )
     axes_box = ax.get_window_extent(renderer)
     pad = 4.0  # pixels kept free around each label
     placed: list[_LabelBox] = []
@@ -236,26 +246,43 @@ def _draw_cell(ax, renderer, positions, edges, rads) -> None:
     for number, (edge, rad, control) in enumerate(zip(edges, rads, controls)):
         p0 = np.array(positions[edge.source])
         p2 = np.array(positions[edge.target])
-        ax.add_patch(FancyArrowPatch(
-            tuple(p0), tuple(p2), connectionstyle=f"arc3,rad={rad}",
-            arrowstyle="-|>", mutation_scale=12, linewidth=1.1,
-            color="black" if edge.label else "0.55",
-            patchA=circles[edge.source], patchB=circles[edge.target],
-            shrinkA=1, shrinkB=1, zorder=1))
+        ax.add_patch(
+            FancyArrowPatch(
+                tuple(p0),
+                tuple(p2),
+                connectionstyle=f"arc3,rad={rad}",
+                arrowstyle="-|>",
+                mutation_scale=12,
+                linewidth=1.1,
+                color="black" if edge.label else "0.55",
+                patchA=circles[edge.source],
+                patchB=circles[edge.target],
+                shrinkA=1,
+                shrinkB=1,
+                zorder=1,
+            )
+        )
         if edge.label is None:
             continue
-        text = ax.text(0, 0, edge.label, ha="center", va="center", fontsize=9, zorder=2,
-                       rotation_mode="anchor",
-                       bbox=dict(boxstyle="round,pad=0.1", facecolor="white",
-                                 edgecolor="none", alpha=0.9))
+        text = ax.text(
+            0,
+            0,
+            edge.label,
+            ha="center",
+            va="center",
+            fontsize=9,
+            zorder=2,
+            rotation_mode="anchor",
+            bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.9),
+        )
         extent = text.get_window_extent(renderer)  # unrotated, so width x height
         half_size = np.array([extent.width, extent.height]) / 2 + pad
-        other_curves = np.concatenate(
-            [curve for k, curve in enumerate(curves) if k != number])
+        other_curves = np.concatenate([curve for k, curve in enumerate(curves) if k != number])
         # On the line first; beside it (still parallel to it) where the line is busy.
         beside = extent.height / 2 + 2
         candidates = [(t, 0) for t in _LABEL_TS] + [
-            (t, side) for t in _LABEL_TS for side in (1, -1)]
+            (t, side) for t in _LABEL_TS for side in (1, -1)
+        ]
         best = None
         for preference, (t, side) in enumerate(candidates):
             angle = _upright_angle(p0, control, p2, t)
@@ -264,14 +291,23 @@ def _draw_cell(ax, renderer, positions, edges, rads) -> None:
             box = _LabelBox(centre, angle, half_size)
             grid = box.grid()
             gaps = np.linalg.norm(grid[:, None, :] - centres[None, :, :], axis=-1)
-            inside_axes = ((grid[:, 0] >= axes_box.x0) & (grid[:, 0] <= axes_box.x1)
-                           & (grid[:, 1] >= axes_box.y0) & (grid[:, 1] <= axes_box.y1))
-            cost = (8.0 * np.sum(gaps.min(axis=1) < node_radius)
-                    + 4.0 * sum(np.sum(other.contains(grid)) + np.sum(box.contains(
-                        other.grid())) for other in placed)
-                    + 2.0 * np.sum(box.contains(other_curves))
-                    + 8.0 * np.sum(box.contains(heads))
-                    + 4.0 * np.sum(~inside_axes))
+            inside_axes = (
+                (grid[:, 0] >= axes_box.x0)
+                & (grid[:, 0] <= axes_box.x1)
+                & (grid[:, 1] >= axes_box.y0)
+                & (grid[:, 1] <= axes_box.y1)
+            )
+            cost = (
+                8.0 * np.sum(gaps.min(axis=1) < node_radius)
+                + 4.0
+                * sum(
+                    np.sum(other.contains(grid)) + np.sum(box.contains(other.grid()))
+                    for other in placed
+                )
+                + 2.0 * np.sum(box.contains(other_curves))
+                + 8.0 * np.sum(box.contains(heads))
+                + 4.0 * np.sum(~inside_axes)
+            )
             if best is None or cost + 0.3 * preference < best[0]:
                 best = (cost + 0.3 * preference, box)
             if cost == 0:  # the earliest free spot wins
@@ -284,9 +320,10 @@ def _draw_cell(ax, renderer, positions, edges, rads) -> None:
 def _figure(genotype: Genotype, title: str | None, dpi: int) -> Figure:
     """The drawn figure: axes 0 is the normal cell, axes 1 the reduction cell."""
     cells = []
-    for name, picks, concat in (("normal cell", genotype.normal, genotype.normal_concat),
-                                ("reduction cell", genotype.reduce,
-                                 genotype.reduce_concat)):
+    for name, picks, concat in (
+        ("normal cell", genotype.normal, genotype.normal_concat),
+        ("reduction cell", genotype.reduce, genotype.reduce_concat),
+    ):
         edges = _edges(picks, concat)
         positions = _layout(edges)
         rads = _choose_rads(edges, positions)
@@ -294,8 +331,7 @@ def _figure(genotype: Genotype, title: str | None, dpi: int) -> Figure:
         points = [np.array(list(positions.values()))]
         for edge, rad in zip(edges, rads):
             p0, p2 = np.array(positions[edge.source]), np.array(positions[edge.target])
-            points.append(_bezier(p0, _control_point(p0, p2, rad), p2,
-                                  np.linspace(0, 1, 21)))
+            points.append(_bezier(p0, _control_point(p0, p2, rad), p2, np.linspace(0, 1, 21)))
         points = np.concatenate(points)
         low = points.min(axis=0) - _RADIUS - _MARGIN
         high = points.max(axis=0) + _RADIUS + _MARGIN
@@ -344,8 +380,9 @@ def render_genotype(genotype: Genotype, title: str | None = None, dpi: int = 100
     return buffer.getvalue()
 
 
-def save_genotype_diagram(genotype: Genotype, path: str | os.PathLike,
-                          title: str | None = None) -> None:
+def save_genotype_diagram(
+    genotype: Genotype, path: str | os.PathLike, title: str | None = None
+) -> None:
     """Writes :func:`render_genotype`'s PNG to ``path`` atomically (temp file, rename)."""
     path = os.fspath(path)
     data = render_genotype(genotype, title)
@@ -360,8 +397,9 @@ def save_genotype_diagram(genotype: Genotype, path: str | os.PathLike,
         raise
 
 
-def render_genotype_array(genotype: Genotype, title: str | None = None,
-                          dpi: int = 100) -> np.ndarray:
+def render_genotype_array(
+    genotype: Genotype, title: str | None = None, dpi: int = 100
+) -> np.ndarray:
     """The image of :func:`render_genotype` as pixels, without PNG encoding.
 
     Returns:

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -46,9 +46,11 @@ def existing_versions(model_dir: str) -> list[int]:
     """Versions already under ``model_dir``: its subdirectories named by an integer."""
     if not os.path.isdir(model_dir):
         return []
-    return sorted(int(name) for name in os.listdir(model_dir)
-                  if _VERSION_DIR.fullmatch(name)
-                  and os.path.isdir(os.path.join(model_dir, name)))
+    return sorted(
+        int(name)
+        for name in os.listdir(model_dir)
+        if _VERSION_DIR.fullmatch(name) and os.path.isdir(os.path.join(model_dir, name))
+    )
 
 
 def next_version(model_dir: str) -> int:
@@ -63,9 +65,14 @@ def input_description(image_size: tuple[int, int]) -> str:
     return f"images must be float32 [N, {height}, {width}, 3] raw 0-255 pixels"
 
 
-def make_serving_fn(model: keras.Model, *, image_size: tuple[int, int],
-                    mean: Sequence[float], std: Sequence[float],
-                    class_names: Sequence[str] | None = None):
+def make_serving_fn(
+    model: keras.Model,
+    *,
+    image_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str] | None = None,
+):
     """The serving function: raw pixels in, a dict of named outputs out.
 
     Args:
@@ -89,32 +96,44 @@ def make_serving_fn(model: keras.Model, *, image_size: tuple[int, int],
         shape = tf.shape(images)
         # Padded to 4 entries so that any rank compares without a shape error.
         head = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)[:4]
-        shape_ok = tf.logical_and(tf.equal(tf.size(shape), 4),
-                                  tf.reduce_all(tf.equal(head[1:], [height, width, 3])))
+        shape_ok = tf.logical_and(
+            tf.equal(tf.size(shape), 4), tf.reduce_all(tf.equal(head[1:], [height, width, 3]))
+        )
         check = tf.debugging.Assert(shape_ok, [message + "; got shape", shape], summarize=8)
         with tf.control_dependencies([check]):
             images = tf.identity(images)
         logits = model(data.normalize(images / 255.0, mean, std), training=False)
         logits = tf.cast(logits, tf.float32)
         classes = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        outputs = {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1),
-                   "classes": classes}
+        outputs = {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits, axis=-1),
+            "classes": classes,
+        }
         if class_names is not None:
             if logits.shape[-1] != len(class_names):
-                raise ValueError(f"{len(class_names)} class names given for a model with "
-                                 f"{logits.shape[-1]} classes")
-            outputs["class_names"] = tf.gather(tf.constant(list(class_names), tf.string),
-                                               classes)
+                raise ValueError(
+                    f"{len(class_names)} class names given for a model with "
+                    f"{logits.shape[-1]} classes"
+                )
+            outputs["class_names"] = tf.gather(tf.constant(list(class_names), tf.string), classes)
         return outputs
 
     return serve
 
 
-def export_saved_model(model: keras.Model, export_dir: str, model_name: str,
-                       version: int | None, *, image_size: tuple[int, int],
-                       mean: Sequence[float], std: Sequence[float],
-                       class_names: Sequence[str] | None = None,
-                       overwrite: bool = False) -> str:
+def export_saved_model(
+    model: keras.Model,
+    export_dir: str,
+    model_name: str,
+    version: int | None,
+    *,
+    image_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> str:
     """Writes a servable SavedModel to ``<export_dir>/<model_name>/<version>/``.
 
     Args:
@@ -153,10 +172,11 @@ def export_saved_model(model: keras.Model, export_dir: str, model_name: str,
         archive.track(model)
         endpoint = archive.add_endpoint(
             ENDPOINT,
-            make_serving_fn(model, image_size=image_size, mean=mean, std=std,
-                            class_names=class_names),
-            input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32,
-                                           name="images")])
+            make_serving_fn(
+                model, image_size=image_size, mean=mean, std=std, class_names=class_names
+            ),
+            input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32, name="images")],
+        )
         endpoint.get_concrete_function()  # trace now: a mismatch raises before writing
         archive.write_out(temp_dir, verbose=False)
         if class_names is not None:
@@ -165,35 +185,58 @@ def export_saved_model(model: keras.Model, export_dir: str, model_name: str,
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
-    logging.info("Exported SavedModel (signature serving_default, input images "
-                 "[N, %d, %d, 3]) to %s", image_size[0], image_size[1], version_dir)
+    logging.info(
+        "Exported SavedModel (signature serving_default, input images [N, %d, %d, 3]) to %s",
+        image_size[0],
+        image_size[1],
+        version_dir,
+    )
     return version_dir
 
 
-def export_for_dataset(model: keras.Model, info, export_dir: str, model_name: str,
-                       version: int | None = None, overwrite: bool = False) -> str:
+def export_for_dataset(
+    model: keras.Model,
+    info,
+    export_dir: str,
+    model_name: str,
+    version: int | None = None,
+    overwrite: bool = False,
+) -> str:
     """:func:`export_saved_model` with the image size, normalisation and class names of
     the data the model was trained on (a ``data.DatasetInfo`` or the
     ``run_dir.RecordedDatasetInfo`` a run directory keeps)."""
-    return export_saved_model(model, export_dir, model_name, version,
-                              image_size=tuple(info.image_size), mean=info.mean,
-                              std=info.std, class_names=info.class_names,
-                              overwrite=overwrite)
+    return export_saved_model(
+        model,
+        export_dir,
+        model_name,
+        version,
+        image_size=tuple(info.image_size),
+        mean=info.mean,
+        std=info.std,
+        class_names=info.class_names,
+        overwrite=overwrite,
+    )
 
 
 def _check_arguments(model_name, version, image_size, mean, std, class_names):
-    if (not model_name or model_name in (".", "..") or os.sep in model_name
-            or (os.altsep and os.altsep in model_name)):
+    if (
+        not model_name
+        or model_name in (".", "..")
+        or os.sep in model_name
+        or (os.altsep and os.altsep in model_name)
+    ):
         raise ValueError(f"model_name must be a plain directory name, got {model_name!r}")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                or version < 0):
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 0
+    ):
         raise ValueError(f"version must be a non-negative integer or None, got {version!r}")
     image_size = tuple(int(v) for v in image_size)
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"image_size must be (height, width), got {image_size}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 values each, std positive; got mean={mean}, "
-                         f"std={std}")
+        raise ValueError(
+            f"mean and std need 3 values each, std positive; got mean={mean}, std={std}"
+        )
     if class_names is not None and any("\n" in name for name in class_names):
         raise ValueError("class names must not contain newlines")
     return image_size
@@ -203,7 +246,8 @@ def _refuse_existing(version_dir: str) -> None:
     if os.path.exists(version_dir):
         raise FileExistsError(
             f"version directory {version_dir} already exists; pass overwrite=True "
-            "(--overwrite) to replace it, or choose another version")
+            "(--overwrite) to replace it, or choose another version"
+        )
 
 
 def _write_class_names(path: str, class_names: Sequence[str]) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # METHOD.md section 1. The order fixes the flat candidate index predecessor * 7 + op.
 # There is deliberately no `none` op in ISTA-NAS.
@@ -58,23 +59,27 @@ def validate(genotype: Genotype) -> None:
         if len(picks) != STEPS * PICKS_PER_NODE:
             raise GenotypeError(
                 f"{cell}: expected {STEPS} nodes x {PICKS_PER_NODE} picks = "
-                f"{STEPS * PICKS_PER_NODE} (op, input) pairs, got {len(picks)}")
+                f"{STEPS * PICKS_PER_NODE} (op, input) pairs, got {len(picks)}"
+            )
         for position, (op, index) in enumerate(picks):
             node = position // PICKS_PER_NODE
             if op not in PRIMITIVES:
                 raise GenotypeError(
                     f"{cell}[{position}] (node {node}): unknown op {op!r}; "
-                    f"valid ops: {', '.join(PRIMITIVES)}")
+                    f"valid ops: {', '.join(PRIMITIVES)}"
+                )
             # Node j (0-based) may read s0, s1 and the nodes before it: inputs 0..j+1.
             if not 0 <= index <= node + 1:
                 raise GenotypeError(
                     f"{cell}[{position}] (node {node}): input index {index} out of range; "
-                    f"node {node} can read inputs 0..{node + 1}")
+                    f"node {node} can read inputs 0..{node + 1}"
+                )
         concat = getattr(genotype, f"{cell}_concat")
         if not concat or any(not 0 <= i < STEPS + 2 for i in concat):
             raise GenotypeError(
                 f"{cell}_concat: {list(concat)} must be a non-empty list of state "
-                f"indices in 0..{STEPS + 1}")
+                f"indices in 0..{STEPS + 1}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,27 +131,32 @@ ISTA_twostage = _genotype(
     "(skip_connect,0) (dil_conv_3x3,1) (sep_conv_5x5,0) (dil_conv_3x3,2) "
     "(dil_conv_3x3,1) (sep_conv_3x3,0) (sep_conv_3x3,2) (skip_connect,0)",
     "(avg_pool_3x3,0) (sep_conv_5x5,1) (dil_conv_5x5,2) (max_pool_3x3,1) "
-    "(dil_conv_5x5,3) (sep_conv_3x3,1) (dil_conv_5x5,4) (sep_conv_5x5,1)")
+    "(dil_conv_5x5,3) (sep_conv_3x3,1) (dil_conv_5x5,4) (sep_conv_5x5,1)",
+)
 ISTA_onestage = _genotype(
     "(skip_connect,0) (dil_conv_3x3,1) (sep_conv_3x3,1) (dil_conv_5x5,2) "
     "(avg_pool_3x3,3) (sep_conv_3x3,1) (sep_conv_5x5,1) (sep_conv_3x3,2)",
     "(avg_pool_3x3,0) (max_pool_3x3,1) (skip_connect,0) (max_pool_3x3,1) "
-    "(sep_conv_5x5,1) (avg_pool_3x3,0) (max_pool_3x3,0) (dil_conv_5x5,2)")
+    "(sep_conv_5x5,1) (avg_pool_3x3,0) (max_pool_3x3,0) (dil_conv_5x5,2)",
+)
 ISTA_ImageNet = _genotype(
     "(sep_conv_3x3,1) (sep_conv_3x3,0) (sep_conv_3x3,1) (skip_connect,2) "
     "(sep_conv_3x3,1) (sep_conv_3x3,0) (sep_conv_3x3,1) (dil_conv_5x5,4)",
     "(skip_connect,0) (sep_conv_3x3,1) (dil_conv_5x5,2) (sep_conv_3x3,0) "
-    "(sep_conv_3x3,0) (skip_connect,2) (sep_conv_3x3,2) (skip_connect,3)")
+    "(sep_conv_3x3,0) (skip_connect,2) (sep_conv_3x3,2) (skip_connect,3)",
+)
 DARTS_V1 = _genotype(
     "(sep_conv_3x3,1) (sep_conv_3x3,0) (skip_connect,0) (sep_conv_3x3,1) "
     "(skip_connect,0) (sep_conv_3x3,1) (sep_conv_3x3,0) (skip_connect,2)",
     "(max_pool_3x3,0) (max_pool_3x3,1) (skip_connect,2) (max_pool_3x3,0) "
-    "(max_pool_3x3,0) (skip_connect,2) (skip_connect,2) (avg_pool_3x3,0)")
+    "(max_pool_3x3,0) (skip_connect,2) (skip_connect,2) (avg_pool_3x3,0)",
+)
 DARTS_V2 = _genotype(
     "(sep_conv_3x3,0) (sep_conv_3x3,1) (sep_conv_3x3,0) (sep_conv_3x3,1) "
     "(sep_conv_3x3,1) (skip_connect,0) (skip_connect,0) (dil_conv_3x3,2)",
     "(max_pool_3x3,0) (max_pool_3x3,1) (skip_connect,2) (max_pool_3x3,1) "
-    "(max_pool_3x3,0) (skip_connect,2) (skip_connect,2) (max_pool_3x3,1)")
+    "(max_pool_3x3,0) (skip_connect,2) (skip_connect,2) (max_pool_3x3,1)",
+)
 
 GENOTYPES: dict[str, Genotype] = {
     "ISTA_twostage": ISTA_twostage,
@@ -177,15 +187,22 @@ def from_json_dict(data: Any, source: str = "genotype") -> Genotype:
             raise GenotypeError(f"{source}: missing field {cell!r}")
         picks = data[cell]
         if not isinstance(picks, list) or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
-                and isinstance(p[1], int) and not isinstance(p[1], bool) for p in picks):
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and isinstance(p[0], str)
+            and isinstance(p[1], int)
+            and not isinstance(p[1], bool)
+            for p in picks
+        ):
             raise GenotypeError(
                 f"{source}: field {cell!r} must be a list of [op_name, input_index] pairs, "
-                f"got {picks!r}")
+                f"got {picks!r}"
+            )
         fields[cell] = picks
         concat = data.get(f"{cell}_concat", list(_CONCAT))
         if not isinstance(concat, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in concat):
+            isinstance(i, int) and not isinstance(i, bool) for i in concat
+        ):
             raise GenotypeError(f"{source}: field '{cell}_concat' must be a list of ints")
         fields[f"{cell}_concat"] = concat
     try:
@@ -224,12 +241,16 @@ def get_genotype(name_or_path: str) -> Genotype:
     """Looks up a named genotype, or loads a JSON file if the argument is a path."""
     if name_or_path in GENOTYPES:
         return GENOTYPES[name_or_path]
-    if name_or_path.endswith(".json") or os.path.sep in name_or_path \
-            or os.path.exists(name_or_path):
+    if (
+        name_or_path.endswith(".json")
+        or os.path.sep in name_or_path
+        or os.path.exists(name_or_path)
+    ):
         return load_json(name_or_path)
     raise GenotypeError(
         f"unknown genotype {name_or_path!r}; valid names: {', '.join(GENOTYPES)} "
-        "(or the path of a genotype .json file)")
+        "(or the path of a genotype .json file)"
+    )
 
 
 def genotype_from_picks(normal: Sequence[Pick], reduce: Sequence[Pick]) -> Genotype:

@@ -129,10 +129,12 @@ def _neg_inf_like(x: tf.Tensor) -> tf.Tensor:
 
 def _scatter_slots(values, slot_col, slot_on, n):
     """[k, p] slot values -> [k, n] columns; exact zeros outside the active set."""
-    placed = tf.logical_and(tf.one_hot(slot_col, n, on_value=True, off_value=False),
-                            slot_on[:, :, None])  # [k, p, n]
+    placed = tf.logical_and(
+        tf.one_hot(slot_col, n, on_value=True, off_value=False), slot_on[:, :, None]
+    )  # [k, p, n]
     return tf.reduce_sum(
-        tf.where(placed, values[:, :, None], tf.zeros_like(values[:, :, None])), axis=1)
+        tf.where(placed, values[:, :, None], tf.zeros_like(values[:, :, None])), axis=1
+    )
 
 
 def _kkt_ok(A, b, z, signs, lam):
@@ -195,9 +197,12 @@ def solve_path(A, b, settings, z0):
     p = min(m, n)
     has_column = tf.reduce_any(tf.not_equal(A, 0.0), axis=1)  # [k, n]
     finite = tf.logical_and(
-        tf.logical_and(tf.reduce_all(tf.math.is_finite(A), axis=[1, 2]),
-                       tf.reduce_all(tf.math.is_finite(b), axis=1)),
-        tf.logical_and(tf.math.is_finite(lam), lam > 0))
+        tf.logical_and(
+            tf.reduce_all(tf.math.is_finite(A), axis=[1, 2]),
+            tf.reduce_all(tf.math.is_finite(b), axis=1),
+        ),
+        tf.logical_and(tf.math.is_finite(lam), lam > 0),
+    )
 
     # Warm start: the support and signs of z0 (if they fit in p slots) as a guess.
     support0 = tf.logical_and(tf.logical_and(tf.not_equal(z0, 0.0), has_column), use_z0)
@@ -205,8 +210,9 @@ def solve_path(A, b, settings, z0):
     # top_k on the 0/1 mask lists the support's columns first (lowest index first on ties).
     col0 = tf.math.top_k(tf.cast(support0, tf.int32), k=p).indices
     on0 = tf.logical_and(tf.gather(support0, col0, batch_dims=1), warm[:, None])
-    sign0 = tf.where(on0, tf.sign(tf.gather(z0, col0, batch_dims=1)),
-                     tf.zeros(tf.shape(on0), A.dtype))
+    sign0 = tf.where(
+        on0, tf.sign(tf.gather(z0, col0, batch_dims=1)), tf.zeros(tf.shape(on0), A.dtype)
+    )
     state = (
         tf.constant(0, tf.int32),
         col0,  # slot -> column
@@ -228,9 +234,12 @@ def solve_path(A, b, settings, z0):
         # c(lam) = r + lam q on this segment, for every column.
         r = _rmatvec(A, b - _matvec(A_S, u))
         q = _rmatvec(A, _matvec(A_S, d))
-        active = tf.reduce_any(tf.logical_and(
-            tf.one_hot(slot_col, n, on_value=True, off_value=False),
-            slot_on[:, :, None]), axis=1)  # [k, n]
+        active = tf.reduce_any(
+            tf.logical_and(
+                tf.one_hot(slot_col, n, on_value=True, off_value=False), slot_on[:, :, None]
+            ),
+            axis=1,
+        )  # [k, n]
         can_join = tf.reduce_sum(tf.cast(slot_on, tf.int32), axis=-1) < p
         join_ok = tf.logical_and(tf.logical_not(active), can_join[:, None])
 
@@ -241,11 +250,14 @@ def solve_path(A, b, settings, z0):
 
         # Breakpoints: an active z(lam) = u - lam d reaches 0 (drop, per slot); an
         # inactive c_j(lam) = r_j + lam q_j reaches +lam or -lam (join with that sign).
-        events = tf.concat([
-            ratio(u, d, slot_on),
-            ratio(r, 1.0 - q, join_ok),
-            ratio(-r, 1.0 + q, join_ok),
-        ], axis=-1)  # [k, p + 2n]
+        events = tf.concat(
+            [
+                ratio(u, d, slot_on),
+                ratio(r, 1.0 - q, join_ok),
+                ratio(-r, 1.0 + q, join_ok),
+            ],
+            axis=-1,
+        )  # [k, p + 2n]
         upper = lam_c * (1.0 + _EVENT_RTOL)
         valid = (events > lam) & (events <= upper[:, None]) & tf.logical_not(blocked)
         events = tf.where(valid, events, _neg_inf_like(events))
@@ -270,17 +282,21 @@ def solve_path(A, b, settings, z0):
         join_col = (event - p) % n
         join_sign = tf.where(event < p + n, tf.constant(1.0, A.dtype), -1.0)
         # A join takes the first empty slot; a drop empties its slot.
-        free_slot = tf.argmax(tf.cast(tf.logical_not(slot_on), tf.int32), axis=-1,
-                              output_type=tf.int32)
+        free_slot = tf.argmax(
+            tf.cast(tf.logical_not(slot_on), tf.int32), axis=-1, output_type=tf.int32
+        )
         slot = tf.where(dropping, event, free_slot)
-        hit = tf.logical_and(tf.one_hot(slot, p, on_value=True, off_value=False),
-                             has_event[:, None])
+        hit = tf.logical_and(
+            tf.one_hot(slot, p, on_value=True, off_value=False), has_event[:, None]
+        )
         new_on = tf.where(hit, tf.logical_not(dropping)[:, None], slot_on)
         new_on = tf.logical_and(new_on, tf.logical_not(restart)[:, None])
-        new_col = tf.where(tf.logical_and(hit, tf.logical_not(dropping)[:, None]),
-                           join_col[:, None], slot_col)
+        new_col = tf.where(
+            tf.logical_and(hit, tf.logical_not(dropping)[:, None]), join_col[:, None], slot_col
+        )
         new_sign = tf.where(
-            hit, tf.where(dropping, tf.zeros_like(join_sign), join_sign)[:, None], slot_sign)
+            hit, tf.where(dropping, tf.zeros_like(join_sign), join_sign)[:, None], slot_sign
+        )
         new_sign = tf.where(new_on, new_sign, tf.zeros_like(new_sign))
         # The linear piece that just crossed cannot cross again on the next segment: a
         # joined z_j starts at 0 (no drop at the same lam), a dropped c_j sits on the
@@ -288,18 +304,29 @@ def solve_path(A, b, settings, z0):
         dropped_col = tf.gather(slot_col, slot, batch_dims=1)
         dropped_sign = tf.gather(slot_sign, slot, batch_dims=1)
         blocked_slot = tf.where(
-            dropping,
-            tf.where(dropped_sign > 0, p + dropped_col, p + n + dropped_col),
-            slot)
+            dropping, tf.where(dropped_sign > 0, p + dropped_col, p + n + dropped_col), slot
+        )
         new_blocked = tf.logical_and(
-            tf.one_hot(blocked_slot, p + 2 * n, on_value=True, off_value=False),
-            has_event[:, None])
+            tf.one_hot(blocked_slot, p + 2 * n, on_value=True, off_value=False), has_event[:, None]
+        )
         new_lam = tf.where(has_event, tf.minimum(lam_event, lam_c), lam_c)
-        return (step + 1, new_col, new_on, new_sign, new_lam, new_blocked,
-                tf.logical_and(warm, tf.logical_not(kkt | restart)),
-                tf.logical_or(done, finishing), ok, z)
+        return (
+            step + 1,
+            new_col,
+            new_on,
+            new_sign,
+            new_lam,
+            new_blocked,
+            tf.logical_and(warm, tf.logical_not(kkt | restart)),
+            tf.logical_or(done, finishing),
+            ok,
+            z,
+        )
 
     steps, _, _, _, _, _, _, done, ok, z = tf.while_loop(cond, body, state)
-    status = tf.where(finite, tf.where(tf.logical_and(ok, done), STATUS_OK,
-                                       STATUS_NO_KKT_POINT), STATUS_NOT_FINITE)
+    status = tf.where(
+        finite,
+        tf.where(tf.logical_and(ok, done), STATUS_OK, STATUS_NO_KKT_POINT),
+        STATUS_NOT_FINITE,
+    )
     return z, tf.concat([status, steps[None]], axis=0)

@@ -53,8 +53,11 @@ def _compiled_path(k: int, m: int, n: int):
     """solve_path's concrete function for one problem shape. Calling it directly skips
     tf.function's argument binding and signature matching, ~90 us per eager call."""
     return homotopy.solve_path.get_concrete_function(
-        tf.TensorSpec([k, m, n], tf.float64), tf.TensorSpec([k, m], tf.float64),
-        tf.TensorSpec([3], tf.float64), tf.TensorSpec([k, n], tf.float64))
+        tf.TensorSpec([k, m, n], tf.float64),
+        tf.TensorSpec([k, m], tf.float64),
+        tf.TensorSpec([3], tf.float64),
+        tf.TensorSpec([k, n], tf.float64),
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -96,8 +99,9 @@ def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Ten
     # float32 lam = 1e-5 is off by 2.5e-13, which shifts every nonzero of z by as much).
     A, b = _as_float64(A), _as_float64(b)
     if A.shape.rank not in (2, 3) or b.shape.rank != A.shape.rank - 1:
-        raise ValueError(f"A must be [m, n] with b [m], or [k, m, n] with b [k, m]; got "
-                         f"A {A.shape}, b {b.shape}")
+        raise ValueError(
+            f"A must be [m, n] with b [m], or [k, m, n] with b [k, m]; got A {A.shape}, b {b.shape}"
+        )
     if isinstance(lam, (int, float)) and not lam > 0:
         raise ValueError(f"lam={lam!r} out of range: must be > 0")
     single = A.shape.rank == 2
@@ -109,13 +113,17 @@ def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Ten
         settings = _settings(float(lam), use_z0, int(max_steps))
     else:
         lam = tf.cast(tf.convert_to_tensor(lam, dtype_hint=tf.float64), tf.float64)
-        settings = tf.stack([lam, tf.constant(float(use_z0), tf.float64),
-                             tf.constant(float(max_steps), tf.float64)])
+        settings = tf.stack(
+            [lam, tf.constant(float(use_z0), tf.float64), tf.constant(float(max_steps), tf.float64)]
+        )
     # Static sizes where known: each eager shape op costs more than a homotopy step.
     k = A.shape[0] if A.shape[0] is not None else tf.shape(A)[0]
     if z0 is None:
-        z0 = _zeros(k, A.shape[2]) if eager and isinstance(k, int) else \
-            tf.zeros([k, A.shape[2]], tf.float64)
+        z0 = (
+            _zeros(k, A.shape[2])
+            if eager and isinstance(k, int)
+            else tf.zeros([k, A.shape[2]], tf.float64)
+        )
     else:
         z0 = _as_float64(z0)
         if z0.shape.rank != 2:
@@ -130,25 +138,40 @@ def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Ten
         problems, steps = status[:-1], int(status[-1])
         if np.any(problems == homotopy.STATUS_NOT_FINITE):
             raise tf.errors.InvalidArgumentError(
-                None, None, "solve_lasso: A, b or lam is not finite (or lam <= 0) in "
-                f"problems {np.flatnonzero(problems == homotopy.STATUS_NOT_FINITE).tolist()}")
+                None,
+                None,
+                "solve_lasso: A, b or lam is not finite (or lam <= 0) in "
+                f"problems {np.flatnonzero(problems == homotopy.STATUS_NOT_FINITE).tolist()}",
+            )
         if np.any(problems != homotopy.STATUS_OK):
             raise tf.errors.InvalidArgumentError(
-                None, None, "solve_lasso: no verified KKT point for problems "
+                None,
+                None,
+                "solve_lasso: no verified KKT point for problems "
                 f"{np.flatnonzero(problems != homotopy.STATUS_OK).tolist()} after {steps} homotopy "
-                f"steps (max_steps={max_steps})")
+                f"steps (max_steps={max_steps})",
+            )
     else:
         problems = status[:-1]
         check_finite = tf.debugging.Assert(
             tf.reduce_all(tf.not_equal(problems, homotopy.STATUS_NOT_FINITE)),
-            ["solve_lasso: A, b or lam is not finite (or lam <= 0) in problems",
-             tf.where(tf.equal(problems, homotopy.STATUS_NOT_FINITE))[:, 0]])
+            [
+                "solve_lasso: A, b or lam is not finite (or lam <= 0) in problems",
+                tf.where(tf.equal(problems, homotopy.STATUS_NOT_FINITE))[:, 0],
+            ],
+        )
         with tf.control_dependencies([check_finite]):
             check_ok = tf.debugging.Assert(
                 tf.reduce_all(tf.equal(problems, homotopy.STATUS_OK)),
-                ["solve_lasso: no verified KKT point for problems",
-                 tf.where(tf.not_equal(problems, homotopy.STATUS_OK))[:, 0], "after homotopy steps",
-                 status[-1], "max_steps", max_steps])
+                [
+                    "solve_lasso: no verified KKT point for problems",
+                    tf.where(tf.not_equal(problems, homotopy.STATUS_OK))[:, 0],
+                    "after homotopy steps",
+                    status[-1],
+                    "max_steps",
+                    max_steps,
+                ],
+            )
         with tf.control_dependencies([check_ok]):
             z = tf.identity(z)
     return z[0] if single else z

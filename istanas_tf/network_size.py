@@ -33,7 +33,8 @@ def count_multiply_adds(network: keras.Model, image_size: int) -> int:
     """
     function = tf.function(lambda x: network(x, training=False))
     graph = function.get_concrete_function(
-        tf.TensorSpec([1, image_size, image_size, 3], tf.float32)).graph
+        tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
+    ).graph
     total = 0
     for op in graph.get_operations():
         if op.type == "Conv2D":
@@ -55,9 +56,15 @@ def count_multiply_adds(network: keras.Model, image_size: int) -> int:
     return int(total)
 
 
-def describe(genotype, family: str, num_classes: int, channels: int | None = None,
-             layers: int | None = None, auxiliary: bool = False,
-             bn_after_param_free_ops: bool = False) -> dict:
+def describe(
+    genotype,
+    family: str,
+    num_classes: int,
+    channels: int | None = None,
+    layers: int | None = None,
+    auxiliary: bool = False,
+    bn_after_param_free_ops: bool = False,
+) -> dict:
     """Sizes of the evaluation network of ``genotype`` (the paper's conventions).
 
     Returns a JSON-ready dict with ``genotype``, ``params`` (trainable, auxiliary head
@@ -65,7 +72,9 @@ def describe(genotype, family: str, num_classes: int, channels: int | None = Non
     one image at the family's resolution: 32x32 CIFAR, 224x224 ImageNet).
     """
     if family not in networks.FAMILIES:
-        raise ValueError(f"unknown network family {family!r}; valid: {', '.join(networks.FAMILIES)}")
+        raise ValueError(
+            f"unknown network family {family!r}; valid: {', '.join(networks.FAMILIES)}"
+        )
     settings = networks.FAMILIES[family]
     channels = settings["channels"] if channels is None else channels
     layers = settings["layers"] if layers is None else layers
@@ -73,9 +82,16 @@ def describe(genotype, family: str, num_classes: int, channels: int | None = Non
         genotype = genotypes.get_genotype(genotype)
     # Build with the head so that params_with_auxiliary is exact even when the run
     # itself trains without it.
-    network = networks.build_network(settings["kind"], genotype, channels, layers, num_classes,
-                            settings["image_size"], auxiliary=True,
-                            bn_after_param_free_ops=bn_after_param_free_ops)
+    network = networks.build_network(
+        settings["kind"],
+        genotype,
+        channels,
+        layers,
+        num_classes,
+        settings["image_size"],
+        auxiliary=True,
+        bn_after_param_free_ops=bn_after_param_free_ops,
+    )
     return {
         "genotype": genotypes.to_json_dict(genotype),
         "network": settings["kind"],

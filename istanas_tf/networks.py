@@ -48,8 +48,7 @@ class AuxiliaryHead(keras.layers.Layer):
         return self.classifier(tf.reshape(x, [tf.shape(x)[0], -1]))
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes,
-                "imagenet": self.imagenet}
+        return {**super().get_config(), "num_classes": self.num_classes, "imagenet": self.imagenet}
 
 
 class _Network(keras.Model):
@@ -61,9 +60,18 @@ class _Network(keras.Model):
 
     imagenet = False
 
-    def __init__(self, genotype, channels: int, num_cells: int, num_classes: int,
-                 auxiliary: bool = False, drop_path_rate: float = 0.0,
-                 bn_after_param_free_ops: bool = False, seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        genotype,
+        channels: int,
+        num_cells: int,
+        num_classes: int,
+        auxiliary: bool = False,
+        drop_path_rate: float = 0.0,
+        bn_after_param_free_ops: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if isinstance(genotype, dict):
             genotype = genotypes.from_json_dict(genotype)
@@ -81,18 +89,28 @@ class _Network(keras.Model):
         # Drop path probability, ramped by the training loop between epochs; a variable
         # so that traced steps read the current value and checkpoints keep it.
         self.drop_path_rate = self.add_weight(
-            shape=(), initializer=keras.initializers.Constant(drop_path_rate),
-            trainable=False, name="drop_path_rate")
+            shape=(),
+            initializer=keras.initializers.Constant(drop_path_rate),
+            trainable=False,
+            name="drop_path_rate",
+        )
         self.aux_position = 2 * num_cells // 3
         self.cells = [
-            cell_lib.Cell(genotype.reduce if spec.reduction else genotype.normal,
-                          genotype.reduce_concat if spec.reduction else genotype.normal_concat,
-                          spec.channels, spec.reduction, spec.reduction_prev,
-                          bn_after_param_free_ops,
-                          seed=None if seed is None else seed + 100 * i, name=f"cell{i}")
-            for i, spec in enumerate(schedule)]
-        self.auxiliary_head = (AuxiliaryHead(num_classes, self.imagenet, name="auxiliary_head")
-                               if auxiliary else None)
+            cell_lib.Cell(
+                genotype.reduce if spec.reduction else genotype.normal,
+                genotype.reduce_concat if spec.reduction else genotype.normal_concat,
+                spec.channels,
+                spec.reduction,
+                spec.reduction_prev,
+                bn_after_param_free_ops,
+                seed=None if seed is None else seed + 100 * i,
+                name=f"cell{i}",
+            )
+            for i, spec in enumerate(schedule)
+        ]
+        self.auxiliary_head = (
+            AuxiliaryHead(num_classes, self.imagenet, name="auxiliary_head") if auxiliary else None
+        )
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.top1 = keras.metrics.SparseCategoricalAccuracy(name="top1")
@@ -115,8 +133,9 @@ class _Network(keras.Model):
         return logits
 
     # ------------------------------------------------------------------ training
-    def compile(self, optimizer, auxiliary_weight: float = 0.4, label_smoothing: float = 0.0,
-                **kwargs):
+    def compile(
+        self, optimizer, auxiliary_weight: float = 0.4, label_smoothing: float = 0.0, **kwargs
+    ):
         """Sets the optimizer and the loss recipe (METHOD.md section 5), builds the slots.
 
         Args:
@@ -140,10 +159,12 @@ class _Network(keras.Model):
         if self.label_smoothing:
             targets = tf.one_hot(labels, self.num_classes)
             per_example = keras.losses.categorical_crossentropy(
-                targets, logits, from_logits=True, label_smoothing=self.label_smoothing)
+                targets, logits, from_logits=True, label_smoothing=self.label_smoothing
+            )
         else:
-            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                                       from_logits=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
         # Mean over the global batch: gradients summed over replicas are exact.
         return per_example, tf.nn.compute_average_loss(per_example)
 
@@ -176,11 +197,17 @@ class _Network(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def get_config(self):
-        return {**super().get_config(), "genotype": genotypes.to_json_dict(self.genotype),
-                "channels": self.channels, "num_cells": self.num_cells,
-                "num_classes": self.num_classes, "auxiliary": self.auxiliary,
-                "drop_path_rate": float(keras.ops.convert_to_numpy(self.drop_path_rate)),
-                "bn_after_param_free_ops": self.bn_after_param_free_ops, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "genotype": genotypes.to_json_dict(self.genotype),
+            "channels": self.channels,
+            "num_cells": self.num_cells,
+            "num_classes": self.num_classes,
+            "auxiliary": self.auxiliary,
+            "drop_path_rate": float(keras.ops.convert_to_numpy(self.drop_path_rate)),
+            "bn_after_param_free_ops": self.bn_after_param_free_ops,
+            "seed": self.seed,
+        }
 
 
 @_register
@@ -194,8 +221,10 @@ class NetworkCIFAR(_Network):
     STEM_MULTIPLIER = 3
 
     def _build_stem(self, channels):
-        return [blocks.SymmetricConv(self.STEM_MULTIPLIER * channels, 3, name="stem_conv"),
-                blocks.batch_norm(name="stem_bn")]
+        return [
+            blocks.SymmetricConv(self.STEM_MULTIPLIER * channels, 3, name="stem_conv"),
+            blocks.batch_norm(name="stem_bn"),
+        ]
 
     def _stem(self, images, training):
         conv, bn = self.stem_layers
@@ -215,12 +244,14 @@ class NetworkImageNet(_Network):
     imagenet = True
 
     def _build_stem(self, channels):
-        return [blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
-                blocks.batch_norm(name="stem0_bn1"),
-                blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
-                blocks.batch_norm(name="stem0_bn2"),
-                blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
-                blocks.batch_norm(name="stem1_bn")]
+        return [
+            blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
+            blocks.batch_norm(name="stem0_bn1"),
+            blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
+            blocks.batch_norm(name="stem0_bn2"),
+            blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
+            blocks.batch_norm(name="stem1_bn"),
+        ]
 
     def _stem(self, images, training):
         conv1, bn1, conv2, bn2, conv3, bn3 = self.stem_layers
@@ -239,8 +270,9 @@ FAMILIES = {
 }
 
 
-def build_network(kind: str, genotype, channels: int, num_cells: int, num_classes: int,
-                  image_size: int, **kwargs) -> _Network:
+def build_network(
+    kind: str, genotype, channels: int, num_cells: int, num_classes: int, image_size: int, **kwargs
+) -> _Network:
     """Builds and initialises (one forward pass) an evaluation network.
 
     Args:
@@ -260,5 +292,3 @@ def build_network(kind: str, genotype, channels: int, num_cells: int, num_classe
         # restored and exported like the rest.
         network(tf.zeros([2, image_size, image_size, 3]), training=True)
     return network
-
-

@@ -13,7 +13,7 @@ Numerics follow the published PyTorch code (METHOD.md section 1), not Keras defa
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -22,6 +22,7 @@ from istanas_tf import genotypes
 from istanas_tf.blocks import SymmetricConv, batch_norm, pad_symmetric
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
+
 
 class _OpWithBatchNorms(keras.layers.Layer):
     """A layer whose BNs are named by ``_BATCH_NORMS`` (attributes, None when absent).
@@ -35,8 +36,7 @@ class _OpWithBatchNorms(keras.layers.Layer):
 
     @property
     def batch_norms(self) -> list[keras.layers.BatchNormalization]:
-        return [bn for bn in (getattr(self, name) for name in self._BATCH_NORMS)
-                if bn is not None]
+        return [bn for bn in (getattr(self, name) for name in self._BATCH_NORMS) if bn is not None]
 
     @property
     def last_bn(self) -> keras.layers.BatchNormalization | None:
@@ -49,8 +49,14 @@ class ReLUConvBN(_OpWithBatchNorms):
 
     _BATCH_NORMS = ("bn",)
 
-    def __init__(self, channels_out: int, kernel_size: int = 1, stride: int = 1,
-                 affine: bool = True, **kwargs):
+    def __init__(
+        self,
+        channels_out: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        affine: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.channels_out = channels_out
         self.kernel_size = kernel_size
@@ -59,13 +65,17 @@ class ReLUConvBN(_OpWithBatchNorms):
         self.conv = SymmetricConv(channels_out, kernel_size, stride, name="conv")
         self.bn = batch_norm(affine, name="bn")
 
-
     def call(self, x, training=None):
         return self.bn(self.conv(tf.nn.relu(x)), training=training)
 
     def get_config(self):
-        return {**super().get_config(), "channels_out": self.channels_out,
-                "kernel_size": self.kernel_size, "stride": self.stride, "affine": self.affine}
+        return {
+            **super().get_config(),
+            "channels_out": self.channels_out,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "affine": self.affine,
+        }
 
 
 @_register
@@ -78,21 +88,19 @@ class SepConv(_OpWithBatchNorms):
 
     _BATCH_NORMS = ("bn1", "bn2")
 
-    def __init__(self, channels_out: int, kernel_size: int, stride: int = 1,
-                 affine: bool = True, **kwargs):
+    def __init__(
+        self, channels_out: int, kernel_size: int, stride: int = 1, affine: bool = True, **kwargs
+    ):
         super().__init__(**kwargs)
         self.channels_out = channels_out
         self.kernel_size = kernel_size
         self.stride = stride
         self.affine = affine
-        self.depthwise1 = SymmetricConv(0, kernel_size, stride, depthwise=True,
-                                        name="depthwise1")
-        self.pointwise1 = keras.layers.Conv2D(channels_out, 1, use_bias=False,
-                                              name="pointwise1")
+        self.depthwise1 = SymmetricConv(0, kernel_size, stride, depthwise=True, name="depthwise1")
+        self.pointwise1 = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise1")
         self.bn1 = batch_norm(affine, name="bn1")
         self.depthwise2 = SymmetricConv(0, kernel_size, 1, depthwise=True, name="depthwise2")
-        self.pointwise2 = keras.layers.Conv2D(channels_out, 1, use_bias=False,
-                                              name="pointwise2")
+        self.pointwise2 = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise2")
         self.bn2 = batch_norm(affine, name="bn2")
 
     def call(self, x, training=None):
@@ -100,8 +108,13 @@ class SepConv(_OpWithBatchNorms):
         return self.bn2(self.pointwise2(self.depthwise2(tf.nn.relu(x))), training=training)
 
     def get_config(self):
-        return {**super().get_config(), "channels_out": self.channels_out,
-                "kernel_size": self.kernel_size, "stride": self.stride, "affine": self.affine}
+        return {
+            **super().get_config(),
+            "channels_out": self.channels_out,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "affine": self.affine,
+        }
 
 
 @_register
@@ -113,27 +126,39 @@ class DilConv(_OpWithBatchNorms):
 
     _BATCH_NORMS = ("bn",)
 
-    def __init__(self, channels_out: int, kernel_size: int, stride: int = 1,
-                 dilation: int = 2, affine: bool = True, **kwargs):
+    def __init__(
+        self,
+        channels_out: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 2,
+        affine: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.channels_out = channels_out
         self.kernel_size = kernel_size
         self.stride = stride
         self.dilation = dilation
         self.affine = affine
-        self.depthwise = SymmetricConv(0, kernel_size, stride, dilation, depthwise=True,
-                                       name="depthwise")
-        self.pointwise = keras.layers.Conv2D(channels_out, 1, use_bias=False,
-                                             name="pointwise")
+        self.depthwise = SymmetricConv(
+            0, kernel_size, stride, dilation, depthwise=True, name="depthwise"
+        )
+        self.pointwise = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise")
         self.bn = batch_norm(affine, name="bn")
 
     def call(self, x, training=None):
         return self.bn(self.pointwise(self.depthwise(tf.nn.relu(x))), training=training)
 
     def get_config(self):
-        return {**super().get_config(), "channels_out": self.channels_out,
-                "kernel_size": self.kernel_size, "stride": self.stride,
-                "dilation": self.dilation, "affine": self.affine}
+        return {
+            **super().get_config(),
+            "channels_out": self.channels_out,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "dilation": self.dilation,
+            "affine": self.affine,
+        }
 
 
 @_register
@@ -150,7 +175,8 @@ class FactorizedReduce(_OpWithBatchNorms):
         if channels_out % 2:
             raise ValueError(
                 f"FactorizedReduce needs an even output channel count to split it into "
-                f"two halves, got {channels_out}")
+                f"two halves, got {channels_out}"
+            )
         super().__init__(**kwargs)
         self.channels_out = channels_out
         self.affine = affine
@@ -173,8 +199,7 @@ class FactorizedReduce(_OpWithBatchNorms):
         return self.bn(out, training=training)
 
     def get_config(self):
-        return {**super().get_config(), "channels_out": self.channels_out,
-                "affine": self.affine}
+        return {**super().get_config(), "channels_out": self.channels_out, "affine": self.affine}
 
 
 @_register
@@ -189,8 +214,7 @@ class Pool(_OpWithBatchNorms):
 
     _BATCH_NORMS = ("batch_norm",)
 
-    def __init__(self, kind: str, stride: int = 1, bn: bool = False, affine: bool = True,
-                 **kwargs):
+    def __init__(self, kind: str, stride: int = 1, bn: bool = False, affine: bool = True, **kwargs):
         if kind not in ("max", "avg"):
             raise ValueError(f"Pool kind must be 'max' or 'avg', got {kind!r}")
         super().__init__(**kwargs)
@@ -218,8 +242,13 @@ class Pool(_OpWithBatchNorms):
         return y
 
     def get_config(self):
-        return {**super().get_config(), "kind": self.kind, "stride": self.stride,
-                "bn": self.bn, "affine": self.affine}
+        return {
+            **super().get_config(),
+            "kind": self.kind,
+            "stride": self.stride,
+            "bn": self.bn,
+            "affine": self.affine,
+        }
 
 
 @_register
@@ -267,12 +296,16 @@ OpFactory = Callable[[int, int, OpOptions, str], keras.layers.Layer]
 
 OPS: dict[str, OpFactory] = {
     "max_pool_3x3": lambda c, stride, o, name: Pool(
-        "max", stride, bn=o.bn_after_pool, affine=o.affine, name=name),
+        "max", stride, bn=o.bn_after_pool, affine=o.affine, name=name
+    ),
     "avg_pool_3x3": lambda c, stride, o, name: Pool(
-        "avg", stride, bn=o.bn_after_pool, affine=o.affine, name=name),
+        "avg", stride, bn=o.bn_after_pool, affine=o.affine, name=name
+    ),
     "skip_connect": lambda c, stride, o, name: (
-        Identity(bn=o.bn_after_identity, affine=o.affine, name=name) if stride == 1
-        else FactorizedReduce(c, affine=o.affine, name=name)),
+        Identity(bn=o.bn_after_identity, affine=o.affine, name=name)
+        if stride == 1
+        else FactorizedReduce(c, affine=o.affine, name=name)
+    ),
     "sep_conv_3x3": lambda c, stride, o, name: SepConv(c, 3, stride, o.affine, name=name),
     "sep_conv_5x5": lambda c, stride, o, name: SepConv(c, 5, stride, o.affine, name=name),
     "dil_conv_3x3": lambda c, stride, o, name: DilConv(c, 3, stride, 2, o.affine, name=name),
@@ -281,8 +314,13 @@ OPS: dict[str, OpFactory] = {
 assert tuple(OPS) == genotypes.PRIMITIVES, "OPS must list the primitives in METHOD.md order"
 
 
-def make_op(name: str, channels: int, stride: int, options: OpOptions = OpOptions(),
-            layer_name: str | None = None) -> keras.layers.Layer:
+def make_op(
+    name: str,
+    channels: int,
+    stride: int,
+    options: OpOptions = OpOptions(),
+    layer_name: str | None = None,
+) -> keras.layers.Layer:
     """Builds the candidate op ``name`` mapping ``channels`` to ``channels`` channels."""
     if name not in OPS:
         raise ValueError(f"unknown op {name!r}; valid ops: {', '.join(OPS)}")

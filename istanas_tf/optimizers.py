@@ -24,8 +24,9 @@ _register = keras.saving.register_keras_serializable(package="istanas_tf")
 class _TorchStyleOptimizer(keras.optimizers.Optimizer):
     """Adds coupled L2 and post-all-reduce global-norm clipping to a Keras optimizer."""
 
-    def __init__(self, learning_rate, l2: float = 0.0, clip_global_norm: float | None = None,
-                 **kwargs):
+    def __init__(
+        self, learning_rate, l2: float = 0.0, clip_global_norm: float | None = None, **kwargs
+    ):
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.l2 = l2
         self.clip_global_norm = clip_global_norm
@@ -48,8 +49,7 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
         return gradient
 
     def get_config(self):
-        return {**super().get_config(), "l2": self.l2,
-                "clip_global_norm": self.clip_global_norm}
+        return {**super().get_config(), "l2": self.l2, "clip_global_norm": self.clip_global_norm}
 
 
 @_register
@@ -63,10 +63,18 @@ class TorchSGD(_TorchStyleOptimizer):
       clip_global_norm: clip the all-reduced gradients to this global norm, or None.
     """
 
-    def __init__(self, learning_rate=0.025, momentum: float = 0.9, l2: float = 0.0,
-                 clip_global_norm: float | None = None, name: str = "torch_sgd", **kwargs):
-        super().__init__(learning_rate, l2=l2, clip_global_norm=clip_global_norm, name=name,
-                         **kwargs)
+    def __init__(
+        self,
+        learning_rate=0.025,
+        momentum: float = 0.9,
+        l2: float = 0.0,
+        clip_global_norm: float | None = None,
+        name: str = "torch_sgd",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate, l2=l2, clip_global_norm=clip_global_norm, name=name, **kwargs
+        )
         self.momentum = momentum
 
     def build(self, variables):
@@ -96,11 +104,20 @@ class TorchAdam(_TorchStyleOptimizer):
     w -= lr * m_hat / (sqrt(v_hat) + eps)`` with ``g = grad + wd * w``.
     """
 
-    def __init__(self, learning_rate=3e-4, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, l2: float = 0.0,
-                 clip_global_norm: float | None = None, name: str = "torch_adam", **kwargs):
-        super().__init__(learning_rate, l2=l2, clip_global_norm=clip_global_norm, name=name,
-                         **kwargs)
+    def __init__(
+        self,
+        learning_rate=3e-4,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        l2: float = 0.0,
+        clip_global_norm: float | None = None,
+        name: str = "torch_adam",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate, l2=l2, clip_global_norm=clip_global_norm, name=name, **kwargs
+        )
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.epsilon = epsilon
@@ -127,5 +144,9 @@ class TorchAdam(_TorchStyleOptimizer):
         self.assign_sub(variable, learning_rate * m_hat / (tf.sqrt(v_hat) + self.epsilon))
 
     def get_config(self):
-        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
-                "epsilon": self.epsilon}
+        return {
+            **super().get_config(),
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+        }

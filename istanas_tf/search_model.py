@@ -32,9 +32,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import architecture, blocks, genotypes, networks, search_steps, sparse_coding
+from istanas_tf import architecture, blocks, darts, genotypes, networks, search_steps, sparse_coding
 from istanas_tf import cells as cell_lib
-from istanas_tf import darts
 
 METHODS = ("ista", "darts")
 CELL_TYPES = genotypes.CELL_TYPES
@@ -79,16 +78,18 @@ class SearchNetworkConfig:
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
         if self.method not in METHODS:
-            raise ValueError(f"--method={self.method!r} is not valid; valid: "
-                             f"{', '.join(METHODS)}")
+            raise ValueError(f"--method={self.method!r} is not valid; valid: {', '.join(METHODS)}")
         if self.one_stage and self.method != "ista":
-            raise ValueError(f"the one-stage search needs --method=ista, got "
-                             f"--method={self.method!r}")
+            raise ValueError(
+                f"the one-stage search needs --method=ista, got --method={self.method!r}"
+            )
         if self.layers < 3:
             raise ValueError(f"--layers must be at least 3, got {self.layers}")
         if self.channels < 2 or self.channels % 2:
-            raise ValueError(f"--init_channels must be an even number >= 2 (FactorizedReduce "
-                             f"halves it), got {self.channels}")
+            raise ValueError(
+                f"--init_channels must be an even number >= 2 (FactorizedReduce "
+                f"halves it), got {self.channels}"
+            )
 
 
 @keras.saving.register_keras_serializable(package="istanas_tf")
@@ -127,36 +128,61 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         self.stem_bn = blocks.batch_norm(name="stem_bn")
         options = dict(affine=one_stage, bn_after_pool=True, bn_after_identity=one_stage)
         self.cells = [
-            cell_lib.SearchCell(spec.channels, spec.reduction, spec.reduction_prev, **options,
-                                drop_path=one_stage, seed=config.seed * 1000 + i,
-                                name=f"cell{i}")
-            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c))]
+            cell_lib.SearchCell(
+                spec.channels,
+                spec.reduction,
+                spec.reduction_prev,
+                **options,
+                drop_path=one_stage,
+                seed=config.seed * 1000 + i,
+                name=f"cell{i}",
+            )
+            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c))
+        ]
         self.aux_position = 2 * config.layers // 3
-        self.auxiliary_head = (networks.AuxiliaryHead(config.num_classes, name="auxiliary_head")
-                               if one_stage else None)
+        self.auxiliary_head = (
+            networks.AuxiliaryHead(config.num_classes, name="auxiliary_head") if one_stage else None
+        )
         self.classifier = keras.layers.Dense(config.num_classes, name="classifier")
         if config.method == "ista":
             make = lambda cell_type, seed: architecture.ArchitectureEncoding(
-                proj_dims=config.proj_dims, sparseness=config.sparseness, lam=config.lam,
-                distinct_inputs=config.distinct_inputs, seed=seed, name=f"{cell_type}_code")
+                proj_dims=config.proj_dims,
+                sparseness=config.sparseness,
+                lam=config.lam,
+                distinct_inputs=config.distinct_inputs,
+                seed=seed,
+                name=f"{cell_type}_code",
+            )
         else:
             make = lambda cell_type, seed: darts.DartsArchitecture(
-                seed=seed, name=f"{cell_type}_alphas")
+                seed=seed, name=f"{cell_type}_alphas"
+            )
         # Distinct seeds: the normal and reduction encodings draw different A and b.
-        self.architectures = {"normal": make("normal", 2 * config.seed + 1),
-                              "reduce": make("reduce", 2 * config.seed + 2)}
+        self.architectures = {
+            "normal": make("normal", 2 * config.seed + 1),
+            "reduce": make("reduce", 2 * config.seed + 2),
+        }
         if one_stage:
             # Drop path rate, ramped by the training loop; a variable so traced steps read
             # the current value and checkpoints keep it.
             self.drop_path_rate = self.add_weight(
-                shape=(), initializer="zeros", trainable=False, name="drop_path_rate")
+                shape=(), initializer="zeros", trainable=False, name="drop_path_rate"
+            )
             # Freeze flags per cell type, [steps] int32 (1 = set): checkpointed with the
             # model's variables, read into Python data by sync_supports().
             for cell_type in CELL_TYPES:
                 for flag in ("frozen", "bn_trainable"):
-                    setattr(self, f"{cell_type}_{flag}", self.add_weight(
-                        shape=(genotypes.STEPS,), dtype="int32", initializer="zeros",
-                        trainable=False, name=f"{cell_type}_{flag}"))
+                    setattr(
+                        self,
+                        f"{cell_type}_{flag}",
+                        self.add_weight(
+                            shape=(genotypes.STEPS,),
+                            dtype="int32",
+                            initializer="zeros",
+                            trainable=False,
+                            name=f"{cell_type}_{flag}",
+                        ),
+                    )
         else:
             self.drop_path_rate = 0.0
 
@@ -167,8 +193,10 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
     def _read_flags(self, flag: str) -> dict[str, tuple[bool, ...]]:
         if not self.config.one_stage:
             return {cell_type: (False,) * genotypes.STEPS for cell_type in CELL_TYPES}
-        return {cell_type: tuple(bool(v) for v in getattr(self, f"{cell_type}_{flag}").numpy())
-                for cell_type in CELL_TYPES}
+        return {
+            cell_type: tuple(bool(v) for v in getattr(self, f"{cell_type}_{flag}").numpy())
+            for cell_type in CELL_TYPES
+        }
 
     def sync_supports(self) -> bool:
         """Re-reads the supports (and one-stage freeze flags) from the architecture state
@@ -176,8 +204,11 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
 
         Returns whether they changed, i.e. whether traced step functions are stale.
         """
-        state = ({t: arch.support_tuple() for t, arch in self.architectures.items()},
-                 self._read_flags("frozen"), self._read_flags("bn_trainable"))
+        state = (
+            {t: arch.support_tuple() for t, arch in self.architectures.items()},
+            self._read_flags("frozen"),
+            self._read_flags("bn_trainable"),
+        )
         changed = state != (self._supports, self._frozen, self._bn_trainable)
         self._supports, self._frozen, self._bn_trainable = state
         return changed
@@ -186,8 +217,9 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
     def supports(self) -> Supports:
         """The current support per cell type, as Python data (static in traced steps)."""
         if self._supports is None:
-            raise ValueError("the super-net has no architecture yet: call build_all() "
-                             "(or commit a recovery)")
+            raise ValueError(
+                "the super-net has no architecture yet: call build_all() (or commit a recovery)"
+            )
         return self._supports
 
     @property
@@ -205,8 +237,11 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         encodings = [self.architectures[cell_type] for cell_type in CELL_TYPES]
         return dict(zip(CELL_TYPES, architecture.solve_jointly(encodings)))
 
-    def commit(self, recoveries: dict[str, architecture.Recovery],
-               nodes: dict[str, np.ndarray] | None = None) -> bool:
+    def commit(
+        self,
+        recoveries: dict[str, architecture.Recovery],
+        nodes: dict[str, np.ndarray] | None = None,
+    ) -> bool:
         """Makes recoveries the architecture and refreshes the supports.
 
         Args:
@@ -219,7 +254,8 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         """
         for cell_type, recovery in recoveries.items():
             self.architectures[cell_type].commit(
-                recovery, None if nodes is None else nodes[cell_type])
+                recovery, None if nodes is None else nodes[cell_type]
+            )
         return self.sync_supports()
 
     def genotype(self, supports: Supports | None = None) -> genotypes.Genotype:
@@ -239,8 +275,10 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
 
     def _set_flag(self, flag: str, cell_type: str, node: int) -> None:
         if not self.config.one_stage:
-            raise ValueError("freezing nodes is part of the one-stage search "
-                             "(SearchNetworkConfig(one_stage=True))")
+            raise ValueError(
+                "freezing nodes is part of the one-stage search "
+                "(SearchNetworkConfig(one_stage=True))"
+            )
         if cell_type not in CELL_TYPES:
             raise ValueError(f"unknown cell type {cell_type!r}; valid: {', '.join(CELL_TYPES)}")
         if not 0 <= node < genotypes.STEPS:
@@ -278,8 +316,11 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         if self.auxiliary_head is not None:
             excluded |= {id(v) for v in self.auxiliary_head.trainable_variables}
         active = self._active_op_variables(supports)
-        return sum(int(np.prod(v.shape)) for v in self.trainable_variables
-                   if id(v) not in excluded or id(v) in active)
+        return sum(
+            int(np.prod(v.shape))
+            for v in self.trainable_variables
+            if id(v) not in excluded or id(v) in active
+        )
 
     # ------------------------------------------------------------------ forward
     def build(self, *args, **kwargs):
@@ -289,12 +330,19 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         """Creates every candidate op's weights with one dense forward pass, then
         recovers the first architecture from the initial b (Algorithm 1: draw A,
         initialise b, recover z, take the support)."""
-        dense = {t: tuple(tuple(range(genotypes.num_candidates(node)))
-                          for node in range(genotypes.STEPS)) for t in CELL_TYPES}
-        ones = {t: [tf.ones([genotypes.num_candidates(node)]) for node in range(genotypes.STEPS)]
-                for t in CELL_TYPES}
-        self._forward(tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False,
-                      auxiliary=True)
+        dense = {
+            t: tuple(
+                tuple(range(genotypes.num_candidates(node))) for node in range(genotypes.STEPS)
+            )
+            for t in CELL_TYPES
+        }
+        ones = {
+            t: [tf.ones([genotypes.num_candidates(node)]) for node in range(genotypes.STEPS)]
+            for t in CELL_TYPES
+        }
+        self._forward(
+            tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False, auxiliary=True
+        )
         self.built = True
         self.commit(self.recover())
 
@@ -305,9 +353,17 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         aux_logits = None
         for i, cell in enumerate(self.cells):
             cell_type = genotypes.cell_type(cell.reduction)
-            s0, s1 = s1, cell(s0, s1, supports=supports[cell_type],
-                              weights=weights[cell_type],
-                              drop_path_rate=self.drop_path_rate, training=training)
+            s0, s1 = (
+                s1,
+                cell(
+                    s0,
+                    s1,
+                    supports=supports[cell_type],
+                    weights=weights[cell_type],
+                    drop_path_rate=self.drop_path_rate,
+                    training=training,
+                ),
+            )
             if i == self.aux_position and self.auxiliary_head is not None and auxiliary:
                 aux_logits = self.auxiliary_head(s1, training=training)
         return self.classifier(tf.reduce_mean(s1, axis=[1, 2])), aux_logits
@@ -315,12 +371,15 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
     def alphas(self) -> dict[str, list[tf.Tensor]]:
         """Per cell type and node, the weights of the supported ops (differentiable in
         the architecture variables), in the order of ``supports``."""
-        return {cell_type: arch.alphas(self.supports[cell_type])
-                for cell_type, arch in self.architectures.items()}
+        return {
+            cell_type: arch.alphas(self.supports[cell_type])
+            for cell_type, arch in self.architectures.items()
+        }
 
     def call(self, images, training=None):
         """Returns logits, or ``(logits, aux_logits)`` in training with the auxiliary head
         (one-stage), as the evaluation network does."""
-        logits, aux_logits = self._forward(images, self.supports, self.alphas(), training,
-                                           auxiliary=bool(training))
+        logits, aux_logits = self._forward(
+            images, self.supports, self.alphas(), training, auxiliary=bool(training)
+        )
         return logits if aux_logits is None else (logits, aux_logits)

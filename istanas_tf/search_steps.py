@@ -37,10 +37,15 @@ class SearchSteps:
     def _bn_affine(self, trainable: bool) -> list:
         if not self.config.one_stage:
             return []
-        return [v for cell_type, flags in self._bn_trainable.items()
-                for node, flag in enumerate(flags) if flag == trainable
-                for cell in self._cells_of(cell_type)
-                for bn in cell.candidate_batch_norms(node) for v in (bn.gamma, bn.beta)]
+        return [
+            v
+            for cell_type, flags in self._bn_trainable.items()
+            for node, flag in enumerate(flags)
+            if flag == trainable
+            for cell in self._cells_of(cell_type)
+            for bn in cell.candidate_batch_norms(node)
+            for v in (bn.gamma, bn.beta)
+        ]
 
     def frozen_bn_affine_variables(self) -> list:
         """The gamma/beta of candidate-op BNs that the train step leaves alone."""
@@ -60,8 +65,12 @@ class SearchSteps:
         """The architecture variables a step trains: the b of nodes not yet frozen."""
         if not self.config.one_stage:
             return self.architecture_variables
-        return [arch.b[node] for cell_type, arch in self.architectures.items()
-                for node in range(arch.steps) if not self._frozen[cell_type][node]]
+        return [
+            arch.b[node]
+            for cell_type, arch in self.architectures.items()
+            for node in range(arch.steps)
+            if not self._frozen[cell_type][node]
+        ]
 
     @property
     def weight_variables(self) -> list:
@@ -70,13 +79,21 @@ class SearchSteps:
         return [v for v in self.trainable_variables if id(v) not in arch_ids]
 
     def _candidate_variables(self) -> set[int]:
-        return {id(v) for cell in self.cells for node_ops in cell.candidates
-                for op in node_ops for v in op.trainable_variables}
+        return {
+            id(v)
+            for cell in self.cells
+            for node_ops in cell.candidates
+            for op in node_ops
+            for v in op.trainable_variables
+        }
 
     def _active_op_variables(self, supports) -> set[int]:
-        return {id(v) for cell in self.cells
-                for op in cell.active_ops(supports[genotypes.cell_type(cell.reduction)])
-                for v in op.trainable_variables}
+        return {
+            id(v)
+            for cell in self.cells
+            for op in cell.active_ops(supports[genotypes.cell_type(cell.reduction)])
+            for v in op.trainable_variables
+        }
 
     def active_weight_variables(self) -> list:
         """Trainable weights a forward pass with the current supports touches.
@@ -104,8 +121,7 @@ class SearchSteps:
 
     def _loss(self, labels, logits):
         logits = tf.cast(logits, tf.float32)  # float32 loss under mixed precision
-        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                                   from_logits=True)
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         # Mean over the global batch: gradients summed over replicas are exact.
         return per_example, tf.nn.compute_average_loss(per_example)
 
@@ -124,7 +140,9 @@ class SearchSteps:
             per_example, loss = self._loss(arch_labels, self(arch_images, training=True))
             # Loss scaling (a LossScaleOptimizer under mixed_float16; else the identity).
             scaled_loss = self.arch_optimizer.scale_loss(loss)
-        apply_present_gradients(self.arch_optimizer, tape.gradient(scaled_loss, arch_vars), arch_vars)
+        apply_present_gradients(
+            self.arch_optimizer, tape.gradient(scaled_loss, arch_vars), arch_vars
+        )
         self.trackers["arch_loss"].update_state(per_example)
 
         weight_vars = self.active_weight_variables()
@@ -132,7 +150,9 @@ class SearchSteps:
             logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             scaled_loss = self.optimizer.scale_loss(loss)
-        apply_present_gradients(self.optimizer, tape.gradient(scaled_loss, weight_vars), weight_vars)
+        apply_present_gradients(
+            self.optimizer, tape.gradient(scaled_loss, weight_vars), weight_vars
+        )
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
@@ -159,12 +179,14 @@ class SearchSteps:
             loss = loss + self.config.auxiliary_weight * self._loss(labels, aux_logits)[1]
             scaled_loss = loss * scale
         gradients = tape.gradient(scaled_loss, arch_vars + weight_vars)
-        rescale = lambda grads, target: [None if g is None else g * (target / scale)
-                                         for g in grads]
+        rescale = lambda grads, target: [None if g is None else g * (target / scale) for g in grads]
         if arch_vars:
-            apply_present_gradients(self.arch_optimizer, rescale(gradients[:len(arch_vars)], arch_scale),
-                   arch_vars)
-        apply_present_gradients(self.optimizer, rescale(gradients[len(arch_vars):], weight_scale), weight_vars)
+            apply_present_gradients(
+                self.arch_optimizer, rescale(gradients[: len(arch_vars)], arch_scale), arch_vars
+            )
+        apply_present_gradients(
+            self.optimizer, rescale(gradients[len(arch_vars) :], weight_scale), weight_vars
+        )
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}

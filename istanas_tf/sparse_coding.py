@@ -16,7 +16,7 @@ here takes tensors or Python data and returns them; nothing holds state.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -25,8 +25,7 @@ from istanas_tf import genotypes
 NUM_OPS = genotypes.NUM_OPS
 
 
-def select_support(z, k: int, num_ops: int = NUM_OPS,
-                   distinct_inputs: bool = False) -> tf.Tensor:
+def select_support(z, k: int, num_ops: int = NUM_OPS, distinct_inputs: bool = False) -> tf.Tensor:
     """The support S_j of one node: its k entries of largest |z| (METHOD.md section 2).
 
     Args:
@@ -44,8 +43,9 @@ def select_support(z, k: int, num_ops: int = NUM_OPS,
     z = tf.convert_to_tensor(z)
     n = z.shape[-1]
     if z.shape.rank != 1 or n % num_ops:
-        raise ValueError(f"z must be [num_inputs * num_ops] with num_ops={num_ops}, "
-                         f"got shape {z.shape}")
+        raise ValueError(
+            f"z must be [num_inputs * num_ops] with num_ops={num_ops}, got shape {z.shape}"
+        )
     magnitude = tf.abs(z)
     if not distinct_inputs:
         if not 1 <= k <= n:
@@ -53,8 +53,10 @@ def select_support(z, k: int, num_ops: int = NUM_OPS,
         return tf.math.top_k(magnitude, k=k).indices
     num_inputs = n // num_ops
     if not 1 <= k <= num_inputs:
-        raise ValueError(f"k={k} out of range with distinct_inputs: must be in "
-                         f"[1, {num_inputs}] ({num_inputs} predecessors)")
+        raise ValueError(
+            f"k={k} out of range with distinct_inputs: must be in "
+            f"[1, {num_inputs}] ({num_inputs} predecessors)"
+        )
     per_input = tf.reshape(magnitude, [num_inputs, num_ops])
     # top_k rather than argmax: it guarantees the lower index on ties (argmax does not).
     best = tf.math.top_k(per_input, k=1)
@@ -79,8 +81,9 @@ def alpha_from_b(A_S, z_S, b) -> tf.Tensor:
     return z_S - tf.linalg.matvec(A_S, residual, transpose_a=True)
 
 
-def picks_from_support(support: Sequence[Sequence[int]],
-                       num_ops: int = NUM_OPS) -> tuple[genotypes.Pick, ...]:
+def picks_from_support(
+    support: Sequence[Sequence[int]], num_ops: int = NUM_OPS
+) -> tuple[genotypes.Pick, ...]:
     """Genotype picks ``(op_name, predecessor)`` node by node, from flat support indices.
 
     Args:
@@ -89,24 +92,29 @@ def picks_from_support(support: Sequence[Sequence[int]],
       num_ops: must equal len(genotypes.PRIMITIVES) to name the ops.
     """
     if num_ops != len(genotypes.PRIMITIVES):
-        raise ValueError(f"picks need num_ops == {len(genotypes.PRIMITIVES)} (the "
-                         f"PRIMITIVES of the search space), got num_ops={num_ops}")
-    return tuple((genotypes.PRIMITIVES[int(i) % num_ops], int(i) // num_ops)
-                 for node in support for i in node)
+        raise ValueError(
+            f"picks need num_ops == {len(genotypes.PRIMITIVES)} (the "
+            f"PRIMITIVES of the search space), got num_ops={num_ops}"
+        )
+    return tuple(
+        (genotypes.PRIMITIVES[int(i) % num_ops], int(i) // num_ops)
+        for node in support
+        for i in node
+    )
 
 
-def genotype_from_supports(normal: Sequence[Sequence[int]],
-                           reduce: Sequence[Sequence[int]],
-                           num_ops: int = NUM_OPS) -> genotypes.Genotype:
+def genotype_from_supports(
+    normal: Sequence[Sequence[int]], reduce: Sequence[Sequence[int]], num_ops: int = NUM_OPS
+) -> genotypes.Genotype:
     """The Genotype of a normal and a reduction cell's supports (flat indices per node)."""
     for name, support in (("normal", normal), ("reduce", reduce)):
         sizes = [len(node) for node in support]
-        if len(sizes) != genotypes.STEPS or any(
-                size != genotypes.PICKS_PER_NODE for size in sizes):
+        if len(sizes) != genotypes.STEPS or any(size != genotypes.PICKS_PER_NODE for size in sizes):
             raise ValueError(
                 f"{name}: a genotype needs {genotypes.STEPS} nodes with "
                 f"{genotypes.PICKS_PER_NODE} picks each (sparseness "
-                f"{genotypes.PICKS_PER_NODE}); got picks per node {sizes}")
-    return genotypes.genotype_from_picks(picks_from_support(normal, num_ops),
-                                         picks_from_support(reduce, num_ops))
-
+                f"{genotypes.PICKS_PER_NODE}); got picks per node {sizes}"
+            )
+    return genotypes.genotype_from_picks(
+        picks_from_support(normal, num_ops), picks_from_support(reduce, num_ops)
+    )

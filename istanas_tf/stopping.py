@@ -17,7 +17,7 @@ the rule can be tested with scripted recoveries and any parameter count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,9 +48,14 @@ class StopDecision:
     rejected: bool
 
 
-def decide(recoveries: Mapping, supports: Supports,
-           frozen: Mapping[str, Sequence[bool]], freeze_tolerance: float, max_params: int,
-           parameter_count: Callable[[Supports], int]) -> StopDecision:
+def decide(
+    recoveries: Mapping,
+    supports: Supports,
+    frozen: Mapping[str, Sequence[bool]],
+    freeze_tolerance: float,
+    max_params: int,
+    parameter_count: Callable[[Supports], int],
+) -> StopDecision:
     """The stopping rule's decision for one epoch.
 
     Args:
@@ -67,12 +72,21 @@ def decide(recoveries: Mapping, supports: Supports,
         searching[cell_type] = np.logical_not(np.asarray(frozen[cell_type], bool))
         distance = np.where(searching[cell_type], np.asarray(recovery.distances), 0.0)
         distances[cell_type] = [float(d) for d in distance]
-        newly_frozen[cell_type] = [int(j) for j in np.flatnonzero(
-            searching[cell_type] & (distance <= freeze_tolerance))]
-        support = np.where(searching[cell_type][:, None], np.asarray(recovery.support),
-                           np.asarray(supports[cell_type]))
+        newly_frozen[cell_type] = [
+            int(j) for j in np.flatnonzero(searching[cell_type] & (distance <= freeze_tolerance))
+        ]
+        support = np.where(
+            searching[cell_type][:, None],
+            np.asarray(recovery.support),
+            np.asarray(supports[cell_type]),
+        )
         candidate[cell_type] = tuple(tuple(int(i) for i in row) for row in support)
     params = parameter_count(candidate)
-    return StopDecision(distances=distances, newly_frozen=newly_frozen, searching=searching,
-                        candidate_supports=candidate, candidate_params=params,
-                        rejected=params >= max_params)
+    return StopDecision(
+        distances=distances,
+        newly_frozen=newly_frozen,
+        searching=searching,
+        candidate_supports=candidate,
+        candidate_params=params,
+        rejected=params >= max_params,
+    )

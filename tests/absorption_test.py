@@ -14,24 +14,28 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _network(**overrides):
-    network = search_model.SearchNetwork(
-        search_model.SearchNetworkConfig(**{**TINY, **overrides}))
+    network = search_model.SearchNetwork(search_model.SearchNetworkConfig(**{**TINY, **overrides}))
     network.build_all(IMAGE_SIZE)
     return network
 
 
 def _compile(network):
-    network.compile(optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
-                    optimizers.TorchAdam(3e-4, beta_1=0.5, l2=1e-3))
+    network.compile(
+        optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
+        optimizers.TorchAdam(3e-4, beta_1=0.5, l2=1e-3),
+    )
 
 
 @pytest.fixture(scope="module")
 def cifar_batch(cifar10_folder):
     """8 real CIFAR-10 test images (one per class for 8 classes), normalised, labels."""
     classes = sorted(p.name for p in (cifar10_folder / "test").iterdir())[:8]
-    images = [tf.io.decode_jpeg(tf.io.read_file(str(cifar10_folder / "test" / name /
-                                                    "0000.jpg")), channels=3)
-              for name in classes]
+    images = [
+        tf.io.decode_jpeg(
+            tf.io.read_file(str(cifar10_folder / "test" / name / "0000.jpg")), channels=3
+        )
+        for name in classes
+    ]
     images = data.normalize(tf.stack(images), CIFAR10_MEAN, CIFAR10_STD)
     assert images.shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
     return images, tf.range(8)
@@ -66,8 +70,9 @@ def _set_support(encoding, rng):
     support = np.zeros(encoding.support.shape, np.int32)
     for j, n in enumerate(encoding.num_candidates):
         picks = rng.choice(n, size=encoding.sparseness, replace=False)
-        values = rng.uniform(0.3, 1.5, encoding.sparseness) * rng.choice([-1, 1],
-                                                                          encoding.sparseness)
+        values = rng.uniform(0.3, 1.5, encoding.sparseness) * rng.choice(
+            [-1, 1], encoding.sparseness
+        )
         order = np.argsort(-np.abs(values))
         support[j], z[j, picks] = picks[order], values
         encoding.b[j].assign(encoding.A[j].numpy()[:, picks] @ values)
@@ -103,8 +108,11 @@ def test_absorbed_network_equals_super_net_in_inference(one_stage_net, cifar_bat
             assert network.sync_supports()
             # Move the statistics of the newly supported ops too.
             network(images, training=True)
-        signs += [np.sign(a.numpy()) for cell_type, arch in network.architectures.items()
-                  for a in arch.alphas(network.supports[cell_type])]
+        signs += [
+            np.sign(a.numpy())
+            for cell_type, arch in network.architectures.items()
+            for a in arch.alphas(network.supports[cell_type])
+        ]
         expected = network(images, training=False).numpy()
         evaluation = absorption.absorb(network)
         assert evaluation.genotype == network.genotype()
@@ -114,19 +122,22 @@ def test_absorbed_network_equals_super_net_in_inference(one_stage_net, cifar_bat
         assert scale > 1e-2  # non-trivial logits
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
     # The auxiliary head (training only) is copied too.
-    for source, target in zip(network.auxiliary_head.weights,
-                              evaluation.auxiliary_head.weights):
+    for source, target in zip(network.auxiliary_head.weights, evaluation.auxiliary_head.weights):
         np.testing.assert_array_equal(target.numpy(), source.numpy())
     # No architecture state is left: no A, b, z or support variable.
-    assert not [v.path for v in evaluation.variables
-                if v.name.startswith(("A_", "b_")) or v.name in ("z", "support")]
+    assert not [
+        v.path
+        for v in evaluation.variables
+        if v.name.startswith(("A_", "b_")) or v.name in ("z", "support")
+    ]
     signs = np.concatenate(signs)
     assert (signs < 0).any() and (signs > 0).any()  # negative alpha folds exactly too
 
 
 def test_absorption_refuses_the_two_stage_net():
-    network = search_model.SearchNetwork(search_model.SearchNetworkConfig(
-        num_classes=10, channels=4, layers=3))
+    network = search_model.SearchNetwork(
+        search_model.SearchNetworkConfig(num_classes=10, channels=4, layers=3)
+    )
     with pytest.raises(ValueError, match="one-stage"):
         absorption.absorb(network)
     with pytest.raises(ValueError, match="one-stage search needs --method=ista"):
@@ -135,26 +146,32 @@ def test_absorption_refuses_the_two_stage_net():
 
 def _candidate_bn_affine(network, cell_type, node):
     """Oracle: gamma/beta variables of node ``node``'s candidate ops, by variable name."""
-    return {id(v) for cell in network.cells
-            if ("reduce" if cell.reduction else "normal") == cell_type
-            for op in cell.candidates[node] for v in op.weights
-            if v.name in ("gamma", "beta")}
+    return {
+        id(v)
+        for cell in network.cells
+        if ("reduce" if cell.reduction else "normal") == cell_type
+        for op in cell.candidates[node]
+        for v in op.weights
+        if v.name in ("gamma", "beta")
+    }
 
 
-def test_frozen_bn_affines_get_no_update_but_batch_statistics_are_used(one_stage_net,
-                                                                       cifar_batch):
+def test_frozen_bn_affines_get_no_update_but_batch_statistics_are_used(one_stage_net, cifar_batch):
     network = one_stage_net
     _compile(network)
     images, labels = cifar_batch
     frozen = network.frozen_bn_affine_variables()
     # Every candidate BN is frozen at first: nothing trainable among them.
     assert network.trainable_bn_affine_variables() == []
-    assert {id(v) for v in frozen} == set().union(*(
-        _candidate_bn_affine(network, t, j) for t in ("normal", "reduce") for j in range(4)))
+    assert {id(v) for v in frozen} == set().union(
+        *(_candidate_bn_affine(network, t, j) for t in ("normal", "reduce") for j in range(4))
+    )
     frozen_before = [v.numpy().copy() for v in frozen]
-    active_ops = [op for cell in network.cells
-                  for op in cell.active_ops(network.supports[
-                      "reduce" if cell.reduction else "normal"])]
+    active_ops = [
+        op
+        for cell in network.cells
+        for op in cell.active_ops(network.supports["reduce" if cell.reduction else "normal"])
+    ]
     stats_before = [op.last_bn.moving_mean.numpy().copy() for op in active_ops]
     preprocess_gamma = network.cells[0].preprocess1.bn.gamma.numpy().copy()
     b_before = [v.numpy().copy() for v in network.architecture_variables]
@@ -166,12 +183,15 @@ def test_frozen_bn_affines_get_no_update_but_batch_statistics_are_used(one_stage
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
     # The BNs outside candidate ops (preprocessing) train; b trains.
     assert not np.array_equal(network.cells[0].preprocess1.bn.gamma.numpy(), preprocess_gamma)
-    assert all(not np.array_equal(v.numpy(), b)
-               for v, b in zip(network.architecture_variables, b_before))
+    assert all(
+        not np.array_equal(v.numpy(), b) for v, b in zip(network.architecture_variables, b_before)
+    )
     # Batch statistics are still used: moving statistics moved, and training-mode
     # outputs differ from inference-mode outputs.
-    assert any(not np.array_equal(op.last_bn.moving_mean.numpy(), before)
-               for op, before in zip(active_ops, stats_before))
+    assert any(
+        not np.array_equal(op.last_bn.moving_mean.numpy(), before)
+        for op, before in zip(active_ops, stats_before)
+    )
     train_logits, aux_logits = network(images, training=True)
     assert aux_logits.shape == (8, 10)
     infer_logits = network(images, training=False)
@@ -199,10 +219,14 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     support[0] = (3, 4)
     encoding.support.assign(support)
     assert network.sync_supports()
-    node1 = [network.cells[0].candidates[1][3].bn2.gamma,
-             network.cells[0].candidates[1][3].bn1.beta]
-    node0 = [network.cells[0].candidates[0][3].bn2.gamma,
-             network.cells[0].candidates[0][3].bn1.beta]
+    node1 = [
+        network.cells[0].candidates[1][3].bn2.gamma,
+        network.cells[0].candidates[1][3].bn1.beta,
+    ]
+    node0 = [
+        network.cells[0].candidates[0][3].bn2.gamma,
+        network.cells[0].candidates[0][3].bn1.beta,
+    ]
     before = [v.numpy().copy() for v in node1 + node0]
     network.train_step((images, labels))
     after = [v.numpy() for v in node1 + node0]
@@ -214,8 +238,9 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     network.freeze_node("reduce", 2)
     assert network.frozen_nodes["reduce"] == (False, False, True, False)
     assert network.frozen_nodes["normal"] == (False,) * 4
-    assert {id(v) for v in network.trainable_bn_affine_variables()} == \
-        _candidate_bn_affine(network, "normal", 1) | _candidate_bn_affine(network, "reduce", 2)
+    assert {id(v) for v in network.trainable_bn_affine_variables()} == _candidate_bn_affine(
+        network, "normal", 1
+    ) | _candidate_bn_affine(network, "reduce", 2)
     reduce_b = network.architectures["reduce"].b
     assert id(reduce_b[2]) not in {id(v) for v in network.active_architecture_variables()}
     before = [b.numpy().copy() for b in reduce_b]
@@ -238,5 +263,6 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     with pytest.raises(ValueError, match="unknown cell type"):
         network.unfreeze_node("stem", 0)
     with pytest.raises(ValueError, match="one-stage"):
-        search_model.SearchNetwork(search_model.SearchNetworkConfig(
-            channels=4, layers=3)).unfreeze_node("normal", 0)
+        search_model.SearchNetwork(
+            search_model.SearchNetworkConfig(channels=4, layers=3)
+        ).unfreeze_node("normal", 0)

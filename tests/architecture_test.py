@@ -38,8 +38,12 @@ def test_encoding_alphas_equal_z_when_b_is_in_the_support_span():
 def test_gradient_wrt_b_is_A_S_times_gradient_wrt_alpha():
     encoding = _recovered(seed=12, name="normal")
     support = encoding.support_tuple()
-    weights = [tf.constant([1.5, -2.0]), tf.constant([0.5, 3.0]),
-               tf.constant([-1.0, 1.0]), tf.constant([2.0, 0.25])]
+    weights = [
+        tf.constant([1.5, -2.0]),
+        tf.constant([0.5, 3.0]),
+        tf.constant([-1.0, 1.0]),
+        tf.constant([2.0, 0.25]),
+    ]
     with tf.GradientTape(persistent=True) as tape:
         alphas = encoding.alphas(support)
         # Nonlinear in alpha, so dL/dalpha depends on alpha's value.
@@ -74,14 +78,17 @@ def test_non_finite_b_is_refused():
     np.testing.assert_array_equal(encoding.z.numpy(), z_before)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(sparseness=0), r"sparseness=0 .*\[1, 14\]"),
-    (dict(sparseness=15), r"sparseness=15 .*\[1, 14\]"),
-    (dict(sparseness=3, distinct_inputs=True), r"sparseness=3 .*\[1, 2\]"),
-    (dict(proj_dims=0), r"proj_dims=0 .*>= 1"),
-    (dict(steps=0), r"steps=0 .*>= 1"),
-    (dict(lam=0.0), r"lam=0.0 .*> 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sparseness=0), r"sparseness=0 .*\[1, 14\]"),
+        (dict(sparseness=15), r"sparseness=15 .*\[1, 14\]"),
+        (dict(sparseness=3, distinct_inputs=True), r"sparseness=3 .*\[1, 2\]"),
+        (dict(proj_dims=0), r"proj_dims=0 .*>= 1"),
+        (dict(steps=0), r"steps=0 .*>= 1"),
+        (dict(lam=0.0), r"lam=0.0 .*> 0"),
+    ],
+)
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _recovered(**kwargs)
@@ -116,7 +123,9 @@ def test_encoding_state_and_recovery():
     assert candidate.z.shape == (4, 35) and candidate.support.shape == (4, 2)
     np.testing.assert_allclose(
         candidate.distances.numpy(),
-        np.linalg.norm(candidate.z.numpy() - z_last.astype(np.float64), axis=-1), rtol=1e-12)
+        np.linalg.norm(candidate.z.numpy() - z_last.astype(np.float64), axis=-1),
+        rtol=1e-12,
+    )
     encoding.commit(candidate, nodes=[False, True, False, False])
     np.testing.assert_array_equal(encoding.z.numpy()[[0, 2, 3]], z_last[[0, 2, 3]])
     np.testing.assert_array_equal(encoding.support.numpy()[[0, 2, 3]], support_last[[0, 2, 3]])
@@ -139,18 +148,21 @@ def test_joint_recovery_equals_separate_recoveries():
         alone = encoding.solve()
         np.testing.assert_allclose(recovery.z.numpy(), alone.z.numpy(), rtol=1e-10, atol=1e-15)
         np.testing.assert_array_equal(recovery.support.numpy(), alone.support.numpy())
-    assert normal.support_tuple() != reduce.support_tuple() or \
-        not np.array_equal(normal.A[0].numpy(), reduce.A[0].numpy())
+    assert normal.support_tuple() != reduce.support_tuple() or not np.array_equal(
+        normal.A[0].numpy(), reduce.A[0].numpy()
+    )
 
 
 def test_genotype_of_encodings_and_sparseness():
     normal = _recovered(seed=41, name="normal")
     reduce = _recovered(seed=42, name="reduce")
     genotype = sc.genotype_from_supports(normal.selected_support(), reduce.selected_support())
-    assert genotype.normal == tuple((genotypes.PRIMITIVES[i % 7], i // 7)
-                                    for node in normal.support_tuple() for i in node)
-    expected = tuple((genotypes.PRIMITIVES[i % 7], i // 7)
-                     for node in reduce.support_tuple() for i in node)
+    assert genotype.normal == tuple(
+        (genotypes.PRIMITIVES[i % 7], i // 7) for node in normal.support_tuple() for i in node
+    )
+    expected = tuple(
+        (genotypes.PRIMITIVES[i % 7], i // 7) for node in reduce.support_tuple() for i in node
+    )
     assert genotype.reduce == expected
     wide = _recovered(seed=43, sparseness=3)
     assert [a.shape for a in wide.alphas()] == [(3,)] * 4
@@ -166,18 +178,20 @@ def test_checkpoint_round_trip(tmp_path):
     target = _recovered(seed=52, name="normal")
     assert not np.array_equal(target.A[0].numpy(), source.A[0].numpy())
     tf.train.Checkpoint(encoding=target).restore(path).assert_consumed()
-    for a, b in zip(source.A + source.b + [source.z, source.support],
-                    target.A + target.b + [target.z, target.support]):
+    for a, b in zip(
+        source.A + source.b + [source.z, source.support],
+        target.A + target.b + [target.z, target.support],
+    ):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert target.support_tuple() == source.support_tuple()
 
 
 def test_config_round_trip():
-    encoding = _recovered(seed=61, sparseness=3, distinct_inputs=False,
-                                       lam=2e-5, name="reduce")
+    encoding = _recovered(seed=61, sparseness=3, distinct_inputs=False, lam=2e-5, name="reduce")
     config = encoding.get_config()
-    for key, value in dict(steps=4, num_ops=7, proj_dims=7, sparseness=3, lam=2e-5,
-                           distinct_inputs=False, seed=61).items():
+    for key, value in dict(
+        steps=4, num_ops=7, proj_dims=7, sparseness=3, lam=2e-5, distinct_inputs=False, seed=61
+    ).items():
         assert config[key] == value
     clone = arch.ArchitectureEncoding.from_config(config)
     with pytest.raises(ValueError, match="no architecture recovered yet"):

@@ -19,8 +19,12 @@ def test_sparse_cell_equals_dense_cell_with_zero_weights_off_support():
     cell = cells.SearchCell(4, False, False, affine=False, bn_after_pool=True)
     x0, x1 = tf.random.normal([2, 8, 8, 4], seed=1), tf.random.normal([2, 8, 8, 4], seed=2)
     supports = ((3, 9), (0, 15), (20, 27), (2, 34))
-    alphas = [tf.constant([0.7, -0.2]), tf.constant([1.3, 0.4]), tf.constant([-0.5, 0.9]),
-              tf.constant([0.25, 2.0])]
+    alphas = [
+        tf.constant([0.7, -0.2]),
+        tf.constant([1.3, 0.4]),
+        tf.constant([-0.5, 0.9]),
+        tf.constant([0.25, 2.0]),
+    ]
     dense_supports = tuple(tuple(range(genotypes.num_candidates(j))) for j in range(4))
     dense_weights = []
     for j in range(4):
@@ -48,14 +52,16 @@ def test_drop_path_exempts_identity_only_in_darts_cells():
     x = tf.random.normal([4, 8, 8, 16])
     picks = [("skip_connect", 0), ("skip_connect", 1)] * 4
     darts_cell = cells.Cell(picks, [2, 3, 4, 5], 16, False, False, seed=1)
-    one_stage_cell = cells.Cell(picks, [2, 3, 4, 5], 16, False, False,
-                                   bn_after_param_free_ops=True, seed=1)
+    one_stage_cell = cells.Cell(
+        picks, [2, 3, 4, 5], 16, False, False, bn_after_param_free_ops=True, seed=1
+    )
     for cell in (darts_cell, one_stage_cell):
         cell(x, x, drop_path_rate=0.0, training=True)
     # With rate 0.999 almost every non-identity path is dropped: only the DARTS cell,
     # whose paths are bare identities, keeps its output unchanged.
     darts_out = darts_cell(x, x, drop_path_rate=0.0, training=True)
-    np.testing.assert_allclose(darts_cell(x, x, drop_path_rate=0.999, training=True),
-                               darts_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        darts_cell(x, x, drop_path_rate=0.999, training=True), darts_out, rtol=1e-5, atol=1e-5
+    )
     dropped = one_stage_cell(x, x, drop_path_rate=0.999, training=True)
     assert np.mean(dropped.numpy() == 0.0) > 0.5

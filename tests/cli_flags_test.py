@@ -4,9 +4,9 @@ import importlib.util
 
 import pytest
 from absl import flags
+from main_runner import REPO
 
 from istanas_tf.training import config as config_lib
-from main_runner import REPO
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +29,30 @@ def _parse(cli, *args):
 
 def test_unset_flags_leave_every_dataclass_default(cli):
     module, values = _parse(cli, "--model_dir=/tmp/x")
-    assert module.build_config(config_lib.TwoStageConfig, values) == \
-        config_lib.TwoStageConfig(model_dir="/tmp/x")
-    assert module.build_config(config_lib.OneStageConfig, values) == \
-        config_lib.OneStageConfig(model_dir="/tmp/x")
-    assert module.build_config(config_lib.TrainConfig, values) == \
-        config_lib.TrainConfig(model_dir="/tmp/x")
+    assert module.build_config(config_lib.TwoStageConfig, values) == config_lib.TwoStageConfig(
+        model_dir="/tmp/x"
+    )
+    assert module.build_config(config_lib.OneStageConfig, values) == config_lib.OneStageConfig(
+        model_dir="/tmp/x"
+    )
+    assert module.build_config(config_lib.TrainConfig, values) == config_lib.TrainConfig(
+        model_dir="/tmp/x"
+    )
 
 
 def test_given_flags_reach_every_field_they_name(cli):
-    module, values = _parse(cli, "--model_dir=/tmp/x", "--seed=7", "--deterministic",
-                            "--init_channels=0", "--epochs=3", "--arch_learning_rate=1e-4",
-                            "--mean=0.5,0.5,0.5", "--std=0.2,0.2,0.2", "--progress=false")
+    module, values = _parse(
+        cli,
+        "--model_dir=/tmp/x",
+        "--seed=7",
+        "--deterministic",
+        "--init_channels=0",
+        "--epochs=3",
+        "--arch_learning_rate=1e-4",
+        "--mean=0.5,0.5,0.5",
+        "--std=0.2,0.2,0.2",
+        "--progress=false",
+    )
     config = module.build_config(config_lib.OneStageConfig, values)
     assert (config.loop.seed, config.data.seed, config.network.seed) == (7, 7, 7)
     assert config.loop.deterministic and config.data.deterministic

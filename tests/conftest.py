@@ -17,6 +17,8 @@ CIFAR10_FOLDER = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 def cifar10_folder() -> pathlib.Path:
     """The real CIFAR-10 image folder in ../shared (read-only; never copied)."""
     if not (CIFAR10_FOLDER / "train").is_dir():
-        pytest.fail(f"CIFAR-10 image folder not found at {CIFAR10_FOLDER}; "
-                    "tests expect ../shared/data/cifar10 beside the repository.")
+        pytest.fail(
+            f"CIFAR-10 image folder not found at {CIFAR10_FOLDER}; "
+            "tests expect ../shared/data/cifar10 beside the repository."
+        )
     return CIFAR10_FOLDER

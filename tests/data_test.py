@@ -25,8 +25,18 @@ from PIL import Image
 from istanas_tf import data
 from istanas_tf.data import augment
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                   "horse", "ship", "truck")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PER_CLASS = 20  # train and test examples per class in the default subset
@@ -46,14 +56,14 @@ def _all(dataset):
 
 def _search_splits(config, info, batch_size):
     """(images, labels) of ``train``, ``search_weights`` and ``search_arch`` in order."""
-    return [_all(data.make_dataset(config, info, split, training=False,
-                                   batch_size=batch_size))
-            for split in ("train", "search_weights", "search_arch")]
+    return [
+        _all(data.make_dataset(config, info, split, training=False, batch_size=batch_size))
+        for split in ("train", "search_weights", "search_arch")
+    ]
 
 
 def _digests(images):
-    return [hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
-            for image in images]
+    return [hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images]
 
 
 def _pil_normalised(path, mean, std):
@@ -77,10 +87,14 @@ def _write_folder(root, layout, size=(8, 8), ext="png", seed=0):
 
 @pytest.fixture(scope="module")
 def subset_config(cifar10_folder, tmp_path_factory):
-    return data.DataConfig(dataset=f"folder:{cifar10_folder}",
-                           data_dir=str(tmp_path_factory.mktemp("cache")),
-                           max_examples_per_class=PER_CLASS, seed=7, cutout_length=16,
-                           deterministic=True)
+    return data.DataConfig(
+        dataset=f"folder:{cifar10_folder}",
+        data_dir=str(tmp_path_factory.mktemp("cache")),
+        max_examples_per_class=PER_CLASS,
+        seed=7,
+        cutout_length=16,
+        deterministic=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +105,14 @@ def subset_info(subset_config):
 # ------------------------------------------------------------------ folder dataset
 
 
-def test_folder_labels_follow_canonical_cifar10_order(cifar10_folder, subset_config,
-                                                      subset_info):
+def test_folder_labels_follow_canonical_cifar10_order(cifar10_folder, subset_config, subset_info):
     info = subset_info
     assert info.class_names == CIFAR10_CLASSES
     assert (info.num_classes, info.image_size, info.augmentation) == (10, (32, 32), "cifar")
     assert (info.num_train, info.num_test) == (10 * PER_CLASS, 10 * PER_CLASS)
-    images, labels = _batches(data.make_dataset(
-        subset_config, info, "test", training=False, batch_size=25), 1)[0]
+    images, labels = _batches(
+        data.make_dataset(subset_config, info, "test", training=False, batch_size=25), 1
+    )[0]
     # Dataset order is round-robin over the classes: class k's j-th sorted file sits at
     # position j * 10 + k.
     np.testing.assert_array_equal(labels, np.arange(25) % 10)
@@ -111,14 +125,16 @@ def test_folder_labels_follow_canonical_cifar10_order(cifar10_folder, subset_con
         assert np.abs(error).mean() < 1.5 / 255 and np.abs(error).max() < 12 / 255
 
 
-def test_folder_statistics_match_numpy_and_are_cached(cifar10_folder, subset_config,
-                                                      subset_info):
+def test_folder_statistics_match_numpy_and_are_cached(cifar10_folder, subset_config, subset_info):
     # Same decoder as the pipeline (PIL's JPEG colour conversion differs by ~1 level),
     # numpy's mean and std over every pixel of the subset.
-    pixels = np.stack([
-        tf.io.decode_jpeg(tf.io.read_file(str(path))).numpy() / 255.0
-        for name in CIFAR10_CLASSES
-        for path in sorted((cifar10_folder / "train" / name).iterdir())[:PER_CLASS]])
+    pixels = np.stack(
+        [
+            tf.io.decode_jpeg(tf.io.read_file(str(path))).numpy() / 255.0
+            for name in CIFAR10_CLASSES
+            for path in sorted((cifar10_folder / "train" / name).iterdir())[:PER_CLASS]
+        ]
+    )
     np.testing.assert_allclose(subset_info.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(subset_info.std, pixels.std(axis=(0, 1, 2)), rtol=1e-6)
     # 200 images already land near the full training set's published statistics.
@@ -135,34 +151,41 @@ def test_folder_statistics_match_numpy_and_are_cached(cifar10_folder, subset_con
 
 
 def test_normalised_train_images_have_zero_mean_unit_std(cifar10_folder, tmp_path):
-    config = data.DataConfig(dataset=f"folder:{cifar10_folder}", data_dir=str(tmp_path),
-                             max_examples_per_class=100, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    config = data.DataConfig(
+        dataset=f"folder:{cifar10_folder}",
+        data_dir=str(tmp_path),
+        max_examples_per_class=100,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+    )
     info = data.get_dataset_info(config)
     assert (info.mean, info.std) == (CIFAR10_MEAN, CIFAR10_STD)
-    images, _ = _all(data.make_dataset(config, info, "train", training=False,
-                                       batch_size=500))
+    images, _ = _all(data.make_dataset(config, info, "train", training=False, batch_size=500))
     assert images.shape == (1000, 32, 32, 3) and images.dtype == np.float32
     np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=0.05)
     np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=0.05)
 
 
 @pytest.mark.parametrize("portion", [0.5, 0.3])
-def test_search_halves_are_disjoint_cover_train_and_keep_classes(cifar10_folder, tmp_path,
-                                                                 portion):
-    config = data.DataConfig(dataset=f"folder:{cifar10_folder}", data_dir=str(tmp_path),
-                             max_examples_per_class=PER_CLASS, train_portion=portion)
+def test_search_halves_are_disjoint_cover_train_and_keep_classes(cifar10_folder, tmp_path, portion):
+    config = data.DataConfig(
+        dataset=f"folder:{cifar10_folder}",
+        data_dir=str(tmp_path),
+        max_examples_per_class=PER_CLASS,
+        train_portion=portion,
+    )
     info = data.get_dataset_info(config)
     n = info.num_train
     assert data.num_examples(info, "search_weights") == int(np.floor(portion * n))
-    assert (data.num_examples(info, "search_weights")
-            + data.num_examples(info, "search_arch")) == n
+    assert (data.num_examples(info, "search_weights") + data.num_examples(info, "search_arch")) == n
     (train, train_labels), (weights, weight_labels), (arch, _) = _search_splits(
-        config, info, batch_size=64)
+        config, info, batch_size=64
+    )
     assert len(set(_digests(train))) == n  # the subset has no duplicate images
     assert set(_digests(weights)).isdisjoint(_digests(arch))
     # The weight half is the first floor(portion * N) examples, the rest the other half.
     assert _digests(weights) + _digests(arch) == _digests(train)
-    np.testing.assert_array_equal(weight_labels, train_labels[:len(weights)])
+    np.testing.assert_array_equal(weight_labels, train_labels[: len(weights)])
     counts = np.bincount(weight_labels, minlength=10)
     assert counts.max() - counts.min() <= 1  # every class in proportion
 
@@ -177,12 +200,11 @@ def test_pad_and_crop_and_flip_match_numpy():
     cropped = data.pad_and_crop(tf.constant(images), tf.constant(offsets), 4).numpy()
     padded = np.pad(images, [(0, 0), (4, 4), (4, 4), (0, 0)])
     for b, (row, col) in enumerate(offsets):
-        np.testing.assert_array_equal(cropped[b], padded[b, row:row + 32, col:col + 32])
+        np.testing.assert_array_equal(cropped[b], padded[b, row : row + 32, col : col + 32])
     flips = np.array([True, False, True, False, False, True])
     flipped = data.flip_left_right(tf.constant(images), tf.constant(flips)).numpy()
     for b in range(6):
-        np.testing.assert_array_equal(flipped[b],
-                                      images[b, :, ::-1] if flips[b] else images[b])
+        np.testing.assert_array_equal(flipped[b], images[b, :, ::-1] if flips[b] else images[b])
 
 
 @pytest.mark.parametrize("length", [16, 5])
@@ -193,42 +215,50 @@ def test_cutout_zeroes_one_clipped_square(length):
     for b, (cy, cx) in enumerate(centers):
         expected = np.ones((32, 32, 3), np.float32)
         top, left = cy - length // 2, cx - length // 2
-        expected[max(top, 0):max(top + length, 0), max(left, 0):max(left + length, 0)] = 0
+        expected[max(top, 0) : max(top + length, 0), max(left, 0) : max(left + length, 0)] = 0
         np.testing.assert_array_equal(out[b], expected)
     assert (out[0] == 0).all(axis=-1).sum() == length * length  # unclipped: full square
 
 
 def test_training_crops_come_from_the_padded_image(subset_config, subset_info):
     info = subset_info
-    originals, labels = _all(data.make_dataset(subset_config, info, "train",
-                                               training=False, batch_size=200))
+    originals, labels = _all(
+        data.make_dataset(subset_config, info, "train", training=False, batch_size=200)
+    )
     # Zero padding happens on uint8 pixels, before normalisation.
     pad_value = -np.array(info.mean, np.float32) / np.array(info.std, np.float32)
     padded = np.pad(originals, [(0, 0), (4, 4), (4, 4), (0, 0)])
     padded[:, :4], padded[:, -4:], padded[:, :, :4], padded[:, :, -4:] = (pad_value,) * 4
-    images, batch_labels = _batches(data.make_dataset(
-        subset_config, info, "train", training=True, batch_size=16), 1)[0]
+    images, batch_labels = _batches(
+        data.make_dataset(subset_config, info, "train", training=True, batch_size=16), 1
+    )[0]
     assert images.shape == (16, 32, 32, 3)
     for image, label in zip(images, batch_labels):
         found = False
         for candidate in np.flatnonzero(labels == label):
             for row in range(9):
                 for col in range(9):
-                    window = padded[candidate, row:row + 32, col:col + 32]
-                    if (np.allclose(image, window, atol=1e-5)
-                            or np.allclose(image, window[:, ::-1], atol=1e-5)):
+                    window = padded[candidate, row : row + 32, col : col + 32]
+                    if np.allclose(image, window, atol=1e-5) or np.allclose(
+                        image, window[:, ::-1], atol=1e-5
+                    ):
                         found = True
         assert found, "a training crop is not a window of its padded original"
 
 
 def test_cutout_in_the_pipeline_zeroes_a_square(subset_config, subset_info):
-    images, _ = _batches(data.make_dataset(subset_config, subset_info, "train",
-                                           training=True, batch_size=32, cutout=True), 1)[0]
+    images, _ = _batches(
+        data.make_dataset(
+            subset_config, subset_info, "train", training=True, batch_size=32, cutout=True
+        ),
+        1,
+    )[0]
     zeroed = (images == 0).all(axis=-1).sum(axis=(1, 2))
     # A 16x16 square centred anywhere keeps at least its 8x8 quarter inside.
     assert ((zeroed >= 64) & (zeroed <= 256)).all(), zeroed
-    plain, _ = _batches(data.make_dataset(subset_config, subset_info, "train",
-                                          training=True, batch_size=32), 1)[0]
+    plain, _ = _batches(
+        data.make_dataset(subset_config, subset_info, "train", training=True, batch_size=32), 1
+    )[0]
     assert (plain == 0).all(axis=-1).sum() == 0
 
 
@@ -261,8 +291,12 @@ def test_imagenet_transforms_shapes_range_and_keys():
 
 def test_same_seed_same_batches_and_epochs_resume(subset_config, subset_info):
     def first(config, **kwargs):
-        return _batches(data.make_dataset(config, subset_info, "train", training=True,
-                                          batch_size=32, cutout=True, **kwargs), 3)
+        return _batches(
+            data.make_dataset(
+                config, subset_info, "train", training=True, batch_size=32, cutout=True, **kwargs
+            ),
+            3,
+        )
 
     a, b = first(subset_config), first(subset_config)
     for (xa, ya), (xb, yb) in zip(a, b):
@@ -273,10 +307,17 @@ def test_same_seed_same_batches_and_epochs_resume(subset_config, subset_info):
     # A repeated stream's second epoch is what a run resumed at epoch 1 sees.
     steps = data.steps_per_epoch(subset_info, "train", 32)
     assert steps == 200 // 32
-    stream = _batches(data.make_dataset(subset_config, subset_info, "train", training=True,
-                                        batch_size=32, repeat=True), 2 * steps)
-    resumed = _batches(data.make_dataset(subset_config, subset_info, "train",
-                                         training=True, batch_size=32, epoch_seed=1))
+    stream = _batches(
+        data.make_dataset(
+            subset_config, subset_info, "train", training=True, batch_size=32, repeat=True
+        ),
+        2 * steps,
+    )
+    resumed = _batches(
+        data.make_dataset(
+            subset_config, subset_info, "train", training=True, batch_size=32, epoch_seed=1
+        )
+    )
     assert len(resumed) == steps
     for (xs, ys), (xr, yr) in zip(stream[steps:], resumed):
         np.testing.assert_array_equal(xs, xr)
@@ -285,11 +326,20 @@ def test_same_seed_same_batches_and_epochs_resume(subset_config, subset_info):
 
 
 def test_input_pipelines_shard_disjointly_and_step_together(subset_config, subset_info):
-    contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
-                                           num_replicas_in_sync=4) for i in range(2)]
-    shards = [_all(data.make_dataset(subset_config, subset_info, "train", training=False,
-                                     batch_size=16, input_context=c))[0]
-              for c in contexts]
+    contexts = [
+        tf.distribute.InputContext(
+            num_input_pipelines=2, input_pipeline_id=i, num_replicas_in_sync=4
+        )
+        for i in range(2)
+    ]
+    shards = [
+        _all(
+            data.make_dataset(
+                subset_config, subset_info, "train", training=False, batch_size=16, input_context=c
+            )
+        )[0]
+        for c in contexts
+    ]
     assert set(_digests(shards[0])).isdisjoint(_digests(shards[1]))
     assert len(shards[0]) + len(shards[1]) == subset_info.num_train
     # 200 examples, 2 pipelines of 2 replicas, global batch 24: each pipeline keeps
@@ -297,13 +347,21 @@ def test_input_pipelines_shard_disjointly_and_step_together(subset_config, subse
     steps = data.steps_per_epoch(subset_info, "search_weights", 24, num_input_pipelines=2)
     assert steps == (100 // 2) // 12
     for context in contexts:
-        batches = _batches(data.make_dataset(subset_config, subset_info, "search_weights",
-                                             training=True, batch_size=24,
-                                             input_context=context))
+        batches = _batches(
+            data.make_dataset(
+                subset_config,
+                subset_info,
+                "search_weights",
+                training=True,
+                batch_size=24,
+                input_context=context,
+            )
+        )
         assert [b[0].shape[0] for b in batches] == [6] * (2 * steps)
 
 
-_MIRRORED_SCRIPT = textwrap.dedent("""
+_MIRRORED_SCRIPT = textwrap.dedent(
+    f"""
     import hashlib, json, sys
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -311,7 +369,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from istanas_tf import data
     config = data.DataConfig(dataset="folder:" + sys.argv[1], data_dir=sys.argv[2],
-                             max_examples_per_class=%d, seed=7, cutout_length=16,
+                             max_examples_per_class={PER_CLASS}, seed=7, cutout_length=16,
                              deterministic=True)
     info = data.get_dataset_info(config)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -330,24 +388,35 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     print(json.dumps(dict(replicas=strategy.num_replicas_in_sync, sizes=sizes,
                           error=error,
                           digest=hashlib.sha1(first.numpy().tobytes()).hexdigest())))
-""" % PER_CLASS)
+"""
+)
 
 
 def test_mirrored_strategy_splits_the_global_batch_in_a_fresh_process(
-        cifar10_folder, subset_config, subset_info, tmp_path):
+    cifar10_folder, subset_config, subset_info, tmp_path
+):
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT, str(cifar10_folder), str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=repo, timeout=180)
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=repo,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["replicas"] == 2
     assert report["sizes"] == [4, 4] and sum(report["sizes"]) == 8
     assert "--batch_size=7" in report["error"] and "multiple of 2" in report["error"]
     # The same seed gives the same first batch in another process.
-    first, _ = _batches(data.make_dataset(subset_config, subset_info, "train",
-                                          training=True, batch_size=32, cutout=True), 1)[0]
+    first, _ = _batches(
+        data.make_dataset(
+            subset_config, subset_info, "train", training=True, batch_size=32, cutout=True
+        ),
+        1,
+    )[0]
     assert report["digest"] == hashlib.sha1(first.tobytes()).hexdigest()
 
 
@@ -356,41 +425,50 @@ def test_mirrored_strategy_splits_the_global_batch_in_a_fresh_process(
 
 def test_tfds_cifar10_mock(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
-        config = data.DataConfig(dataset="cifar10", data_dir=str(tmp_path),
-                                 train_portion=0.25, cutout_length=8)
+        config = data.DataConfig(
+            dataset="cifar10", data_dir=str(tmp_path), train_portion=0.25, cutout_length=8
+        )
         info = data.get_dataset_info(config)
-        assert (info.num_classes, info.image_size, info.augmentation) == (10, (32, 32),
-                                                                          "cifar")
+        assert (info.num_classes, info.image_size, info.augmentation) == (10, (32, 32), "cifar")
         assert (info.mean, info.std) == (CIFAR10_MEAN, CIFAR10_STD)
         assert (info.num_train, data.num_examples(info, "search_weights")) == (40, 10)
-        (train, labels), (weights, _), (arch, _) = _search_splits(config, info,
-                                                                  batch_size=16)
+        (train, labels), (weights, _), (arch, _) = _search_splits(config, info, batch_size=16)
         assert _digests(weights) + _digests(arch) == _digests(train)
         assert set(_digests(weights)).isdisjoint(_digests(arch))
         assert labels.dtype == np.int32 and 0 <= labels.min() and labels.max() < 10
         # Normalised with the CIFAR-10 constants: undoing it gives pixels in [0, 1].
         pixels = train * np.array(CIFAR10_STD) + np.array(CIFAR10_MEAN)
         assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
-        batch = _batches(data.make_dataset(config, info, "search_arch", training=True,
-                                           batch_size=8, cutout=True), 1)[0]
+        batch = _batches(
+            data.make_dataset(
+                config, info, "search_arch", training=True, batch_size=8, cutout=True
+            ),
+            1,
+        )[0]
         assert batch[0].shape == (8, 32, 32, 3) and batch[1].shape == (8,)
 
 
 def test_tfds_imagenet2012_mock(tmp_path):
     with tfds.testing.mock_data(num_examples=6):
-        config = data.DataConfig(dataset="imagenet2012", data_dir=str(tmp_path),
-                                 manual_dir=str(tmp_path / "manual"))
+        config = data.DataConfig(
+            dataset="imagenet2012", data_dir=str(tmp_path), manual_dir=str(tmp_path / "manual")
+        )
         info = data.get_dataset_info(config)
         assert (info.num_classes, info.image_size, info.augmentation) == (
-            1000, (224, 224), "imagenet")
+            1000,
+            (224, 224),
+            "imagenet",
+        )
         assert info.class_names[0] == "n01440764"
         assert info.mean == (0.485, 0.456, 0.406)
-        images, labels = _batches(data.make_dataset(
-            config, info, "train", training=True, batch_size=4, cutout=True), 1)[0]
+        images, labels = _batches(
+            data.make_dataset(config, info, "train", training=True, batch_size=4, cutout=True), 1
+        )[0]
         assert images.shape == (4, 224, 224, 3) and labels.shape == (4,)
         assert np.isfinite(images).all() and labels.dtype == np.int32
-        images, _ = _batches(data.make_dataset(config, info, "test", training=False,
-                                               batch_size=4), 1)[0]
+        images, _ = _batches(
+            data.make_dataset(config, info, "test", training=False, batch_size=4), 1
+        )[0]
         assert images.shape == (4, 224, 224, 3)
 
 
@@ -398,21 +476,28 @@ def test_tfds_imagenet2012_mock(tmp_path):
 
 
 def test_large_image_folder_streams_with_imagenet_augmentation(tmp_path):
-    root = _write_folder(str(tmp_path / "big"), {"train": {"b": 3, "a": 3},
-                                                 "val": {"a": 2, "b": 2}},
-                         size=(80, 100), ext="jpg")
-    config = data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path / "cache"),
-                             cutout_length=50)
+    root = _write_folder(
+        str(tmp_path / "big"),
+        {"train": {"b": 3, "a": 3}, "val": {"a": 2, "b": 2}},
+        size=(80, 100),
+        ext="jpg",
+    )
+    config = data.DataConfig(
+        dataset=f"folder:{root}", data_dir=str(tmp_path / "cache"), cutout_length=50
+    )
     info = data.get_dataset_info(config)
     assert (info.class_names, info.image_size, info.augmentation) == (
-        ("a", "b"), (224, 224), "imagenet")
+        ("a", "b"),
+        (224, 224),
+        "imagenet",
+    )
     assert (info.num_train, info.num_test) == (6, 4)
-    images, labels = _batches(data.make_dataset(config, info, "train", training=True,
-                                                batch_size=4, cutout=True), 1)[0]
+    images, labels = _batches(
+        data.make_dataset(config, info, "train", training=True, batch_size=4, cutout=True), 1
+    )[0]
     assert images.shape == (4, 224, 224, 3) and np.isfinite(images).all()
     assert ((images == 0).all(axis=-1).sum(axis=(1, 2)) >= 25 * 25).all()
-    images, labels = _all(data.make_dataset(config, info, "test", training=False,
-                                            batch_size=3))
+    images, labels = _all(data.make_dataset(config, info, "test", training=False, batch_size=3))
     assert images.shape == (4, 224, 224, 3)
     np.testing.assert_array_equal(labels, [0, 1, 0, 1])
     # The second load reads the statistics from the cache instead of decoding.
@@ -435,35 +520,35 @@ def test_empty_split_and_empty_class_folder(tmp_path):
     root = _write_folder(str(tmp_path / "empty_split"), {"train": {"a": 2}})
     os.makedirs(os.path.join(root, "test"))
     with pytest.raises(data.DataError, match=r"split 'test' .* is empty"):
-        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}",
-                                              data_dir=str(tmp_path)))
-    root = _write_folder(str(tmp_path / "empty_class"), {"train": {"a": 2, "b": 2},
-                                                         "test": {"a": 1, "b": 0}})
+        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path)))
+    root = _write_folder(
+        str(tmp_path / "empty_class"), {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 0}}
+    )
     with pytest.raises(data.DataError, match=r"class folder .*test/b of split 'test'"):
-        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}",
-                                              data_dir=str(tmp_path)))
+        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path)))
 
 
 def test_class_folders_must_match_between_splits(tmp_path):
-    root = _write_folder(str(tmp_path / "f"), {"train": {"a": 1, "b": 1},
-                                               "test": {"a": 1, "c": 1}})
+    root = _write_folder(str(tmp_path / "f"), {"train": {"a": 1, "b": 1}, "test": {"a": 1, "c": 1}})
     with pytest.raises(data.DataError, match=r"only in train: \['b'\], only in test: \['c'\]"):
-        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}",
-                                              data_dir=str(tmp_path)))
+        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path)))
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
-    root = _write_folder(str(tmp_path / "f"), {"train": {"a": 3, "b": 3},
-                                               "test": {"a": 1, "b": 1}})
+    root = _write_folder(str(tmp_path / "f"), {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
     bad = os.path.join(root, "train", "b", "001.png")
     with open(bad, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not an image")
     config = data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path))
-    with pytest.raises(data.DataError, match=r"1 unreadable or corrupt image.*b/001\.png"
-                                             r".*--skip_corrupt_images"):
+    with pytest.raises(
+        data.DataError,
+        match=r"1 unreadable or corrupt image.*b/001\.png"
+        r".*--skip_corrupt_images",
+    ):
         data.get_dataset_info(config)
-    skip = data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path),
-                           skip_corrupt_images=True)
+    skip = data.DataConfig(
+        dataset=f"folder:{root}", data_dir=str(tmp_path), skip_corrupt_images=True
+    )
     with caplog.at_level(logging.WARNING):
         info = data.get_dataset_info(skip)
     assert info.num_train == 5
@@ -474,12 +559,14 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
 
 
 def test_corrupt_image_in_large_folder_is_named_even_from_cache(tmp_path):
-    root = _write_folder(str(tmp_path / "f"), {"train": {"a": 2}, "test": {"a": 1}},
-                         size=(70, 70), ext="jpg")
+    root = _write_folder(
+        str(tmp_path / "f"), {"train": {"a": 2}, "test": {"a": 1}}, size=(70, 70), ext="jpg"
+    )
     with open(os.path.join(root, "train", "a", "zz.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff garbage")
-    skip = data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path),
-                           skip_corrupt_images=True)
+    skip = data.DataConfig(
+        dataset=f"folder:{root}", data_dir=str(tmp_path), skip_corrupt_images=True
+    )
     assert data.get_dataset_info(skip).num_train == 2  # scans and caches
     strict = data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path))
     with pytest.raises(data.DataError, match=r"zz\.jpg"):
@@ -488,27 +575,31 @@ def test_corrupt_image_in_large_folder_is_named_even_from_cache(tmp_path):
 
 def test_small_images_of_another_size_are_rejected(tmp_path):
     root = _write_folder(str(tmp_path / "f"), {"train": {"a": 2}, "test": {"a": 1}})
-    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(os.path.join(root, "train", "a",
-                                                                      "x.png"))
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(os.path.join(root, "train", "a", "x.png"))
     with pytest.raises(data.DataError, match=r"x\.png is 9x8 but the folder's images are 8x8"):
-        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}",
-                                              data_dir=str(tmp_path)))
+        data.get_dataset_info(data.DataConfig(dataset=f"folder:{root}", data_dir=str(tmp_path)))
 
 
-@pytest.mark.parametrize("fields, pattern", [
-    (dict(dataset="cifar11"), r"--dataset='cifar11'.*cifar10, cifar100, imagenet2012, "
-                              r"folder:PATH"),
-    (dict(dataset="folder:"), r"--dataset='folder:'"),
-    (dict(train_portion=1.0), r"--train_portion=1.0"),
-    (dict(train_portion=0), r"--train_portion=0"),
-    (dict(cutout_length=-1), r"--cutout_length=-1"),
-    (dict(seed=1.5), r"--seed=1.5"),
-    (dict(max_examples_per_class=-2), r"--max_examples_per_class=-2"),
-    (dict(dataset="imagenet2012", max_examples_per_class=5), r"--max_examples_per_class"),
-    (dict(mean=(0.5, 0.5, 0.5)), r"--mean and --std must be given together"),
-    (dict(mean=(0.5, 0.5), std=(0.2, 0.2)), r"--mean=\(0.5, 0.5\) must be 3"),
-    (dict(mean=[0.5] * 3, std=[0.2, 0.0, 0.2]), r"--std=.*positive"),
-])
+@pytest.mark.parametrize(
+    "fields, pattern",
+    [
+        (
+            dict(dataset="cifar11"),
+            r"--dataset='cifar11'.*cifar10, cifar100, imagenet2012, "
+            r"folder:PATH",
+        ),
+        (dict(dataset="folder:"), r"--dataset='folder:'"),
+        (dict(train_portion=1.0), r"--train_portion=1.0"),
+        (dict(train_portion=0), r"--train_portion=0"),
+        (dict(cutout_length=-1), r"--cutout_length=-1"),
+        (dict(seed=1.5), r"--seed=1.5"),
+        (dict(max_examples_per_class=-2), r"--max_examples_per_class=-2"),
+        (dict(dataset="imagenet2012", max_examples_per_class=5), r"--max_examples_per_class"),
+        (dict(mean=(0.5, 0.5, 0.5)), r"--mean and --std must be given together"),
+        (dict(mean=(0.5, 0.5), std=(0.2, 0.2)), r"--mean=\(0.5, 0.5\) must be 3"),
+        (dict(mean=[0.5] * 3, std=[0.2, 0.0, 0.2]), r"--std=.*positive"),
+    ],
+)
 def test_config_validation_names_the_flag(fields, pattern):
     with pytest.raises(data.DataError, match=pattern):
         data.DataConfig(**fields).validate()
@@ -521,35 +612,48 @@ def test_valid_config_and_flag_lists_become_tuples():
     assert config.folder == "/x" and data.DataConfig().folder is None
 
 
-@pytest.mark.parametrize("name, pattern", [
-    ("cifar10", r"--dataset=cifar10: no prepared copy under --data_dir=.*network is "
-                r"unreachable.*--data_dir=DIR.*--dataset=folder:PATH"),
-    ("imagenet2012", r"--dataset=imagenet2012: no prepared copy.*ILSVRC2012_img_train.tar"
-                     r".*--manual_dir=.*manual"),
-])
-def test_no_local_copy_and_no_download_says_how_to_supply(tmp_path, monkeypatch, name,
-                                                          pattern):
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        (
+            "cifar10",
+            r"--dataset=cifar10: no prepared copy under --data_dir=.*network is "
+            r"unreachable.*--data_dir=DIR.*--dataset=folder:PATH",
+        ),
+        (
+            "imagenet2012",
+            r"--dataset=imagenet2012: no prepared copy.*ILSVRC2012_img_train.tar"
+            r".*--manual_dir=.*manual",
+        ),
+    ],
+)
+def test_no_local_copy_and_no_download_says_how_to_supply(tmp_path, monkeypatch, name, pattern):
     def offline(self, *args, **kwargs):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    config = data.DataConfig(dataset=name, data_dir=str(tmp_path),
-                             manual_dir=str(tmp_path / "manual"))
+    config = data.DataConfig(
+        dataset=name, data_dir=str(tmp_path), manual_dir=str(tmp_path / "manual")
+    )
     with pytest.raises(data.DataError, match=pattern):
         data.get_dataset_info(config)
 
 
 def test_batch_errors_name_batch_size(subset_config, subset_info):
     strategy = types.SimpleNamespace(num_replicas_in_sync=4)
-    with pytest.raises(data.DataError, match=r"--batch_size=10 is not divisible by the 4 "
-                                             r"replicas.*e\.g\. 8 or 12"):
-        data.distributed_dataset(strategy, subset_config, subset_info, "train",
-                                 training=True, global_batch_size=10)
+    with pytest.raises(
+        data.DataError,
+        match=r"--batch_size=10 is not divisible by the 4 "
+        r"replicas.*e\.g\. 8 or 12",
+    ):
+        data.distributed_dataset(
+            strategy, subset_config, subset_info, "train", training=True, global_batch_size=10
+        )
     with pytest.raises(data.DataError, match=r"--batch_size=256 is larger than the 100"):
-        data.make_dataset(subset_config, subset_info, "search_arch", training=True,
-                          batch_size=256)
+        data.make_dataset(subset_config, subset_info, "search_arch", training=True, batch_size=256)
     with pytest.raises(data.DataError, match=r"unknown split 'valid'.*search_arch"):
         data.make_dataset(subset_config, subset_info, "valid", training=False, batch_size=8)
     with pytest.raises(data.DataError, match=r"cutout applies to training"):
-        data.make_dataset(subset_config, subset_info, "test", training=False, batch_size=8,
-                          cutout=True)
+        data.make_dataset(
+            subset_config, subset_info, "test", training=False, batch_size=8, cutout=True
+        )

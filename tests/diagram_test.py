@@ -16,10 +16,27 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Every node reads one input twice: each cell has four pairs of parallel edges.
 REPEATED_INPUTS = genotypes.genotype_from_picks(
-    [("sep_conv_3x3", 0), ("max_pool_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 1),
-     ("sep_conv_5x5", 3), ("avg_pool_3x3", 3), ("dil_conv_3x3", 2), ("sep_conv_3x3", 2)],
-    [("max_pool_3x3", 1), ("max_pool_3x3", 1), ("skip_connect", 2), ("skip_connect", 2),
-     ("sep_conv_3x3", 3), ("sep_conv_3x3", 3), ("dil_conv_5x5", 4), ("dil_conv_5x5", 4)])
+    [
+        ("sep_conv_3x3", 0),
+        ("max_pool_3x3", 0),
+        ("skip_connect", 1),
+        ("dil_conv_5x5", 1),
+        ("sep_conv_5x5", 3),
+        ("avg_pool_3x3", 3),
+        ("dil_conv_3x3", 2),
+        ("sep_conv_3x3", 2),
+    ],
+    [
+        ("max_pool_3x3", 1),
+        ("max_pool_3x3", 1),
+        ("skip_connect", 2),
+        ("skip_connect", 2),
+        ("sep_conv_3x3", 3),
+        ("sep_conv_3x3", 3),
+        ("dil_conv_5x5", 4),
+        ("dil_conv_5x5", 4),
+    ],
+)
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -38,10 +55,11 @@ def _label_outlines(ax, renderer) -> list[tuple[str, Path]]:
         text.set_rotation(angle)
         c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
         corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [
-            extent.width / 2, extent.height / 2]
+            extent.width / 2,
+            extent.height / 2,
+        ]
         centre = ax.transData.transform(text.get_position())
-        outlines.append(
-            (text.get_text(), Path(corners @ np.array([[c, s], [-s, c]]) + centre)))
+        outlines.append((text.get_text(), Path(corners @ np.array([[c, s], [-s, c]]) + centre)))
     return outlines
 
 
@@ -54,7 +72,7 @@ def test_png_decodes_to_two_stacked_panels():
     assert 800 <= width <= 1600 and 600 <= height <= 1200
     # Normal cell above the reduction cell: ink in both halves of the image.
     ink = np.any(image[..., :3] < 128, axis=(1, 2))
-    assert ink[:height // 2].any() and ink[height // 2:].any()
+    assert ink[: height // 2].any() and ink[height // 2 :].any()
     fig = diagram._figure(genotypes.get_genotype("ISTA_twostage"), None, 100)
     normal, reduction = fig.axes
     assert (normal.get_title(), reduction.get_title()) == ("normal cell", "reduction cell")
@@ -65,19 +83,20 @@ def test_png_decodes_to_two_stacked_panels():
 def test_each_pick_is_one_labelled_arrow(name):
     genotype = genotypes.get_genotype(name)
     fig = diagram._figure(genotype, None, 100)
-    for ax, picks, concat in zip(fig.axes, (genotype.normal, genotype.reduce),
-                                 (genotype.normal_concat, genotype.reduce_concat)):
+    for ax, picks, concat in zip(
+        fig.axes,
+        (genotype.normal, genotype.reduce),
+        (genotype.normal_concat, genotype.reduce_concat),
+    ):
         labels = [t.get_text() for t in ax.texts if t.get_text() in genotypes.PRIMITIVES]
         assert sorted(labels) == sorted(op for op, _ in picks)
         nodes = [t.get_text() for t in ax.texts if t.get_text() not in labels]
-        assert sorted(nodes) == sorted(
-            ["0", "1", "2", "3", r"$c_{k-2}$", r"$c_{k-1}$", r"$c_{k}$"])
+        assert sorted(nodes) == sorted(["0", "1", "2", "3", r"$c_{k-2}$", r"$c_{k-1}$", r"$c_{k}$"])
         # One arrow per pick, plus one per concatenated state into c_{k}.
         assert len(ax.patches) - len(nodes) == len(picks) + len(concat)
 
 
-@pytest.mark.parametrize("genotype", list(genotypes.GENOTYPES.values())
-                         + [REPEATED_INPUTS])
+@pytest.mark.parametrize("genotype", list(genotypes.GENOTYPES.values()) + [REPEATED_INPUTS])
 def test_op_labels_do_not_overlap(genotype):
     fig = diagram._figure(genotype, None, 100)
     renderer = fig.canvas.get_renderer()
@@ -89,8 +108,10 @@ def test_op_labels_do_not_overlap(genotype):
 
 
 def test_repeated_input_edges_bend_apart():
-    for picks, concat in ((REPEATED_INPUTS.normal, REPEATED_INPUTS.normal_concat),
-                          (REPEATED_INPUTS.reduce, REPEATED_INPUTS.reduce_concat)):
+    for picks, concat in (
+        (REPEATED_INPUTS.normal, REPEATED_INPUTS.normal_concat),
+        (REPEATED_INPUTS.reduce, REPEATED_INPUTS.reduce_concat),
+    ):
         edges = diagram._edges(picks, concat)
         rads = diagram._choose_rads(edges, diagram._layout(edges))
         for first in range(0, 8, 2):  # the two picks of one node share their input
@@ -124,7 +145,8 @@ def test_array_is_uint8_and_matches_png():
     array = diagram.render_genotype_array(genotype, title="epoch 3")
     assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] in (3, 4)
     np.testing.assert_array_equal(
-        array, _decode(diagram.render_genotype(genotype, title="epoch 3")))
+        array, _decode(diagram.render_genotype(genotype, title="epoch 3"))
+    )
     assert array.min() == 0 and array.max() == 255  # black ink on white
 
 
@@ -141,9 +163,9 @@ def test_save_writes_atomically(tmp_path):
 
 def test_renders_in_threads_like_sequentially():
     names = ["ISTA_twostage", "DARTS_V2"] * 2
-    expected = {name: diagram.render_genotype(genotypes.get_genotype(name))
-                for name in set(names)}
+    expected = {name: diagram.render_genotype(genotypes.get_genotype(name)) for name in set(names)}
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(
-            lambda name: diagram.render_genotype(genotypes.get_genotype(name)), names))
+        results = list(
+            pool.map(lambda name: diagram.render_genotype(genotypes.get_genotype(name)), names)
+        )
     assert results == [expected[name] for name in names]

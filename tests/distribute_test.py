@@ -51,9 +51,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Tiny search: 16 images per class (80 per search split), C=4, 3 cells, 5 steps/epoch.
 ARCH_LEARNING_RATE = 6e-5
 TINY = {
-    "max_examples_per_class": 16, "channels": 4, "layers": 3, "batch_size": 16,
-    "epochs": 2, "eval_steps": 1, "learning_rate": 0.05,
-    "arch_learning_rate": ARCH_LEARNING_RATE, "seed": 0,
+    "max_examples_per_class": 16,
+    "channels": 4,
+    "layers": 3,
+    "batch_size": 16,
+    "epochs": 2,
+    "eval_steps": 1,
+    "learning_rate": 0.05,
+    "arch_learning_rate": ARCH_LEARNING_RATE,
+    "seed": 0,
     # The weight gradients' global norm is ~0.2 here: clip below it so that every step
     # checks the clipping of the summed (not per-replica) gradient.
     "grad_clip": 0.1,
@@ -153,9 +159,12 @@ def _env(**extra) -> dict:
 
 
 def _run_spec(tmp_path, name, strategy, model_dir=None):
-    return {"model_dir": str(model_dir or tmp_path / name), "strategy": strategy,
-            "arrays": str(tmp_path / f"{name}_arch.npz"),
-            "result": str(tmp_path / f"{name}_result.json")}
+    return {
+        "model_dir": str(model_dir or tmp_path / name),
+        "strategy": strategy,
+        "arrays": str(tmp_path / f"{name}_arch.npz"),
+        "result": str(tmp_path / f"{name}_result.json"),
+    }
 
 
 def _rows(model_dir):
@@ -166,9 +175,13 @@ def _rows(model_dir):
 def _checkpoint(model_dir):
     """The model's variables in the run's latest checkpoint, by key."""
     import tensorflow as tf
+
     reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if k.startswith("model/")}
+    return {
+        k: reader.get_tensor(k)
+        for k in reader.get_variable_to_shape_map()
+        if k.startswith("model/")
+    }
 
 
 def _codes(variables):
@@ -187,8 +200,11 @@ def _recovered_z(variables):
 
 def _weights(variables):
     """Trained weights: everything but the architecture state and BN statistics."""
-    return {k: v for k, v in variables.items()
-            if "_code." not in k and "moving_" not in k and v.dtype.kind == "f"}
+    return {
+        k: v
+        for k, v in variables.items()
+        if "_code." not in k and "moving_" not in k and v.dtype.kind == "f"
+    }
 
 
 def _architecture(genotype, picks_per_node=2):
@@ -198,9 +214,13 @@ def _architecture(genotype, picks_per_node=2):
     float noise (seen: 8.708e-4 vs 8.688e-4) may come in either order, which does not
     change the node (the sum of its picks).
     """
-    return {cell: [sorted(map(tuple, genotype[cell][i:i + picks_per_node]))
-                   for i in range(0, len(genotype[cell]), picks_per_node)]
-            for cell in ("normal", "reduce")}
+    return {
+        cell: [
+            sorted(map(tuple, genotype[cell][i : i + picks_per_node]))
+            for i in range(0, len(genotype[cell]), picks_per_node)
+        ]
+        for cell in ("normal", "reduce")
+    }
 
 
 def _tail(text, n=4000):
@@ -208,13 +228,17 @@ def _tail(text, n=4000):
 
 
 def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
-    runs = [_run_spec(tmp_path, "default", "default"),
-            _run_spec(tmp_path, "mirrored", "mirrored")]
+    runs = [_run_spec(tmp_path, "default", "default"), _run_spec(tmp_path, "mirrored", "mirrored")]
     job = {"logical_cpus": 2, "folder": str(cifar10_folder), "tiny": TINY, "runs": runs}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, _helper(tmp_path), json.dumps(job)],
-                          capture_output=True, text=True, cwd=REPO, env=_env(),
-                          timeout=MIRRORED_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, _helper(tmp_path), json.dumps(job)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+        timeout=MIRRORED_TIMEOUT_S,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, _tail(proc.stderr)
     print(f"default + mirrored searches: {elapsed:.0f} s")
@@ -230,25 +254,33 @@ def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
     assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2]
     for row_one, row_two in zip(one, two):
         for key in METRICS:
-            np.testing.assert_allclose(row_two[key], row_one[key], rtol=RTOL, atol=0,
-                                       err_msg=f"{key} of epoch {row_one['epoch']}")
-        assert (_architecture(row_two["genotype"]) == _architecture(row_one["genotype"])
-                ), f"genotype of epoch {row_one['epoch']}"
+            np.testing.assert_allclose(
+                row_two[key],
+                row_one[key],
+                rtol=RTOL,
+                atol=0,
+                err_msg=f"{key} of epoch {row_one['epoch']}",
+            )
+        assert _architecture(row_two["genotype"]) == _architecture(row_one["genotype"]), (
+            f"genotype of epoch {row_one['epoch']}"
+        )
 
-    genotype = [_architecture(json.loads(pathlib.Path(r["model_dir"], "genotype.json")
-                                         .read_text())) for r in runs]
+    genotype = [
+        _architecture(json.loads(pathlib.Path(r["model_dir"], "genotype.json").read_text()))
+        for r in runs
+    ]
     assert genotype[0] == genotype[1]
     # Otherwise the comparison would only compare the initial supports.
     assert genotype[0] != _architecture(results["default"]["initial_genotype"]), (
-        "the tiny search no longer changes the architecture; raise ARCH_LEARNING_RATE")
+        "the tiny search no longer changes the architecture; raise ARCH_LEARNING_RATE"
+    )
 
     variables = [_checkpoint(r["model_dir"]) for r in runs]
     assert variables[0].keys() == variables[1].keys()
     codes = [_codes(v) for v in variables]
     assert len(codes[0]) == 2 * 4  # normal and reduce, 4 nodes each
     for key in codes[0]:
-        np.testing.assert_allclose(codes[1][key], codes[0][key], rtol=0, atol=B_ATOL,
-                                   err_msg=key)
+        np.testing.assert_allclose(codes[1][key], codes[0][key], rtol=0, atol=B_ATOL, err_msg=key)
     weights = [_weights(v) for v in variables]
     flat = [np.concatenate([w[k].ravel() for k in sorted(w)]) for w in weights]
     relative = np.linalg.norm(flat[1] - flat[0]) / np.linalg.norm(flat[0])
@@ -257,13 +289,22 @@ def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
 
 def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
     """The one-stage run (search, stopping rule, training, absorb, export) on 2 replicas."""
-    runs = [_run_spec(tmp_path, "default", "default"),
-            _run_spec(tmp_path, "mirrored", "mirrored")]
-    job = {"logical_cpus": 2, "folder": str(cifar10_folder), "tiny": TINY, "runs": runs,
-           "one_stage": True}
-    proc = subprocess.run([sys.executable, _helper(tmp_path), json.dumps(job)],
-                          capture_output=True, text=True, cwd=REPO, env=_env(),
-                          timeout=MIRRORED_TIMEOUT_S)
+    runs = [_run_spec(tmp_path, "default", "default"), _run_spec(tmp_path, "mirrored", "mirrored")]
+    job = {
+        "logical_cpus": 2,
+        "folder": str(cifar10_folder),
+        "tiny": TINY,
+        "runs": runs,
+        "one_stage": True,
+    }
+    proc = subprocess.run(
+        [sys.executable, _helper(tmp_path), json.dumps(job)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+        timeout=MIRRORED_TIMEOUT_S,
+    )
     assert proc.returncode == 0, _tail(proc.stderr)
     results = {}
     for run in runs:
@@ -271,12 +312,16 @@ def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
             results[run["strategy"]] = json.load(f)
     assert results["mirrored"]["replicas"] == 2
     one, two = _rows(runs[0]["model_dir"]), _rows(runs[1]["model_dir"])
-    assert [r["phase"] for r in one] == [r["phase"] for r in two] == \
-        ["search", "search", "train"]
+    assert [r["phase"] for r in one] == [r["phase"] for r in two] == ["search", "search", "train"]
     for row_one, row_two in zip(one, two):
         for key in ("loss", "test_loss"):
-            np.testing.assert_allclose(row_two[key], row_one[key], rtol=RTOL, atol=0,
-                                       err_msg=f"{key} of epoch {row_one['epoch']}")
+            np.testing.assert_allclose(
+                row_two[key],
+                row_one[key],
+                rtol=RTOL,
+                atol=0,
+                err_msg=f"{key} of epoch {row_one['epoch']}",
+            )
         # The one-stage net's logits start ~1e-3 apart (alpha ~ b ~ 1e-3 scales every
         # node), so float32 noise flips the argmax of a few near-ties: accuracies may
         # differ by a few of the 160 examples while the losses agree to 1e-4.
@@ -284,8 +329,11 @@ def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
             assert abs(row_two[key] - row_one[key]) <= 3 / 160 + 1e-9, (key, row_one["epoch"])
         assert row_two.get("newly_frozen") == row_one.get("newly_frozen")
     final = [results[s]["result"] for s in ("default", "mirrored")]
-    assert final[0]["node_stop_epochs"] == final[1]["node_stop_epochs"] == \
-        {"normal": [1] * 4, "reduce": [1] * 4}
+    assert (
+        final[0]["node_stop_epochs"]
+        == final[1]["node_stop_epochs"]
+        == {"normal": [1] * 4, "reduce": [1] * 4}
+    )
     # The architecture is the top-2 |z| of each node, a discontinuous function of b:
     # compare the continuous state, and the picks wherever float noise cannot flip them.
     z = [_recovered_z(_checkpoint(r["model_dir"])) for r in runs]
@@ -298,8 +346,10 @@ def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
             # Every |z| moved by at most gap: the 2nd and 3rd can only swap within 2 gap.
             if magnitudes[1] - magnitudes[2] > 2 * gap[node]:
                 robust += 1
-                assert set(np.argsort(-np.abs(one_z))[:2]) == \
-                    set(np.argsort(-np.abs(two_z))[:2]), (key, node)
+                assert set(np.argsort(-np.abs(one_z))[:2]) == set(np.argsort(-np.abs(two_z))[:2]), (
+                    key,
+                    node,
+                )
     assert robust >= 2, "every node near-tied: the comparison would say nothing"
     assert final[1]["test_top1"] == pytest.approx(final[0]["test_top1"], abs=0.02)
     assert os.path.exists(os.path.join(final[1]["export"], "saved_model.pb"))
@@ -330,16 +380,23 @@ def _run_two_workers(cifar10_folder, tmp_path, **job_extra):
     try:
         for index, run in enumerate(runs):
             job = {"folder": str(cifar10_folder), "tiny": TINY, "runs": [run], **job_extra}
-            tf_config = json.dumps({"cluster": cluster,
-                                    "task": {"type": "worker", "index": index}})
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
             log = open(tmp_path / f"worker{index}.log", "w")
             # The non-chief's scratch checkpoints (tempfile.mkdtemp) stay in tmp_path.
             scratch = tmp_path / f"worker{index}_tmp"
             scratch.mkdir()
-            processes.append((subprocess.Popen(
-                [sys.executable, _helper(tmp_path), json.dumps(job)], cwd=REPO,
-                env=_env(TF_CONFIG=tf_config, TMPDIR=str(scratch)), stdout=log,
-                stderr=subprocess.STDOUT), log))
+            processes.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, _helper(tmp_path), json.dumps(job)],
+                        cwd=REPO,
+                        env=_env(TF_CONFIG=tf_config, TMPDIR=str(scratch)),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
         # A worker that fails leaves the other waiting in a collective: stop at the first
         # failure (the finally kills the rest), and at the deadline in any case.
         deadline = start + MULTI_WORKER_TIMEOUT_S
@@ -362,7 +419,8 @@ def _run_two_workers(cifar10_folder, tmp_path, **job_extra):
         assert process.returncode == 0, (
             f"worker {index} exited with {process.returncode} after {elapsed:.0f} s "
             f"(killed at the {MULTI_WORKER_TIMEOUT_S} s deadline or after the other "
-            f"worker failed if negative):\n{_tail(logs[index])}")
+            f"worker failed if negative):\n{_tail(logs[index])}"
+        )
     print(f"two-worker run: {elapsed:.0f} s")
     results = []
     for run in runs:

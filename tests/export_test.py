@@ -22,8 +22,18 @@ from istanas_tf import data, export, networks
 IMAGE_SIZE = (32, 32)
 MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 statistics, [0, 1] pixel units
 STD = (0.2470, 0.2435, 0.2616)
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
-               "dog", "frog", "horse", "ship", "truck")
+CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 EXPECTED_INPUT = "images must be float32 [N, 32, 32, 3] raw 0-255 pixels"
 CLI = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
 
@@ -43,8 +53,7 @@ def _in_memory_logits(network, images, training=False) -> np.ndarray:
 
 def _run(command, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120,
-                            **kwargs)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, **kwargs)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -67,9 +76,16 @@ def network(cifar10_folder):
 @pytest.fixture(scope="module")
 def version_dir(network, tmp_path_factory) -> str:
     export_dir = tmp_path_factory.mktemp("export")
-    return export.export_saved_model(network, str(export_dir), "cifar_net", 3,
-                                     image_size=IMAGE_SIZE, mean=MEAN, std=STD,
-                                     class_names=CLASS_NAMES)
+    return export.export_saved_model(
+        network,
+        str(export_dir),
+        "cifar_net",
+        3,
+        image_size=IMAGE_SIZE,
+        mean=MEAN,
+        std=STD,
+        class_names=CLASS_NAMES,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +110,7 @@ def _hidden(model_dir: pathlib.Path) -> list[str]:
     return [p.name for p in model_dir.iterdir() if p.name.startswith(".")]
 
 
-def test_fresh_process_load_matches_in_memory_network(network, images, version_dir,
-                                                      tmp_path):
+def test_fresh_process_load_matches_in_memory_network(network, images, version_dir, tmp_path):
     np.save(tmp_path / "images.npy", images)
     script = textwrap.dedent(f"""
         import numpy as np, tensorflow as tf
@@ -113,17 +128,17 @@ def test_fresh_process_load_matches_in_memory_network(network, images, version_d
     expected = _in_memory_logits(network, images)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_allclose(outputs["batch1_logits"], expected[:1], rtol=1e-5,
-                               atol=1e-5 * scale)
-    np.testing.assert_allclose(outputs["batch5_logits"], expected[:5], rtol=1e-5,
-                               atol=1e-5 * scale)
-    np.testing.assert_allclose(outputs["probabilities"],
-                               tf.nn.softmax(expected).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(outputs["batch1_logits"], expected[:1], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(outputs["batch5_logits"], expected[:5], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(
+        outputs["probabilities"], tf.nn.softmax(expected).numpy(), rtol=1e-5, atol=1e-7
+    )
     assert outputs["logits"].dtype == np.float32
     assert outputs["classes"].dtype == np.int64
     np.testing.assert_array_equal(outputs["classes"], expected.argmax(-1))
-    np.testing.assert_array_equal(outputs["class_names"],
-                                  np.array(CLASS_NAMES)[expected.argmax(-1)])
+    np.testing.assert_array_equal(
+        outputs["class_names"], np.array(CLASS_NAMES)[expected.argmax(-1)]
+    )
     # The export runs the network in inference mode: batch statistics would differ.
     # (A training call updates the BN moving statistics, hence the restore.)
     weights = network.get_weights()
@@ -135,35 +150,57 @@ def test_fresh_process_load_matches_in_memory_network(network, images, version_d
 def test_saved_model_cli_show_lists_the_serving_signature(version_dir):
     shown = _run([*CLI, "show", "--all", "--dir", version_dir]).stdout
     start = shown.index("signature_def['serving_default']:")
-    signature = shown[start:shown.find("signature_def[", start + 1)]
-    assert re.search(r"inputs\['images'\] tensor_info:\s+dtype: DT_FLOAT\s+"
-                     r"shape: \(-1, 32, 32, 3\)", signature), signature
-    for name, dtype, shape in [("logits", "DT_FLOAT", r"\(-1, 10\)"),
-                               ("probabilities", "DT_FLOAT", r"\(-1, 10\)"),
-                               ("classes", "DT_INT64", r"\(-1\)"),
-                               ("class_names", "DT_STRING", r"\(-1\)")]:
-        assert re.search(rf"outputs\['{name}'\] tensor_info:\s+dtype: {dtype}\s+"
-                         rf"shape: {shape}", signature), (name, signature)
-    assert (pathlib.Path(version_dir, export.CLASS_NAMES_FILE).read_text().split()
-            == list(CLASS_NAMES))
+    signature = shown[start : shown.find("signature_def[", start + 1)]
+    assert re.search(
+        r"inputs\['images'\] tensor_info:\s+dtype: DT_FLOAT\s+"
+        r"shape: \(-1, 32, 32, 3\)",
+        signature,
+    ), signature
+    for name, dtype, shape in [
+        ("logits", "DT_FLOAT", r"\(-1, 10\)"),
+        ("probabilities", "DT_FLOAT", r"\(-1, 10\)"),
+        ("classes", "DT_INT64", r"\(-1\)"),
+        ("class_names", "DT_STRING", r"\(-1\)"),
+    ]:
+        assert re.search(
+            rf"outputs\['{name}'\] tensor_info:\s+dtype: {dtype}\s+"
+            rf"shape: {shape}",
+            signature,
+        ), (name, signature)
+    assert pathlib.Path(version_dir, export.CLASS_NAMES_FILE).read_text().split() == list(
+        CLASS_NAMES
+    )
 
 
-def test_saved_model_cli_run_gives_in_memory_classes(network, images, version_dir,
-                                                     tmp_path):
+def test_saved_model_cli_run_gives_in_memory_classes(network, images, version_dir, tmp_path):
     np.save(tmp_path / "images.npy", images)
-    _run([*CLI, "run", "--dir", version_dir, "--tag_set", "serve",
-          "--signature_def", "serving_default",
-          "--inputs", f"images={tmp_path / 'images.npy'}",
-          "--outdir", str(tmp_path / "out")])
+    _run(
+        [
+            *CLI,
+            "run",
+            "--dir",
+            version_dir,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"images={tmp_path / 'images.npy'}",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
     expected = _in_memory_logits(network, images)
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "classes.npy"),
-                                  expected.argmax(-1))
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "logits.npy"), expected,
-                               rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "classes.npy"), expected.argmax(-1))
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / "logits.npy"),
+        expected,
+        rtol=1e-5,
+        atol=1e-5 * np.abs(expected).max(),
+    )
 
 
-@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 28, 28, 3), (32, 32, 3),
-                                   (1, 2, 32, 32, 3)])
+@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 28, 28, 3), (32, 32, 3), (1, 2, 32, 32, 3)])
 def test_wrong_shape_fails_with_expected_input(loaded, shape):
     with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(EXPECTED_INPUT)):
         loaded.signatures["serving_default"](images=tf.zeros(shape, tf.float32))
@@ -172,11 +209,14 @@ def test_wrong_shape_fails_with_expected_input(loaded, shape):
 def test_wrong_dtype_fails_naming_the_expected_dtype(loaded):
     images = tf.zeros([2, 32, 32, 3], tf.uint8)
     # The runtime checks the dtype before the graph runs, so the message is TF's own.
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="expected to be a float tensor but is a uint8 tensor"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="expected to be a float tensor but is a uint8 tensor"
+    ):
         loaded.signatures["serving_default"](images=images)
-    with pytest.raises(TypeError, match=re.escape(
-            "TensorSpec(shape=(None, 32, 32, 3), dtype=tf.float32, name='images')")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("TensorSpec(shape=(None, 32, 32, 3), dtype=tf.float32, name='images')"),
+    ):
         getattr(loaded, export.ENDPOINT)(images)
 
 
@@ -185,8 +225,9 @@ def test_version_none_picks_next_integer(network, tmp_path, fake_write_out):
     for name in ["3", "11", "notaversion"]:
         (model_dir / name).mkdir(parents=True)
     (model_dir / "40").write_text("a file, not a version")
-    path = export.export_saved_model(network, str(tmp_path), "net", None,
-                                     image_size=IMAGE_SIZE, mean=MEAN, std=STD)
+    path = export.export_saved_model(
+        network, str(tmp_path), "net", None, image_size=IMAGE_SIZE, mean=MEAN, std=STD
+    )
     assert path == str(model_dir / "12")
     assert (model_dir / "12" / "saved_model.pb").is_file()
     # Made with the process umask, like any directory (not a private temp dir's 0700).
@@ -202,16 +243,25 @@ def test_failure_mid_export_leaves_no_directory(network, tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", failing_write_out)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export_saved_model(network, str(tmp_path), "net", 1,
-                                  image_size=IMAGE_SIZE, mean=MEAN, std=STD)
+        export.export_saved_model(
+            network, str(tmp_path), "net", 1, image_size=IMAGE_SIZE, mean=MEAN, std=STD
+        )
     assert list((tmp_path / "net").iterdir()) == []
 
     # With overwrite, a failed export keeps the old version as it was.
     (tmp_path / "net" / "1").mkdir()
     (tmp_path / "net" / "1" / "old").write_text("old version")
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export_saved_model(network, str(tmp_path), "net", 1, image_size=IMAGE_SIZE,
-                                  mean=MEAN, std=STD, overwrite=True)
+        export.export_saved_model(
+            network,
+            str(tmp_path),
+            "net",
+            1,
+            image_size=IMAGE_SIZE,
+            mean=MEAN,
+            std=STD,
+            overwrite=True,
+        )
     assert [p.name for p in (tmp_path / "net").iterdir()] == ["1"]
     assert [p.name for p in (tmp_path / "net" / "1").iterdir()] == ["old"]
 
@@ -222,21 +272,23 @@ def test_existing_version_refused_unless_overwrite(network, tmp_path, fake_write
     (version_dir / "old").write_text("old version")
     refusal = re.escape(str(version_dir)) + ".*--overwrite"
     with pytest.raises(FileExistsError, match=refusal):
-        export.export_saved_model(network, str(tmp_path), "net", 2,
-                                  image_size=IMAGE_SIZE, mean=MEAN, std=STD)
+        export.export_saved_model(
+            network, str(tmp_path), "net", 2, image_size=IMAGE_SIZE, mean=MEAN, std=STD
+        )
     assert fake_write_out == []  # refused before any work
     assert [p.name for p in version_dir.iterdir()] == ["old"]
 
-    path = export.export_saved_model(network, str(tmp_path), "net", 2,
-                                     image_size=IMAGE_SIZE, mean=MEAN, std=STD,
-                                     overwrite=True)
+    path = export.export_saved_model(
+        network, str(tmp_path), "net", 2, image_size=IMAGE_SIZE, mean=MEAN, std=STD, overwrite=True
+    )
     assert path == str(version_dir)
     assert [p.name for p in version_dir.iterdir()] == ["saved_model.pb"]
     assert _hidden(tmp_path / "net") == []
 
 
-def test_overwrite_restores_old_version_when_rename_fails(network, tmp_path,
-                                                          fake_write_out, monkeypatch):
+def test_overwrite_restores_old_version_when_rename_fails(
+    network, tmp_path, fake_write_out, monkeypatch
+):
     version_dir = tmp_path / "net" / "1"
     version_dir.mkdir(parents=True)
     (version_dir / "old").write_text("old version")
@@ -249,18 +301,29 @@ def test_overwrite_restores_old_version_when_rename_fails(network, tmp_path,
 
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="rename failed"):
-        export.export_saved_model(network, str(tmp_path), "net", 1, image_size=IMAGE_SIZE,
-                                  mean=MEAN, std=STD, overwrite=True)
+        export.export_saved_model(
+            network,
+            str(tmp_path),
+            "net",
+            1,
+            image_size=IMAGE_SIZE,
+            mean=MEAN,
+            std=STD,
+            overwrite=True,
+        )
     assert [p.name for p in (tmp_path / "net").iterdir()] == ["1"]
     assert [p.name for p in version_dir.iterdir()] == ["old"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(version=-1), "non-negative integer"),
-    (dict(model_name="a/b"), "plain directory name"),
-    (dict(std=(0.2, 0.0, 0.2)), "std positive"),
-    (dict(class_names=("a", "b")), "2 class names given for a model with 10 classes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(version=-1), "non-negative integer"),
+        (dict(model_name="a/b"), "plain directory name"),
+        (dict(std=(0.2, 0.0, 0.2)), "std positive"),
+        (dict(class_names=("a", "b")), "2 class names given for a model with 10 classes"),
+    ],
+)
 def test_invalid_arguments(network, tmp_path, fake_write_out, kwargs, message):
     arguments = dict(model_name="net", version=1, image_size=IMAGE_SIZE, mean=MEAN, std=STD)
     arguments.update(kwargs)

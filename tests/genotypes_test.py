@@ -9,8 +9,14 @@ from istanas_tf import genotypes
 
 def test_primitives_in_method_order_without_none():
     assert genotypes.PRIMITIVES == (
-        "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
-        "dil_conv_3x3", "dil_conv_5x5")
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "skip_connect",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
+    )
 
 
 def test_published_genotypes_transcribed():
@@ -35,8 +41,10 @@ def test_json_round_trip(name, tmp_path):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(genotypes.GenotypeError, match="valid names: ISTA_twostage, "
-                       "ISTA_onestage, ISTA_ImageNet, DARTS_V1, DARTS_V2"):
+    with pytest.raises(
+        genotypes.GenotypeError,
+        match="valid names: ISTA_twostage, ISTA_onestage, ISTA_ImageNet, DARTS_V1, DARTS_V2",
+    ):
         genotypes.get_genotype("PC_DARTS")
 
 
@@ -50,16 +58,26 @@ def _valid():
     return genotypes.to_json_dict(genotypes.DARTS_V2)
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda d: d["normal"].__setitem__(3, ["conv_7x7", 1]), r"normal\[3\].*unknown op 'conv_7x7'"),
-    (lambda d: d["reduce"].__setitem__(2, ["skip_connect", 3]),
-     r"reduce\[2\] \(node 1\): input index 3 out of range; node 1 can read inputs 0..2"),
-    (lambda d: d["reduce"].__setitem__(0, ["skip_connect", 2]),
-     r"reduce\[0\] \(node 0\): input index 2 out of range; node 0 can read inputs 0..1"),
-    (lambda d: d["normal"].pop(), r"normal: expected 4 nodes x 2 picks = 8.*got 7"),
-    (lambda d: d.pop("reduce"), r"missing field 'reduce'"),
-    (lambda d: d.__setitem__("normal", [["sep_conv_3x3"]] * 8), r"field 'normal' must be"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda d: d["normal"].__setitem__(3, ["conv_7x7", 1]),
+            r"normal\[3\].*unknown op 'conv_7x7'",
+        ),
+        (
+            lambda d: d["reduce"].__setitem__(2, ["skip_connect", 3]),
+            r"reduce\[2\] \(node 1\): input index 3 out of range; node 1 can read inputs 0..2",
+        ),
+        (
+            lambda d: d["reduce"].__setitem__(0, ["skip_connect", 2]),
+            r"reduce\[0\] \(node 0\): input index 2 out of range; node 0 can read inputs 0..1",
+        ),
+        (lambda d: d["normal"].pop(), r"normal: expected 4 nodes x 2 picks = 8.*got 7"),
+        (lambda d: d.pop("reduce"), r"missing field 'reduce'"),
+        (lambda d: d.__setitem__("normal", [["sep_conv_3x3"]] * 8), r"field 'normal' must be"),
+    ],
+)
 def test_malformed_json_names_the_field(tmp_path, mutate, message):
     data = _valid()
     mutate(data)

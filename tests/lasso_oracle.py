@@ -51,6 +51,5 @@ def scipy_lasso(A, b, lam=LAM):
     z = np.zeros(n)
     if support.size:
         A_S = A[:, support]
-        z[support] = np.linalg.solve(A_S.T @ A_S,
-                                     A_S.T @ b - lam * np.sign(z_dual[support]))
+        z[support] = np.linalg.solve(A_S.T @ A_S, A_S.T @ b - lam * np.sign(z_dual[support]))
     return z

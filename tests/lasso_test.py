@@ -38,8 +38,12 @@ def solved():
     results = {}
     for index, (name, scale) in enumerate(REGIMES.items()):
         A, b, widths = our_problems(160, scale, seed=100 + index)
-        z = np.concatenate([lasso.solve_lasso(A[i:i + 8], b[i:i + 8], LAM).numpy()
-                            for i in range(0, len(b), 8)])
+        z = np.concatenate(
+            [
+                lasso.solve_lasso(A[i : i + 8], b[i : i + 8], LAM).numpy()
+                for i in range(0, len(b), 8)
+            ]
+        )
         results[name] = (A, b, widths, z)
     return results
 
@@ -146,5 +150,9 @@ def test_step_cap_and_non_finite_inputs_raise():
     with pytest.raises(tf.errors.InvalidArgumentError, match="not finite"):
         in_graph(tf.constant(A), tf.constant(b))
     b[3, 1] = 0.0
-    np.testing.assert_allclose(in_graph(tf.constant(A), tf.constant(b)).numpy(),
-                               lasso.solve_lasso(A, b).numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        in_graph(tf.constant(A), tf.constant(b)).numpy(),
+        lasso.solve_lasso(A, b).numpy(),
+        rtol=1e-12,
+        atol=1e-15,
+    )

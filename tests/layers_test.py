@@ -20,7 +20,16 @@ import tensorflow as tf
 from testing import LayerCase, run_layer_test
 
 import istanas_tf
-from istanas_tf import architecture, cells, genotypes, networks, optimizers, search_model
+from istanas_tf import (
+    architecture,
+    blocks,
+    cells,
+    darts,
+    genotypes,
+    networks,
+    optimizers,
+    search_model,
+)
 from istanas_tf import operations as ops
 
 NUM_OPS = genotypes.NUM_OPS
@@ -156,7 +165,7 @@ C = 8  # channels of the op and cell cases
 CASES = [
     # ------------------------------------------------------------------ operations
     LayerCase(
-        ops.SymmetricConv,
+        blocks.SymmetricConv,
         # padding=None: the config must record None, not the padding derived from it.
         dict(filters=5, kernel_size=3, stride=2, dilation=1, depthwise=False, padding=None),
         input_data=(_images(7, 7, 3),),
@@ -167,7 +176,7 @@ CASES = [
         id="SymmetricConv-full-stride2",
     ),
     LayerCase(
-        ops.SymmetricConv,
+        blocks.SymmetricConv,
         # Dilated strided depthwise: the subsample-first path.
         dict(filters=0, kernel_size=5, stride=2, dilation=2, depthwise=True, padding=4),
         input_data=(_images(8, 8, 3),),
@@ -253,7 +262,7 @@ CASES = [
         id="Identity-bare",
     ),
     LayerCase(
-        ops.DropPath,
+        blocks.DropPath,
         dict(seed=3),
         input_data=(_images(4, 4, 3),),
         call_kwargs=dict(rate=0.5),
@@ -455,7 +464,7 @@ CASES = [
         expected_num_non_trainable_weights=5,
     ),
     LayerCase(
-        architecture.DartsArchitecture,
+        darts.DartsArchitecture,
         dict(steps=3, seed=5),
         forward=_alphas,
         # Every candidate of node j: (2 + j) * 7.

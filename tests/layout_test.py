@@ -89,8 +89,12 @@ def _imported(node: ast.AST, modules: dict[str, pathlib.Path]) -> list[str]:
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
         # ``from istanas_tf import genotypes`` loads the module istanas_tf.genotypes;
         # ``from istanas_tf.data import DataConfig`` loads the package istanas_tf.data.
-        names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
-                 else node.module for alias in node.names]
+        names = [
+            f"{node.module}.{alias.name}"
+            if f"{node.module}.{alias.name}" in modules
+            else node.module
+            for alias in node.names
+        ]
     return [name for name in names if name in modules]
 
 
@@ -98,8 +102,12 @@ def _imports(path: pathlib.Path, modules) -> tuple[set[str], list[str]]:
     """(library modules imported at module level, those imported anywhere else)."""
     tree = ast.parse(path.read_text())
     top = {name for node in tree.body for name in _imported(node, modules)}
-    nested = [name for node in ast.walk(tree) if node not in tree.body
-              for name in _imported(node, modules)]
+    nested = [
+        name
+        for node in ast.walk(tree)
+        if node not in tree.body
+        for name in _imported(node, modules)
+    ]
     return top, nested
 
 
@@ -107,7 +115,8 @@ def test_every_module_has_a_floor_and_imports_only_below_it():
     modules = _modules()
     assert sorted(modules) == sorted(FLOORS), (
         "add new modules to FLOORS (and to WORKSPACE.md's map): "
-        f"{sorted(set(modules) ^ set(FLOORS))}")
+        f"{sorted(set(modules) ^ set(FLOORS))}"
+    )
     floor = {name: index for index, name in enumerate(FLOORS)}
     for name, path in modules.items():
         top, nested = _imports(path, modules)
@@ -130,8 +139,11 @@ def _doc_lines(text: str) -> tuple[int, int]:
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             first = node.body[0] if node.body else None
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
-                    and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 documented.update(range(first.lineno, first.end_lineno + 1))
     for token in tokenize.generate_tokens(io.StringIO(text).readline):
         if token.type == tokenize.COMMENT:
@@ -140,17 +152,24 @@ def _doc_lines(text: str) -> tuple[int, int]:
 
 
 def test_docstrings_and_comments_share():
-    documented, total = map(sum, zip(*(_doc_lines(path.read_text())
-                                        for path in _modules().values())))
+    documented, total = map(
+        sum, zip(*(_doc_lines(path.read_text()) for path in _modules().values()))
+    )
     assert documented / total >= MIN_DOC_SHARE, f"{documented}/{total}"
 
 
-@pytest.mark.parametrize("pattern, where", [
-    ("_flatten_layers", ["istanas_tf"]),
-    ("sys.path", ["istanas_tf", "train", "tests"]),
-])
+@pytest.mark.parametrize(
+    "pattern, where",
+    [
+        ("_flatten_layers", ["istanas_tf"]),
+        ("sys.path", ["istanas_tf", "train", "tests"]),
+    ],
+)
 def test_no_private_layer_walks_and_no_sys_path_edits(pattern, where):
-    offending = [str(path.relative_to(REPO)) for folder in where
-                 for path in (REPO / folder).rglob("*.py")
-                 if path.name != "layout_test.py" and pattern in path.read_text()]
+    offending = [
+        str(path.relative_to(REPO))
+        for folder in where
+        for path in (REPO / folder).rglob("*.py")
+        if path.name != "layout_test.py" and pattern in path.read_text()
+    ]
     assert not offending, f"{pattern} in {offending}"

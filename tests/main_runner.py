@@ -17,8 +17,9 @@ MAIN = str(REPO / "train" / "main.py")
 
 def run_main(args, timeout=900):
     """``python train/main.py ARGS`` from the repository root; output captured as text."""
-    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, MAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def run_to_completion(args, timeout=900):
@@ -40,8 +41,11 @@ def checkpoint_state(model_dir, required_parts):
     two states cannot pass on a checkpoint that lost a group of variables.
     """
     reader = tf.train.load_checkpoint(str(pathlib.Path(model_dir) / "checkpoints"))
-    keys = [k for k in reader.get_variable_to_shape_map() if not k.startswith("_")
-            and "save_counter" not in k]
+    keys = [
+        k
+        for k in reader.get_variable_to_shape_map()
+        if not k.startswith("_") and "save_counter" not in k
+    ]
     for part in required_parts:
         assert any(part in k for k in keys), part
     return {k: reader.get_tensor(k) for k in keys}

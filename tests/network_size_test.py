@@ -11,6 +11,7 @@ from istanas_tf import genotypes, network_size, networks
 # Each term is (weights of the layer, multiply-adds = output pixels * weights per pixel).
 # ---------------------------------------------------------------------------------------
 
+
 def _conv(c_in, c_out, k, out_hw, groups=1):
     weights = k * k * (c_in // groups) * c_out
     return weights, out_hw * out_hw * weights
@@ -33,8 +34,14 @@ def _op(name, c, stride, in_hw, bn_after_param_free):
             terms.append(_bn(c))
     elif name.startswith("sep_conv"):
         k = int(name[-1])
-        terms += [_conv(c, c, k, out_hw, groups=c), _conv(c, c, 1, out_hw), _bn(c),
-                  _conv(c, c, k, out_hw, groups=c), _conv(c, c, 1, out_hw), _bn(c)]
+        terms += [
+            _conv(c, c, k, out_hw, groups=c),
+            _conv(c, c, 1, out_hw),
+            _bn(c),
+            _conv(c, c, k, out_hw, groups=c),
+            _conv(c, c, 1, out_hw),
+            _bn(c),
+        ]
     elif name.startswith("dil_conv"):
         k = int(name[-1])
         terms += [_conv(c, c, k, out_hw, groups=c), _conv(c, c, 1, out_hw), _bn(c)]
@@ -45,8 +52,14 @@ def darts_count(genotype, c, layers, num_classes, imagenet, bn_after_param_free=
     """(params without aux, aux params, multiply-adds) of the DARTS network."""
     terms, aux_terms = [], []
     if imagenet:
-        terms += [_conv(3, c // 2, 3, 112), _bn(c // 2), _conv(c // 2, c, 3, 56), _bn(c),
-                  _conv(c, c, 3, 28), _bn(c)]
+        terms += [
+            _conv(3, c // 2, 3, 112),
+            _bn(c // 2),
+            _conv(c // 2, c, 3, 56),
+            _bn(c),
+            _conv(c, c, 3, 28),
+            _bn(c),
+        ]
         hw_pp, hw_p, c_pp, c_p, reduction_prev = 56, 28, c, c, True
     else:
         terms += [_conv(3, 3 * c, 3, 32), _bn(3 * c)]
@@ -57,8 +70,11 @@ def darts_count(genotype, c, layers, num_classes, imagenet, bn_after_param_free=
         if reduction:
             c_curr *= 2
         if reduction_prev:
-            terms += [_conv(c_pp, c_curr // 2, 1, hw_p), _conv(c_pp, c_curr // 2, 1, hw_p),
-                      _bn(c_curr)]
+            terms += [
+                _conv(c_pp, c_curr // 2, 1, hw_p),
+                _conv(c_pp, c_curr // 2, 1, hw_p),
+                _bn(c_curr),
+            ]
         else:
             terms += [_conv(c_pp, c_curr, 1, hw_pp), _bn(c_curr)]
         terms += [_conv(c_p, c_curr, 1, hw_p), _bn(c_curr)]
@@ -90,14 +106,18 @@ PUBLISHED = [
 ]
 
 
-@pytest.mark.parametrize("name,kind,c,layers,classes,size,bn_pf,published", PUBLISHED,
-                         ids=[p[0] for p in PUBLISHED])
-def test_published_sizes_match_independent_count(name, kind, c, layers, classes, size,
-                                                 bn_pf, published):
-    network = networks.build_network(kind, name, c, layers, classes, size, auxiliary=True,
-                                     bn_after_param_free_ops=bn_pf)
-    params, aux_params, macs = darts_count(genotypes.get_genotype(name), c, layers, classes,
-                                           kind == "imagenet", bn_pf)
+@pytest.mark.parametrize(
+    "name,kind,c,layers,classes,size,bn_pf,published", PUBLISHED, ids=[p[0] for p in PUBLISHED]
+)
+def test_published_sizes_match_independent_count(
+    name, kind, c, layers, classes, size, bn_pf, published
+):
+    network = networks.build_network(
+        kind, name, c, layers, classes, size, auxiliary=True, bn_after_param_free_ops=bn_pf
+    )
+    params, aux_params, macs = darts_count(
+        genotypes.get_genotype(name), c, layers, classes, kind == "imagenet", bn_pf
+    )
     assert network_size.count_parameters(network) == params
     assert network_size.count_parameters(network, include_auxiliary=True) == params + aux_params
     assert network_size.count_multiply_adds(network, size) == macs
@@ -106,10 +126,11 @@ def test_published_sizes_match_independent_count(name, kind, c, layers, classes,
         assert round(macs / 1e6) == 621  # convs + dense; the paper reports 638M
 
 
-
-
 def test_describe_reports_the_published_two_stage_size():
     summary = network_size.describe("ISTA_twostage", "cifar", 10)
-    assert (summary["params"], summary["params_with_auxiliary"], summary["multiply_adds"]) \
-        == (3_316_726, 3_793_152, 515_226_240)
+    assert (summary["params"], summary["params_with_auxiliary"], summary["multiply_adds"]) == (
+        3_316_726,
+        3_793_152,
+        515_226_240,
+    )
     assert (summary["channels"], summary["layers"]) == (36, 20)

@@ -19,15 +19,17 @@ def test_auxiliary_logits_only_in_training():
 
 
 def test_network_config_round_trip():
-    network = networks.build_network("cifar", "ISTA_twostage", 8, 5, 10, 32, auxiliary=True,
-                                     drop_path_rate=0.1)
+    network = networks.build_network(
+        "cifar", "ISTA_twostage", 8, 5, 10, 32, auxiliary=True, drop_path_rate=0.1
+    )
     clone = networks.NetworkCIFAR.from_config(network.get_config())
     clone(tf.zeros([1, 32, 32, 3]))
     clone(tf.zeros([2, 32, 32, 3]), training=True)
     clone.set_weights(network.get_weights())
     x = tf.random.normal([2, 32, 32, 3])
-    np.testing.assert_allclose(clone(x, training=False), network(x, training=False),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        clone(x, training=False), network(x, training=False), rtol=1e-5, atol=1e-5
+    )
     assert clone.genotype == network.genotype
 
 

@@ -32,22 +32,26 @@ TINY = dict(num_classes=10, channels=4, layers=3, seed=1, one_stage=True)
 IMAGE_SIZE = 32
 # A power of two near the paper's 1e-3: z_last (float32) + TOLERANCE is exact in float64,
 # so a node scripted to move by exactly the tolerance is at distance == tolerance.
-TOLERANCE = 2.0 ** -10
+TOLERANCE = 2.0**-10
 
 
 def _network():
     network = search_model.SearchNetwork(search_model.SearchNetworkConfig(**TINY))
     network.build_all(IMAGE_SIZE)
-    network.compile(optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
-                    optimizers.TorchAdam(3e-4, beta_1=0.5, l2=1e-3))
+    network.compile(
+        optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
+        optimizers.TorchAdam(3e-4, beta_1=0.5, l2=1e-3),
+    )
     return network
 
 
 @pytest.fixture(scope="module")
 def batch():
     rng = np.random.default_rng(0)
-    return (tf.constant(rng.normal(size=(4, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32),
-            tf.constant([0, 1, 2, 3]))
+    return (
+        tf.constant(rng.normal(size=(4, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32),
+        tf.constant([0, 1, 2, 3]),
+    )
 
 
 class ScriptedSolver:
@@ -81,43 +85,48 @@ def _z(network):
 
 def _candidate_bn_affine(network, cell_type, node):
     """Oracle: the gamma/beta of node ``node``'s candidate ops, by variable name."""
-    return {id(v) for cell in network.cells
-            if ("reduce" if cell.reduction else "normal") == cell_type
-            for op in cell.candidates[node] for v in op.weights
-            if v.name in ("gamma", "beta")}
+    return {
+        id(v)
+        for cell in network.cells
+        if ("reduce" if cell.reduction else "normal") == cell_type
+        for op in cell.candidates[node]
+        for v in op.weights
+        if v.name in ("gamma", "beta")
+    }
 
 
 def test_nodes_freeze_at_the_scripted_epochs_and_keep_their_z(batch):
     network = _network()
     far, near = 0.5, 0.5 * TOLERANCE
-    solver = ScriptedSolver({
-        # epoch 1: normal node 1 and reduce node 3 stop.
-        1: {"normal": [far, near, far, far], "reduce": [far, far, far, near]},
-        # epoch 2: normal node 0 exactly at the tolerance stops (<=); a frozen node's
-        # scripted move (normal 1) must not reach its z.
-        2: {"normal": [TOLERANCE, far, far, far], "reduce": [far, far, far, far]},
-        # epoch 3: everything else stops.
-        3: {"normal": [far, far, near, near], "reduce": [near, near, near, far]},
-    })
+    solver = ScriptedSolver(
+        {
+            # epoch 1: normal node 1 and reduce node 3 stop.
+            1: {"normal": [far, near, far, far], "reduce": [far, far, far, near]},
+            # epoch 2: normal node 0 exactly at the tolerance stops (<=); a frozen node's
+            # scripted move (normal 1) must not reach its z.
+            2: {"normal": [TOLERANCE, far, far, far], "reduce": [far, far, far, far]},
+            # epoch 3: everything else stops.
+            3: {"normal": [far, far, near, near], "reduce": [near, near, near, far]},
+        }
+    )
     freeze_epochs = {"normal": [None] * 4, "reduce": [None] * 4}
     for epoch in (1, 2, 3):
         before = _z(network)
         frozen_before = network.frozen_nodes
-        decision = one_stage.stopping_step(network, TOLERANCE, max_params=10**9,
-                                           recoveries=solver(network))
+        decision = one_stage.stopping_step(
+            network, TOLERANCE, max_params=10**9, recoveries=solver(network)
+        )
         assert not decision.rejected
         after = _z(network)
         for cell_type in CELL_TYPES:
             for node in range(4):
                 if frozen_before[cell_type][node]:
-                    np.testing.assert_array_equal(after[cell_type][node],
-                                                  before[cell_type][node])
+                    np.testing.assert_array_equal(after[cell_type][node], before[cell_type][node])
                     assert decision.distances[cell_type][node] == 0.0
                 else:
                     moved = np.linalg.norm(after[cell_type][node] - before[cell_type][node])
                     # z is stored in float32.
-                    assert moved == pytest.approx(solver.moves[epoch][cell_type][node],
-                                                  rel=1e-4)
+                    assert moved == pytest.approx(solver.moves[epoch][cell_type][node], rel=1e-4)
             for node in decision.newly_frozen[cell_type]:
                 freeze_epochs[cell_type][node] = epoch
         network.train_step(batch)  # the next epoch's training
@@ -127,20 +136,22 @@ def test_nodes_freeze_at_the_scripted_epochs_and_keep_their_z(batch):
 
 def test_frozen_b_does_not_drift_and_the_right_bn_affines_train(batch):
     network = _network()
-    solver = ScriptedSolver({1: {"normal": [0.5, 0.0, 0.5, 0.5],
-                                 "reduce": [0.5, 0.5, 0.0, 0.5]}})
+    solver = ScriptedSolver({1: {"normal": [0.5, 0.0, 0.5, 0.5], "reduce": [0.5, 0.5, 0.0, 0.5]}})
     # Let Adam build momentum on every b first: a frozen b must not keep moving on it.
     for _ in range(3):
         network.train_step(batch)
     one_stage.stopping_step(network, TOLERANCE, max_params=10**9, recoveries=solver(network))
-    assert network.frozen_nodes == {"normal": (False, True, False, False),
-                                    "reduce": (False, False, True, False)}
+    assert network.frozen_nodes == {
+        "normal": (False, True, False, False),
+        "reduce": (False, False, True, False),
+    }
     normal_b, reduce_b = network.architectures["normal"].b, network.architectures["reduce"].b
     frozen_b = [normal_b[1], reduce_b[2]]
     searching_b = [b for b in normal_b + reduce_b if all(b is not f for f in frozen_b)]
     trainable = {id(v) for v in network.trainable_bn_affine_variables()}
-    assert trainable == (_candidate_bn_affine(network, "normal", 1)
-                         | _candidate_bn_affine(network, "reduce", 2))
+    assert trainable == (
+        _candidate_bn_affine(network, "normal", 1) | _candidate_bn_affine(network, "reduce", 2)
+    )
     assert not trainable & {id(v) for v in network.frozen_bn_affine_variables()}
 
     frozen_before = [b.numpy().copy() for b in frozen_b]
@@ -156,11 +167,13 @@ def test_frozen_b_does_not_drift_and_the_right_bn_affines_train(batch):
         network.train_step(batch)
     for b, before in zip(frozen_b, frozen_before):
         np.testing.assert_array_equal(b.numpy(), before)
-    assert all(not np.array_equal(b.numpy(), before)
-               for b, before in zip(searching_b, searching_before))
+    assert all(
+        not np.array_equal(b.numpy(), before) for b, before in zip(searching_b, searching_before)
+    )
     # The supported ops of the frozen node train their BN affines; node 0's stay frozen.
-    assert any(not np.array_equal(v.numpy(), before)
-               for v, before in zip(unfrozen_bn, unfrozen_bn_before))
+    assert any(
+        not np.array_equal(v.numpy(), before) for v, before in zip(unfrozen_bn, unfrozen_bn_before)
+    )
     for v, before in zip(frozen_bn, frozen_bn_before):
         np.testing.assert_array_equal(v.numpy(), before)
 
@@ -172,32 +185,38 @@ def test_rejection_keeps_the_last_z_but_the_freeze_decisions_stand():
     # Move normal node 3 onto two sep_conv_5x5 (the largest op), freeze normal node 0.
     solver = ScriptedSolver(
         {1: {"normal": [0.0, 0.5, 0.5, 0.5], "reduce": [0.5] * 4}},
-        supports={1: {"normal": {3: (4, 11)}}})
+        supports={1: {"normal": {3: (4, 11)}}},
+    )
     # First measure the candidate's size without applying it (a fresh network, same seed).
     probe = _network()
     probe_solver = ScriptedSolver(solver.moves, solver.supports)
-    probe_decision = one_stage.stopping_step(probe, TOLERANCE, max_params=10**9,
-                                             recoveries=probe_solver(probe))
+    probe_decision = one_stage.stopping_step(
+        probe, TOLERANCE, max_params=10**9, recoveries=probe_solver(probe)
+    )
     candidate_count = probe_decision.candidate_params
     assert candidate_count == probe.evaluation_parameter_count()
     assert probe.supports["normal"][3] == (4, 11)
 
-    decision = one_stage.stopping_step(network, TOLERANCE, max_params=candidate_count,
-                                       recoveries=solver(network))
+    decision = one_stage.stopping_step(
+        network, TOLERANCE, max_params=candidate_count, recoveries=solver(network)
+    )
     assert decision.rejected and decision.candidate_params == candidate_count
     assert network.supports == supports_before
     for cell_type in CELL_TYPES:
         np.testing.assert_array_equal(_z(network)[cell_type], before[cell_type])
     assert network.frozen_nodes["normal"] == (True, False, False, False)
     assert decision.newly_frozen == {"normal": [0], "reduce": []}
-    assert [tuple(pick) for pick in network.genotype(decision.candidate_supports).normal[6:]] == \
-        [("sep_conv_5x5", 0), ("sep_conv_5x5", 1)]
+    assert [tuple(pick) for pick in network.genotype(decision.candidate_supports).normal[6:]] == [
+        ("sep_conv_5x5", 0),
+        ("sep_conv_5x5", 1),
+    ]
 
     # One parameter more of headroom and the same candidate is accepted.
     accepted = _network()
     accepted_solver = ScriptedSolver(solver.moves, solver.supports)
-    decision = one_stage.stopping_step(accepted, TOLERANCE, max_params=candidate_count + 1,
-                                       recoveries=accepted_solver(accepted))
+    decision = one_stage.stopping_step(
+        accepted, TOLERANCE, max_params=candidate_count + 1, recoveries=accepted_solver(accepted)
+    )
     assert not decision.rejected and accepted.supports["normal"][3] == (4, 11)
 
 
@@ -206,43 +225,46 @@ def test_evaluation_parameter_count_equals_the_absorbed_network():
     rng = np.random.default_rng(4)
     for _ in range(3):
         for encoding in network.architectures.values():
-            support = np.stack([rng.choice(n, size=2, replace=False)
-                                for n in encoding.num_candidates]).astype(np.int32)
+            support = np.stack(
+                [rng.choice(n, size=2, replace=False) for n in encoding.num_candidates]
+            ).astype(np.int32)
             encoding.support.assign(support)
         network.sync_supports()
         absorbed = absorption.absorb(network, IMAGE_SIZE, auxiliary=False)
-        assert network.evaluation_parameter_count() == \
-            network_size.count_parameters(absorbed)
+        assert network.evaluation_parameter_count() == network_size.count_parameters(absorbed)
 
 
 def test_config_errors_name_the_flag():
     good = dict(model_dir="/tmp/unused", network=search_model.SearchNetworkConfig(**TINY))
     for field, value, flag in (
-            ("max_params", 0, "--max_params"),
-            ("search_epochs", 0, "--search_epochs"),
-            ("freeze_tolerance", -1.0, "--freeze_tolerance"),
-            ("drop_path_prob", 1.0, "--drop_path_prob"),
-            ("arch", config_lib.ArchitectureOptimizerConfig(learning_rate=0.0),
-             "--arch_learning_rate"),
-            ("loop", config_lib.LoopConfig(epochs=0), "--epochs")):
+        ("max_params", 0, "--max_params"),
+        ("search_epochs", 0, "--search_epochs"),
+        ("freeze_tolerance", -1.0, "--freeze_tolerance"),
+        ("drop_path_prob", 1.0, "--drop_path_prob"),
+        ("arch", config_lib.ArchitectureOptimizerConfig(learning_rate=0.0), "--arch_learning_rate"),
+        ("loop", config_lib.LoopConfig(epochs=0), "--epochs"),
+    ):
         with pytest.raises(ValueError, match=flag):
             config_lib.OneStageConfig(**good, **{field: value}).validate()
     with pytest.raises(ValueError, match="one_stage=True"):
-        config_lib.OneStageConfig(model_dir="/tmp/unused",
-                                  network=search_model.SearchNetworkConfig()).validate()
+        config_lib.OneStageConfig(
+            model_dir="/tmp/unused", network=search_model.SearchNetworkConfig()
+        ).validate()
 
 
 def test_recorded_settings_round_trip_and_keep_nested_names_apart():
     config = config_lib.OneStageConfig(
-        model_dir="/tmp/x", network=search_model.SearchNetworkConfig(**TINY),
+        model_dir="/tmp/x",
+        network=search_model.SearchNetworkConfig(**TINY),
         data=data.DataConfig(seed=5, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)),
-        loop=config_lib.LoopConfig(seed=7, deterministic=True), max_params=1234,
-        search_epochs=7)
+        loop=config_lib.LoopConfig(seed=7, deterministic=True),
+        max_params=1234,
+        search_epochs=7,
+    )
     settings = config_lib.recorded_settings(config)
     assert settings["kind"] == "one_stage"
     assert (settings["loop"]["seed"], settings["data"]["seed"]) == (7, 5)
-    assert (settings["loop"]["deterministic"], settings["data"]["deterministic"]) == \
-        (True, False)
+    assert (settings["loop"]["deterministic"], settings["data"]["deterministic"]) == (True, False)
     assert "verbose" not in settings["loop"] and "model_dir" not in settings
     restored = config_lib.from_recorded_settings("/tmp/x", settings)
     assert restored == config
@@ -257,15 +279,21 @@ def _tiny_flags(folder, model_dir, **overrides):
     """The CPU config, smaller: 16 images per class, C = 4, 3 cells, 2 + 2 epochs."""
     flags = {
         "flagfile": str(REPO / "train/configs/cifar10_one_stage_cpu.cfg"),
-        "dataset": f"folder:{folder}", "model_dir": str(model_dir),
-        "max_examples_per_class": 16, "init_channels": 4, "layers": 3, "batch_size": 16,
-        "search_epochs": SEARCH_EPOCHS, "epochs": TRAIN_EPOCHS, "eval_steps": 2,
-        "deterministic": True, "seed": 3, "progress": False,
+        "dataset": f"folder:{folder}",
+        "model_dir": str(model_dir),
+        "max_examples_per_class": 16,
+        "init_channels": 4,
+        "layers": 3,
+        "batch_size": 16,
+        "search_epochs": SEARCH_EPOCHS,
+        "epochs": TRAIN_EPOCHS,
+        "eval_steps": 2,
+        "deterministic": True,
+        "seed": 3,
+        "progress": False,
     }
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
-
-
 
 
 def _rows(model_dir):
@@ -273,9 +301,17 @@ def _rows(model_dir):
 
 
 def _final_state(model_dir):
-    return checkpoint_state(model_dir, (
-        "normal_code.Sb_0", "normal_frozen", "one_stage_node_stop_epoch", "drop_path_rate",
-        "moving_mean", "arch_optimizer"))
+    return checkpoint_state(
+        model_dir,
+        (
+            "normal_code.Sb_0",
+            "normal_frozen",
+            "one_stage_node_stop_epoch",
+            "drop_path_rate",
+            "moving_mean",
+            "arch_optimizer",
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -296,20 +332,29 @@ def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
     # Every node has a stop epoch within the search; the cap's stops are listed.
     stops = summary["node_stop_epochs"]
     assert all(1 <= e <= SEARCH_EPOCHS for t in ("normal", "reduce") for e in stops[t])
-    assert json.loads((model_dir / "search_summary.json").read_text())[
-        "node_stop_epochs"] == stops
+    assert json.loads((model_dir / "search_summary.json").read_text())["node_stop_epochs"] == stops
     assert rows[SEARCH_EPOCHS - 1]["search_ended"]
-    for name in ("genotype.json", "cells.png", "dataset.json", "final_metrics.json",
-                 "flags.txt", "run_config.json"):
+    for name in (
+        "genotype.json",
+        "cells.png",
+        "dataset.json",
+        "final_metrics.json",
+        "flags.txt",
+        "run_config.json",
+    ):
         assert (model_dir / name).exists(), name
     assert list((model_dir / "tensorboard").iterdir())
     assert summary["export"] == str(model_dir / "export" / "istanas" / "1")
     assert summary["test_examples"] == 160
 
     # The SavedModel (and the run directory) evaluate to the accuracy the run reported.
-    assert_evaluations_match(summary, model_dir, [f"--dataset=folder:{cifar10_folder}",
-                                                  "--max_examples_per_class=16"],
-                             examples=160, tolerance=1e-9)
+    assert_evaluations_match(
+        summary,
+        model_dir,
+        [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=16"],
+        examples=160,
+        tolerance=1e-9,
+    )
 
 
 def test_rerun_of_a_finished_run_changes_nothing(finished_run, cifar10_folder):
@@ -324,8 +369,12 @@ def test_rerun_of_a_finished_run_changes_nothing(finished_run, cifar10_folder):
 
 def _kill_after_checkpoint(args, model_dir, checkpoint):
     """Starts the run and SIGKILLs it once ``ckpt-<checkpoint>`` exists (next epoch)."""
-    process = subprocess.Popen([sys.executable, MAIN, *args], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, MAIN, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = model_dir / "checkpoints" / f"ckpt-{checkpoint}.index"
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -338,7 +387,8 @@ def _kill_after_checkpoint(args, model_dir, checkpoint):
 
 
 def test_resume_after_kills_on_both_sides_of_the_search_training_boundary(
-        finished_run, cifar10_folder, tmp_path):
+    finished_run, cifar10_folder, tmp_path
+):
     reference_dir, reference = finished_run
     model_dir = tmp_path / "killed"
     args = _tiny_flags(cifar10_folder, model_dir)
@@ -364,14 +414,15 @@ def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
     args = ["--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}"]
     result = run_main(args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert last_json(result) == {"export": str(export_dir / "istanas" / "1"),
-                                  "params": summary["params"]}
+    assert last_json(result) == {
+        "export": str(export_dir / "istanas" / "1"),
+        "params": summary["params"],
+    }
     result = run_main(args + ["--version=1"])
     assert result.returncode == 2
     assert "already exists" in result.stderr and "--overwrite" in result.stderr
     assert "Traceback" not in result.stderr
-    exported = restore.export_run(str(model_dir), str(export_dir), version=1,
-                                  overwrite=True)
+    exported = restore.export_run(str(model_dir), str(export_dir), version=1, overwrite=True)
     assert exported["export"] == str(export_dir / "istanas" / "1")
 
     # The exported logits equal the absorbed network's, and bad images fail clearly.
@@ -379,8 +430,9 @@ def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
     images = tf.random.uniform([3, 32, 32, 3], 0, 255, seed=1)
     network, info = restore.restore_network(str(model_dir))
     expected = network(data.normalize(images / 255.0, info.mean, info.std), training=False)
-    np.testing.assert_allclose(serve(images=images)["logits"].numpy(), expected.numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        serve(images=images)["logits"].numpy(), expected.numpy(), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N, 32, 32, 3\]"):
         serve(images=tf.zeros([1, 16, 16, 3]))
     with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
@@ -391,8 +443,9 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
     # A two-stage search directory: a genotype, not a trained network.
     two_stage = tmp_path / "two_stage"
     two_stage.mkdir()
-    (two_stage / "run_config.json").write_text(json.dumps(
-        {"kind": "two_stage", "network": {"method": "ista"}, "loop": {"epochs": 50}}))
+    (two_stage / "run_config.json").write_text(
+        json.dumps({"kind": "two_stage", "network": {"method": "ista"}, "loop": {"epochs": 50}})
+    )
     result = run_main(["--mode=export", f"--model_dir={two_stage}"])
     assert result.returncode == 2
     assert "two-stage search" in result.stderr and "--mode=train" in result.stderr
@@ -404,9 +457,9 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
         model_dir=str(tmp_path / "searching"),
         network=search_model.SearchNetworkConfig(**{**TINY, "num_classes": 10}),
         data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=4),
-        loop=config_lib.LoopConfig(batch_size=8, steps_per_epoch=1, eval_steps=0,
-                                   verbose=False),
-        freeze_tolerance=0.0)
+        loop=config_lib.LoopConfig(batch_size=8, steps_per_epoch=1, eval_steps=0, verbose=False),
+        freeze_tolerance=0.0,
+    )
     run = one_stage.OneStageRun(config)
     run.search_epoch(0, 1)
     result = run_main(["--mode=export", f"--model_dir={config.model_dir}"])
@@ -418,11 +471,23 @@ def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_fold
     config = config_lib.OneStageConfig(
         model_dir=str(tmp_path / "mixed"),
         network=search_model.SearchNetworkConfig(**TINY),
-        data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=8,
-                             cutout_length=16, deterministic=True),
-        loop=config_lib.LoopConfig(epochs=1, batch_size=8, steps_per_epoch=8, eval_steps=0,
-                                   mixed_precision="float16", verbose=False),
-        search_epochs=1, freeze_tolerance=0.0)
+        data=data.DataConfig(
+            dataset=f"folder:{cifar10_folder}",
+            max_examples_per_class=8,
+            cutout_length=16,
+            deterministic=True,
+        ),
+        loop=config_lib.LoopConfig(
+            epochs=1,
+            batch_size=8,
+            steps_per_epoch=8,
+            eval_steps=0,
+            mixed_precision="float16",
+            verbose=False,
+        ),
+        search_epochs=1,
+        freeze_tolerance=0.0,
+    )
     run = one_stage.OneStageRun(config)
     assert run.model.cells[0].preprocess1.conv.conv.compute_dtype == "float16"
     b_before = [v.numpy().copy() for v in run.model.architecture_variables]
@@ -433,10 +498,12 @@ def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_fold
     run.search_epoch(0, 8)
     row = run.state.metrics_log.read()[-1]
     assert np.isfinite(row["loss"])
-    assert all(not np.array_equal(v.numpy(), b) for v, b in
-               zip(run.model.architecture_variables, b_before))
-    assert np.mean([not np.array_equal(v.numpy(), w)
-                    for v, w in zip(weights, weights_before)]) > 0.9
+    assert all(
+        not np.array_equal(v.numpy(), b) for v, b in zip(run.model.architecture_variables, b_before)
+    )
+    assert (
+        np.mean([not np.array_equal(v.numpy(), w) for v, w in zip(weights, weights_before)]) > 0.9
+    )
     assert row["forced_stops"] == {"normal": [0, 1, 2, 3], "reduce": [0, 1, 2, 3]}
     result = run.run()  # the training epoch, absorption (float32), export
     assert np.isfinite(result["test_top1"])
@@ -444,11 +511,14 @@ def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_fold
     assert serve(images=tf.zeros([1, 32, 32, 3]))["logits"].dtype == tf.float32
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("max_params", 0, "--max_params must be >= 1"),
-    ("search_epochs", 0, "--search_epochs must be >= 1"),
-    ("freeze_tolerance", -1, "--freeze_tolerance must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("max_params", 0, "--max_params must be >= 1"),
+        ("search_epochs", 0, "--search_epochs must be >= 1"),
+        ("freeze_tolerance", -1, "--freeze_tolerance must be >= 0"),
+    ],
+)
 def test_bad_one_stage_flags_name_the_flag(tmp_path, cifar10_folder, flag, value, message):
     result = run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}))
     assert result.returncode == 2 and message in result.stderr
@@ -458,9 +528,15 @@ def test_bad_one_stage_flags_name_the_flag(tmp_path, cifar10_folder, flag, value
 def test_cpu_config_runs_to_completion_and_exports(cifar10_folder, tmp_path):
     """The shipped CPU config as a user runs it (about 5 minutes here)."""
     model_dir = tmp_path / "one_stage_cpu"
-    result = run_main(["--flagfile=train/configs/cifar10_one_stage_cpu.cfg",
-                        f"--dataset=folder:{cifar10_folder}", f"--model_dir={model_dir}",
-                        "--progress=false"], timeout=3000)
+    result = run_main(
+        [
+            "--flagfile=train/configs/cifar10_one_stage_cpu.cfg",
+            f"--dataset=folder:{cifar10_folder}",
+            f"--model_dir={model_dir}",
+            "--progress=false",
+        ],
+        timeout=3000,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result)
     rows = _rows(model_dir)

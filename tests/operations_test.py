@@ -33,19 +33,28 @@ def reference_conv(x, kernel, stride, dilation, depthwise):
     return out
 
 
-@pytest.mark.parametrize("kernel_size,stride,dilation,depthwise,size", [
-    (3, 1, 1, False, 6), (3, 2, 1, False, 6), (3, 2, 1, False, 7), (5, 2, 1, True, 8),
-    (3, 2, 2, True, 8), (5, 2, 2, True, 7), (3, 1, 2, True, 7), (5, 1, 2, True, 6),
-])
-def test_symmetric_conv_matches_pytorch_padding(kernel_size, stride, dilation, depthwise,
-                                                size):
+@pytest.mark.parametrize(
+    "kernel_size,stride,dilation,depthwise,size",
+    [
+        (3, 1, 1, False, 6),
+        (3, 2, 1, False, 6),
+        (3, 2, 1, False, 7),
+        (5, 2, 1, True, 8),
+        (3, 2, 2, True, 8),
+        (5, 2, 2, True, 7),
+        (3, 1, 2, True, 7),
+        (5, 1, 2, True, 6),
+    ],
+)
+def test_symmetric_conv_matches_pytorch_padding(kernel_size, stride, dilation, depthwise, size):
     rng = np.random.default_rng(0)
     x = rng.normal(size=[1, size, size, 3]).astype(np.float32)
     layer = blocks.SymmetricConv(4, kernel_size, stride, dilation, depthwise=depthwise)
     y = layer(x).numpy()[0]
     kernel = layer.conv.weights[0].numpy()
-    expected = reference_conv(x[0].astype(np.float64), kernel.astype(np.float64), stride,
-                              dilation, depthwise)
+    expected = reference_conv(
+        x[0].astype(np.float64), kernel.astype(np.float64), stride, dilation, depthwise
+    )
     assert y.shape == expected.shape
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -119,23 +128,26 @@ def test_batch_norm_uses_pytorch_eps_and_momentum():
 C = 8
 
 
-@pytest.mark.parametrize("name,stride,options,expected", [
-    # sep_conv kxk: 2 * (depthwise k*k*C + pointwise C*C + BN 2*C).
-    ("sep_conv_3x3", 1, ops.OpOptions(), 2 * (9 * C + C * C + 2 * C)),
-    ("sep_conv_5x5", 2, ops.OpOptions(), 2 * (25 * C + C * C + 2 * C)),
-    # dil_conv kxk: depthwise k*k*C + pointwise C*C + BN 2*C.
-    ("dil_conv_3x3", 1, ops.OpOptions(), 9 * C + C * C + 2 * C),
-    ("dil_conv_5x5", 2, ops.OpOptions(), 25 * C + C * C + 2 * C),
-    # skip at stride 2 = FactorizedReduce: two 1x1 convs C -> C/2, BN 2*C.
-    ("skip_connect", 2, ops.OpOptions(), 2 * C * (C // 2) + 2 * C),
-    ("skip_connect", 1, ops.OpOptions(), 0),
-    ("skip_connect", 1, ops.OpOptions(bn_after_identity=True), 2 * C),
-    ("max_pool_3x3", 2, ops.OpOptions(), 0),
-    ("avg_pool_3x3", 1, ops.OpOptions(bn_after_pool=True), 2 * C),
-    # Affine-free BN (two-stage super-net): only the conv kernels remain.
-    ("sep_conv_3x3", 1, ops.OpOptions(affine=False), 2 * (9 * C + C * C)),
-    ("max_pool_3x3", 1, ops.OpOptions(affine=False, bn_after_pool=True), 0),
-])
+@pytest.mark.parametrize(
+    "name,stride,options,expected",
+    [
+        # sep_conv kxk: 2 * (depthwise k*k*C + pointwise C*C + BN 2*C).
+        ("sep_conv_3x3", 1, ops.OpOptions(), 2 * (9 * C + C * C + 2 * C)),
+        ("sep_conv_5x5", 2, ops.OpOptions(), 2 * (25 * C + C * C + 2 * C)),
+        # dil_conv kxk: depthwise k*k*C + pointwise C*C + BN 2*C.
+        ("dil_conv_3x3", 1, ops.OpOptions(), 9 * C + C * C + 2 * C),
+        ("dil_conv_5x5", 2, ops.OpOptions(), 25 * C + C * C + 2 * C),
+        # skip at stride 2 = FactorizedReduce: two 1x1 convs C -> C/2, BN 2*C.
+        ("skip_connect", 2, ops.OpOptions(), 2 * C * (C // 2) + 2 * C),
+        ("skip_connect", 1, ops.OpOptions(), 0),
+        ("skip_connect", 1, ops.OpOptions(bn_after_identity=True), 2 * C),
+        ("max_pool_3x3", 2, ops.OpOptions(), 0),
+        ("avg_pool_3x3", 1, ops.OpOptions(bn_after_pool=True), 2 * C),
+        # Affine-free BN (two-stage super-net): only the conv kernels remain.
+        ("sep_conv_3x3", 1, ops.OpOptions(affine=False), 2 * (9 * C + C * C)),
+        ("max_pool_3x3", 1, ops.OpOptions(affine=False, bn_after_pool=True), 0),
+    ],
+)
 def test_op_parameter_counts(name, stride, options, expected):
     layer = ops.make_op(name, C, stride, options)
     y = layer(tf.zeros([2, 8, 8, C]), training=True)
@@ -155,7 +167,7 @@ ALL_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("layer", ALL_LAYERS, ids=lambda l: type(l).__name__)
+@pytest.mark.parametrize("layer", ALL_LAYERS, ids=lambda layer: type(layer).__name__)
 def test_config_round_trip(layer):
     config = layer.get_config()
     clone = type(layer).from_config(config)
@@ -205,6 +217,7 @@ def test_strided_pools_match_pytorch_reference(kind, size):
             rows = slice(max(2 * i - 1, 0), min(2 * i + 2, size))
             cols = slice(max(2 * j - 1, 0), min(2 * j + 2, size))
             window = x[:, rows, cols, :]
-            expected[:, i, j] = window.max(axis=(1, 2)) if kind == "max" \
-                else window.mean(axis=(1, 2))
+            expected[:, i, j] = (
+                window.max(axis=(1, 2)) if kind == "max" else window.mean(axis=(1, 2))
+            )
     np.testing.assert_allclose(ops.Pool(kind, stride=2)(x), expected, rtol=1e-5, atol=1e-6)

@@ -35,8 +35,7 @@ def test_sgd_matches_pytorch_rule_with_changing_lr_and_clipping():
     grads = [rng.normal(scale=4.0, size=[5]) for _ in range(6)]
     lrs = [0.1, 0.08, 0.05, 0.03, 0.01, 0.001]
     variable = tf.Variable(w0)
-    opt = optimizers.TorchSGD(learning_rate=lrs[0], momentum=0.9, l2=3e-4,
-                              clip_global_norm=5.0)
+    opt = optimizers.TorchSGD(learning_rate=lrs[0], momentum=0.9, l2=3e-4, clip_global_norm=5.0)
     opt.build([variable])
     for g, lr in zip(grads, lrs):
         opt.learning_rate = lr

@@ -1,4 +1,5 @@
-"""Retraining a genotype (training/retrain.py): CPU config end to end, export accuracy, mixed precision, ImageNet."""
+"""Retraining a genotype (training/retrain.py): the CPU config end to end, export
+accuracy, mixed precision, ImageNet."""
 
 import dataclasses
 import json
@@ -18,10 +19,19 @@ from istanas_tf.training import retrain, two_stage
 
 def _tiny_flags(folder, model_dir):
     """The retraining CPU config, smaller: 60 images per class, C = 4, 3 cells, 3 epochs."""
-    return [f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
-            f"--dataset=folder:{folder}", f"--model_dir={model_dir}",
-            "--max_examples_per_class=60", "--init_channels=4", "--layers=3", "--epochs=3",
-            "--batch_size=32", "--eval_steps=2", "--progress=false", "--deterministic"]
+    return [
+        f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
+        f"--dataset=folder:{folder}",
+        f"--model_dir={model_dir}",
+        "--max_examples_per_class=60",
+        "--init_channels=4",
+        "--layers=3",
+        "--epochs=3",
+        "--batch_size=32",
+        "--eval_steps=2",
+        "--progress=false",
+        "--deterministic",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +42,7 @@ def trained_run(cifar10_folder, tmp_path_factory):
 
 def test_cpu_config_trains_exports_and_reports_top1_top5(trained_run):
     model_dir, summary = trained_run
-    rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["loss"] < rows[0]["loss"]  # loss falls
     assert rows[0]["drop_path_rate"] == 0.0 and 0 < rows[-1]["drop_path_rate"] < 0.2
@@ -45,8 +55,12 @@ def test_cpu_config_trains_exports_and_reports_top1_top5(trained_run):
 def test_export_and_checkpoint_evaluate_to_the_reported_accuracy(trained_run, cifar10_folder):
     model_dir, summary = trained_run
     for evaluation in assert_evaluations_match(
-            summary, model_dir, [f"--dataset=folder:{cifar10_folder}",
-                                 "--max_examples_per_class=60"], examples=600, tolerance=1e-6):
+        summary,
+        model_dir,
+        [f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=60"],
+        examples=600,
+        tolerance=1e-6,
+    ):
         assert set(evaluation["per_class_accuracy"]) >= {"airplane", "truck"}
 
 
@@ -63,9 +77,15 @@ def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_pa
     # dataset.json holds what the export needs: the dataset is not opened.
     recorded = json.loads((model_dir / "dataset.json").read_text())
     assert recorded["image_size"] == [32, 32] and len(recorded["class_names"]) == 10
-    result = run_main(["--mode=export", f"--model_dir={model_dir}",
-                        f"--export_dir={tmp_path}", "--model_name=served",
-                        "--dataset=folder:/nonexistent"])
+    result = run_main(
+        [
+            "--mode=export",
+            f"--model_dir={model_dir}",
+            f"--export_dir={tmp_path}",
+            "--model_name=served",
+            "--dataset=folder:/nonexistent",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     exported = last_json(result)
     assert exported["export"] == str(tmp_path / "served" / "1")
@@ -73,16 +93,32 @@ def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_pa
     original = tf.saved_model.load(summary["export"]).signatures["serving_default"]
     again = tf.saved_model.load(exported["export"]).signatures["serving_default"]
     images = tf.random.uniform([2, 32, 32, 3], 0, 255, seed=2)
-    np.testing.assert_allclose(again(images=images)["logits"].numpy(),
-                               original(images=images)["logits"].numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        again(images=images)["logits"].numpy(),
+        original(images=images)["logits"].numpy(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
-    result = run_main(["--mode=eval", f"--model_dir={tmp_path}",
-                        f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
+    result = run_main(
+        [
+            "--mode=eval",
+            f"--model_dir={tmp_path}",
+            f"--dataset=folder:{cifar10_folder}",
+            "--max_examples_per_class=2",
+        ]
+    )
     assert result.returncode == 2 and "holds no checkpoint" in result.stderr
-    result = run_main(["--mode=eval", f"--saved_model={tmp_path}",
-                        f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
+    result = run_main(
+        [
+            "--mode=eval",
+            f"--saved_model={tmp_path}",
+            f"--dataset=folder:{cifar10_folder}",
+            "--max_examples_per_class=2",
+        ]
+    )
     assert result.returncode == 2 and "holds no SavedModel" in result.stderr
     # A 3-class dataset against a 10-class checkpoint.
     folder = tmp_path / "three"
@@ -90,7 +126,8 @@ def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
         for name in ("a", "b", "c"):
             (folder / split / name).mkdir(parents=True)
             Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(
-                folder / split / name / "0.png")
+                folder / split / name / "0.png"
+            )
     model_dir, _ = trained_run
     result = run_main(["--mode=eval", f"--model_dir={model_dir}", f"--dataset=folder:{folder}"])
     assert result.returncode == 2
@@ -100,8 +137,15 @@ def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
 def test_unparseable_genotype_file_names_the_field(tmp_path, cifar10_folder):
     path = tmp_path / "g.json"
     path.write_text(json.dumps({"normal": [["sep_conv_3x3", 0]] * 8, "reduce": [["nope", 0]] * 8}))
-    result = run_main(["--mode=train", f"--genotype={path}", f"--model_dir={tmp_path / 'r'}",
-                        f"--dataset=folder:{cifar10_folder}", "--max_examples_per_class=2"])
+    result = run_main(
+        [
+            "--mode=train",
+            f"--genotype={path}",
+            f"--model_dir={tmp_path / 'r'}",
+            f"--dataset=folder:{cifar10_folder}",
+            "--max_examples_per_class=2",
+        ]
+    )
     assert result.returncode == 2
     assert "reduce[0] (node 0): unknown op 'nope'" in result.stderr
 
@@ -111,13 +155,25 @@ def _changed(before, variables):
 
 
 def test_mixed_float16_every_optimizer_changes_its_variables(cifar10_folder, tmp_path):
-    folder_data = data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=8,
-                                  deterministic=True)
-    loop = config_lib.LoopConfig(epochs=1, batch_size=8, steps_per_epoch=3, eval_steps=0,
-                                 mixed_precision="float16", verbose=False)
-    run = two_stage.TwoStageRun(config_lib.TwoStageConfig(
-        model_dir=str(tmp_path / "search"), data=folder_data, loop=loop,
-        network=search_model.SearchNetworkConfig(channels=4, layers=3)))
+    folder_data = data.DataConfig(
+        dataset=f"folder:{cifar10_folder}", max_examples_per_class=8, deterministic=True
+    )
+    loop = config_lib.LoopConfig(
+        epochs=1,
+        batch_size=8,
+        steps_per_epoch=3,
+        eval_steps=0,
+        mixed_precision="float16",
+        verbose=False,
+    )
+    run = two_stage.TwoStageRun(
+        config_lib.TwoStageConfig(
+            model_dir=str(tmp_path / "search"),
+            data=folder_data,
+            loop=loop,
+            network=search_model.SearchNetworkConfig(channels=4, layers=3),
+        )
+    )
     assert run.model.cells[0].preprocess1.conv.conv.compute_dtype == "float16"
     arch_before = [v.numpy() for v in run.model.architecture_variables]
     weights = run.model.active_weight_variables()
@@ -127,9 +183,15 @@ def test_mixed_float16_every_optimizer_changes_its_variables(cifar10_folder, tmp
     assert all(_changed(arch_before, run.model.architecture_variables))
     assert np.mean(_changed(weights_before, weights)) > 0.9
 
-    train = retrain.TrainRun(config_lib.TrainConfig(
-        model_dir=str(tmp_path / "train"), data=folder_data, channels=4, layers=3,
-        loop=dataclasses.replace(loop, eval_steps=1)))
+    train = retrain.TrainRun(
+        config_lib.TrainConfig(
+            model_dir=str(tmp_path / "train"),
+            data=folder_data,
+            channels=4,
+            layers=3,
+            loop=dataclasses.replace(loop, eval_steps=1),
+        )
+    )
     variables = train.model.trainable_variables
     before = [v.numpy() for v in variables]
     for epoch in range(1):
@@ -152,11 +214,23 @@ def _image_folder(root, size, classes=3, per_class=4):
 
 def _imagenet_config(tmp_path, dataset, **data_kwargs):
     return config_lib.TrainConfig(
-        model_dir=str(tmp_path / "run"), genotype="ISTA_ImageNet",
-        data=data.DataConfig(dataset=dataset, **data_kwargs), channels=8, layers=3,
-        loop=config_lib.LoopConfig(epochs=1, batch_size=4, steps_per_epoch=2, eval_steps=1,
-                                   learning_rate=0.1, verbose=False),
-        lr_schedule="warmup_linear", label_smoothing=0.1, drop_path_prob=0.0)
+        model_dir=str(tmp_path / "run"),
+        genotype="ISTA_ImageNet",
+        data=data.DataConfig(dataset=dataset, **data_kwargs),
+        channels=8,
+        layers=3,
+        loop=config_lib.LoopConfig(
+            epochs=1,
+            batch_size=4,
+            steps_per_epoch=2,
+            eval_steps=1,
+            learning_rate=0.1,
+            verbose=False,
+        ),
+        lr_schedule="warmup_linear",
+        label_smoothing=0.1,
+        drop_path_prob=0.0,
+    )
 
 
 def test_imagenet_path_on_a_224_folder_end_to_end(tmp_path):
@@ -178,9 +252,11 @@ def test_imagenet_path_on_tfds_mock_data(tmp_path):
 
 def test_warmup_then_linear_decay_schedule():
     config = config_lib.TrainConfig(
-        model_dir="unused", loop=config_lib.LoopConfig(epochs=250, learning_rate=0.5,
-                                                       learning_rate_min=0.0),
-        lr_schedule="warmup_linear", warmup_epochs=5)
+        model_dir="unused",
+        loop=config_lib.LoopConfig(epochs=250, learning_rate=0.5, learning_rate_min=0.0),
+        lr_schedule="warmup_linear",
+        warmup_epochs=5,
+    )
     lrs = [retrain.learning_rate_at(config, e) for e in range(250)]
     assert lrs[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert lrs[5] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 / 245)

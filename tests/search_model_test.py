@@ -17,8 +17,10 @@ def _network(**overrides):
 
 
 def _compile(network):
-    network.compile(optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
-                    optimizers.TorchAdam(6e-4, beta_1=0.5, l2=1e-3))
+    network.compile(
+        optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
+        optimizers.TorchAdam(6e-4, beta_1=0.5, l2=1e-3),
+    )
 
 
 def test_every_candidate_op_has_weights_but_only_the_support_gets_gradients():
@@ -48,18 +50,24 @@ def test_train_step_updates_b_and_supported_weights_only():
     b_before = [v.numpy().copy() for v in network.architecture_variables]
     all_before = {id(v): v.numpy().copy() for v in network.weight_variables}
     active = {id(v) for v in network.active_weight_variables()}
-    batch = ((tf.random.normal([4, 8, 8, 3], seed=4), tf.constant([0, 1, 2, 3])),
-             (tf.random.normal([4, 8, 8, 3], seed=5), tf.constant([4, 5, 6, 7])))
+    batch = (
+        (tf.random.normal([4, 8, 8, 3], seed=4), tf.constant([0, 1, 2, 3])),
+        (tf.random.normal([4, 8, 8, 3], seed=5), tf.constant([4, 5, 6, 7])),
+    )
     logs = network.train_step(batch)
     assert np.isfinite(float(logs["loss"])) and np.isfinite(float(logs["arch_loss"]))
-    assert any(not np.array_equal(v.numpy(), b) for v, b in
-               zip(network.architecture_variables, b_before))
+    assert any(
+        not np.array_equal(v.numpy(), b) for v, b in zip(network.architecture_variables, b_before)
+    )
     for v in network.weight_variables:
         changed = not np.array_equal(v.numpy(), all_before[id(v)])
         if id(v) not in active:
             assert not changed, v.path
-    assert any(not np.array_equal(v.numpy(), all_before[id(v)])
-               for v in network.weight_variables if id(v) in active)
+    assert any(
+        not np.array_equal(v.numpy(), all_before[id(v)])
+        for v in network.weight_variables
+        if id(v) in active
+    )
 
 
 def test_recover_changes_support_when_b_moves_and_genotype_has_two_picks_per_node():

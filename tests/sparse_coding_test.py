@@ -21,8 +21,9 @@ def test_alpha_equals_z_when_b_is_in_the_support_span():
     np.testing.assert_allclose(alpha, z_S, rtol=1e-14)
     # Off the span, alpha is the ISTA step z - A_S^T (A_S z - b).
     b = rng.standard_normal(7)
-    np.testing.assert_allclose(sc.alpha_from_b(A_S, z_S, b).numpy(),
-                               z_S - A_S.T @ (A_S @ z_S - b), rtol=1e-13)
+    np.testing.assert_allclose(
+        sc.alpha_from_b(A_S, z_S, b).numpy(), z_S - A_S.T @ (A_S @ z_S - b), rtol=1e-13
+    )
 
 
 def test_genotype_of_a_hand_made_z():
@@ -47,14 +48,29 @@ def test_genotype_of_a_hand_made_z():
     ]
     genotype = sc.genotype_from_supports(_supports(normal), _supports(reduce))
     expected = genotypes.Genotype(
-        normal=(("dil_conv_3x3", 1), ("sep_conv_3x3", 0), ("dil_conv_5x5", 2),
-                ("max_pool_3x3", 0), ("sep_conv_5x5", 1), ("skip_connect", 3),
-                ("avg_pool_3x3", 4), ("sep_conv_3x3", 4)),
+        normal=(
+            ("dil_conv_3x3", 1),
+            ("sep_conv_3x3", 0),
+            ("dil_conv_5x5", 2),
+            ("max_pool_3x3", 0),
+            ("sep_conv_5x5", 1),
+            ("skip_connect", 3),
+            ("avg_pool_3x3", 4),
+            ("sep_conv_3x3", 4),
+        ),
         normal_concat=(2, 3, 4, 5),
-        reduce=(("max_pool_3x3", 0), ("avg_pool_3x3", 0), ("max_pool_3x3", 1),
-                ("skip_connect", 2), ("sep_conv_5x5", 0), ("dil_conv_5x5", 3),
-                ("sep_conv_3x3", 1), ("skip_connect", 4)),
-        reduce_concat=(2, 3, 4, 5))
+        reduce=(
+            ("max_pool_3x3", 0),
+            ("avg_pool_3x3", 0),
+            ("max_pool_3x3", 1),
+            ("skip_connect", 2),
+            ("sep_conv_5x5", 0),
+            ("dil_conv_5x5", 3),
+            ("sep_conv_3x3", 1),
+            ("skip_connect", 4),
+        ),
+        reduce_concat=(2, 3, 4, 5),
+    )
     assert genotype == expected
 
 

@@ -22,22 +22,36 @@ EPOCHS = 3
 def _tiny_flags(folder, model_dir, **overrides):
     flags = {
         "flagfile": str(REPO / "train/configs/cifar10_two_stage_cpu.cfg"),
-        "dataset": f"folder:{folder}", "model_dir": str(model_dir),
-        "max_examples_per_class": 48, "init_channels": 4, "layers": 3, "batch_size": 16,
-        "epochs": EPOCHS, "eval_steps": 2, "learning_rate": 0.05, "deterministic": True,
-        "seed": 3, "progress": False,
+        "dataset": f"folder:{folder}",
+        "model_dir": str(model_dir),
+        "max_examples_per_class": 48,
+        "init_channels": 4,
+        "layers": 3,
+        "batch_size": 16,
+        "epochs": EPOCHS,
+        "eval_steps": 2,
+        "learning_rate": 0.05,
+        "deterministic": True,
+        "seed": 3,
+        "progress": False,
     }
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
-
 def _final_state(model_dir):
     """Every saved variable of the final checkpoint: the architecture state and the
     weights of every cell must be in there."""
-    return checkpoint_state(model_dir, ("normal_code.Sb_0", "reduce_code.Sz",
-                                        "normal_code.Ssupport", "cell1.Spreprocess0",
-                                        "moving_mean"))
+    return checkpoint_state(
+        model_dir,
+        (
+            "normal_code.Sb_0",
+            "reduce_code.Sz",
+            "normal_code.Ssupport",
+            "cell1.Spreprocess0",
+            "moving_mean",
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +65,17 @@ def test_search_writes_every_artifact(finished_run):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
-    for key in ("loss", "arch_loss", "accuracy", "val_accuracy", "lr", "step_time_s",
-                "recovery_time_s", "z_distance", "genotype"):
+    for key in (
+        "loss",
+        "arch_loss",
+        "accuracy",
+        "val_accuracy",
+        "lr",
+        "step_time_s",
+        "recovery_time_s",
+        "z_distance",
+        "genotype",
+    ):
         assert key in rows[-1]
     assert rows[0]["lr"] > rows[-1]["lr"]  # cosine schedule
     genotype = genotypes.load_json(model_dir / "genotype.json")
@@ -66,10 +89,19 @@ def test_search_writes_every_artifact(finished_run):
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-3")
     events = list((model_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events
-    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
-            for v in e.summary.value}
-    assert {"loss", "accuracy", "val_accuracy", "lr", "recovery_time_s", "genotype",
-            "genotype/cells", "abs_z/normal"} <= tags
+    tags = {
+        v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value
+    }
+    assert {
+        "loss",
+        "accuracy",
+        "val_accuracy",
+        "lr",
+        "recovery_time_s",
+        "genotype",
+        "genotype/cells",
+        "abs_z/normal",
+    } <= tags
     # The summary line per epoch is on the log (stderr through absl).
     assert result.stderr.count("epoch ") >= 3
 
@@ -90,13 +122,18 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(finished_run, cifar10_
     assert (model_dir / "metrics.jsonl").read_text() == before
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(finished_run, cifar10_folder,
-                                                                 tmp_path):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
+    finished_run, cifar10_folder, tmp_path
+):
     reference_dir, _ = finished_run
     model_dir = tmp_path / "killed"
     args = _tiny_flags(cifar10_folder, model_dir)
-    process = subprocess.Popen([sys.executable, MAIN, *args], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, MAIN, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first_checkpoint = model_dir / "checkpoints" / "ckpt-1.index"
     deadline = time.time() + 300
     while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
@@ -105,19 +142,20 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(finished_run, c
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
-    done = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    done = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(done) < EPOCHS
 
     result = run_main(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed" in result.stderr
-    assert genotypes.load_json(model_dir / "genotype.json") == \
-        genotypes.load_json(reference_dir / "genotype.json")
+    assert genotypes.load_json(model_dir / "genotype.json") == genotypes.load_json(
+        reference_dir / "genotype.json"
+    )
     resumed, reference = _final_state(model_dir), _final_state(reference_dir)
     assert resumed.keys() == reference.keys()
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
-    rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
 
 
@@ -129,17 +167,20 @@ def test_model_dir_of_another_run_is_refused_naming_the_flags(finished_run, cifa
     assert "--sparseness: recorded 2, now 3" in result.stderr
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("learning_rate", "0", "--learning_rate must be > 0"),
-    ("learning_rate", "-0.1", "--learning_rate must be > 0"),
-    ("epochs", "0", "--epochs must be >= 1"),
-    ("train_portion", "1.0", "--train_portion"),
-    ("train_portion", "0", "--train_portion"),
-])
-def test_bad_flags_fail_with_a_message_naming_the_flag(tmp_path, cifar10_folder, flag, value,
-                                                       message):
-    result = run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}),
-                       timeout=120)
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("learning_rate", "0", "--learning_rate must be > 0"),
+        ("learning_rate", "-0.1", "--learning_rate must be > 0"),
+        ("epochs", "0", "--epochs must be >= 1"),
+        ("train_portion", "1.0", "--train_portion"),
+        ("train_portion", "0", "--train_portion"),
+    ],
+)
+def test_bad_flags_fail_with_a_message_naming_the_flag(
+    tmp_path, cifar10_folder, flag, value, message
+):
+    result = run_main(_tiny_flags(cifar10_folder, tmp_path / "run", **{flag: value}), timeout=120)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -149,11 +190,27 @@ def _tiny_config(cifar10_folder, model_dir, **loop):
     return config_lib.TwoStageConfig(
         model_dir=str(model_dir),
         network=search_model.SearchNetworkConfig(channels=4, layers=3, seed=1),
-        data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=16,
-                             deterministic=True, seed=1),
-        loop=config_lib.LoopConfig(**{**dict(epochs=2, batch_size=16, learning_rate=0.05,
-                                             eval_steps=1, deterministic=True, seed=1,
-                                             verbose=False), **loop}))
+        data=data.DataConfig(
+            dataset=f"folder:{cifar10_folder}",
+            max_examples_per_class=16,
+            deterministic=True,
+            seed=1,
+        ),
+        loop=config_lib.LoopConfig(
+            **{
+                **dict(
+                    epochs=2,
+                    batch_size=16,
+                    learning_rate=0.05,
+                    eval_steps=1,
+                    deterministic=True,
+                    seed=1,
+                    verbose=False,
+                ),
+                **loop,
+            }
+        ),
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar10_folder, tmp_path):
@@ -163,14 +220,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar10_folder, tm
     checkpoint = tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints"))
     assert checkpoint.endswith("ckpt-1")
 
-    run = two_stage.TwoStageRun(dataclasses.replace(
-        config, loop=dataclasses.replace(config.loop, epochs=2)))
+    run = two_stage.TwoStageRun(
+        dataclasses.replace(config, loop=dataclasses.replace(config.loop, epochs=2))
+    )
     stem_kernel = run.model.stem_conv.conv.kernel
     stem_kernel.assign(np.full(stem_kernel.shape, np.nan, np.float32))
     with pytest.raises(steps.NonFiniteLossError, match="epoch 2.*last good checkpoint"):
         run.run()
     assert tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints")) == checkpoint
     reader = tf.train.load_checkpoint(checkpoint)
-    assert all(np.all(np.isfinite(reader.get_tensor(k)))
-               for k in reader.get_variable_to_shape_map()
-               if reader.get_variable_to_dtype_map()[k].is_floating)
+    assert all(
+        np.all(np.isfinite(reader.get_tensor(k)))
+        for k in reader.get_variable_to_shape_map()
+        if reader.get_variable_to_dtype_map()[k].is_floating
+    )

@@ -13,25 +13,27 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cli_flags  # noqa: E402  (train/cli_flags.py, beside this file)
 from absl import app, logging  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
-import cli_flags  # noqa: E402  (train/cli_flags.py, beside this file)
 from istanas_tf import diagram, genotypes, network_size  # noqa: E402
 from istanas_tf.training import config as config_lib  # noqa: E402
-from istanas_tf.training import evaluate, one_stage, restore, retrain  # noqa: E402
-from istanas_tf.training import run_dir, steps, two_stage  # noqa: E402
+from istanas_tf.training import evaluate, one_stage, restore, retrain, run_dir, steps, two_stage  # noqa: E402  # noqa: E402
 
-_DESCRIBE_DATASETS = {"cifar10": ("cifar", 10), "cifar100": ("cifar", 100),
-                      "imagenet2012": ("imagenet", 1000), "imagenet": ("imagenet", 1000)}
+_DESCRIBE_DATASETS = {
+    "cifar10": ("cifar", 10),
+    "cifar100": ("cifar", 100),
+    "imagenet2012": ("imagenet", 1000),
+    "imagenet": ("imagenet", 1000),
+}
 EVAL_BATCH_SIZE = 256
 
 
 def _start(FLAGS, config):
     """Checks the config, then records the effective flags in the run directory."""
     if not config.model_dir:
-        raise ValueError(f"--model_dir is required for --mode={FLAGS.mode} (the run "
-                         "directory)")
+        raise ValueError(f"--model_dir is required for --mode={FLAGS.mode} (the run directory)")
     config.validate()
     os.makedirs(config.model_dir, exist_ok=True)
     FLAGS.append_flags_into_file(run_dir.path(config.model_dir, run_dir.FLAGS))
@@ -46,47 +48,72 @@ def run_search(FLAGS):
 
 
 def run_train(FLAGS):
-    return retrain.run_training(_start(FLAGS, cli_flags.build_config(config_lib.TrainConfig,
-                                                                 FLAGS)))
+    return retrain.run_training(
+        _start(FLAGS, cli_flags.build_config(config_lib.TrainConfig, FLAGS))
+    )
 
 
 def run_eval(FLAGS):
     if not FLAGS.model_dir and not FLAGS.saved_model:
-        raise ValueError("--mode=eval needs --model_dir (a run directory with a checkpoint) "
-                         "or --saved_model (an exported SavedModel version directory)")
+        raise ValueError(
+            "--mode=eval needs --model_dir (a run directory with a checkpoint) "
+            "or --saved_model (an exported SavedModel version directory)"
+        )
     batch_size = EVAL_BATCH_SIZE if FLAGS.batch_size is None else FLAGS.batch_size
-    return evaluate.evaluate(cli_flags.data_config(FLAGS), split=FLAGS.split,
-                             model_dir=FLAGS.model_dir, saved_model=FLAGS.saved_model,
-                             batch_size=batch_size)
+    return evaluate.evaluate(
+        cli_flags.data_config(FLAGS),
+        split=FLAGS.split,
+        model_dir=FLAGS.model_dir,
+        saved_model=FLAGS.saved_model,
+        batch_size=batch_size,
+    )
 
 
 def run_export(FLAGS):
     if not FLAGS.model_dir:
-        raise ValueError("--mode=export needs --model_dir (a --mode=train run, or a "
-                         "--method=ista_onestage run whose search has ended)")
-    return restore.export_run(FLAGS.model_dir, export_dir=FLAGS.export_dir,
-                              model_name=FLAGS.model_name or "istanas",
-                              version=FLAGS.version, overwrite=FLAGS.overwrite)
+        raise ValueError(
+            "--mode=export needs --model_dir (a --mode=train run, or a "
+            "--method=ista_onestage run whose search has ended)"
+        )
+    return restore.export_run(
+        FLAGS.model_dir,
+        export_dir=FLAGS.export_dir,
+        model_name=FLAGS.model_name or "istanas",
+        version=FLAGS.version,
+        overwrite=FLAGS.overwrite,
+    )
 
 
 def run_describe(FLAGS):
     if (FLAGS.dataset or "cifar10") not in _DESCRIBE_DATASETS:
-        raise ValueError(f"--dataset={FLAGS.dataset!r} is not supported by --mode=describe; "
-                         f"valid: {', '.join(_DESCRIBE_DATASETS)}")
+        raise ValueError(
+            f"--dataset={FLAGS.dataset!r} is not supported by --mode=describe; "
+            f"valid: {', '.join(_DESCRIBE_DATASETS)}"
+        )
     family, num_classes = _DESCRIBE_DATASETS[FLAGS.dataset or "cifar10"]
     genotype = genotypes.get_genotype(FLAGS.genotype)
     summary = network_size.describe(
-        genotype, family, num_classes, channels=FLAGS.init_channels, layers=FLAGS.layers,
+        genotype,
+        family,
+        num_classes,
+        channels=FLAGS.init_channels,
+        layers=FLAGS.layers,
         auxiliary=bool(FLAGS.auxiliary),
-        bn_after_param_free_ops=bool(FLAGS.bn_after_param_free_ops))
+        bn_after_param_free_ops=bool(FLAGS.bn_after_param_free_ops),
+    )
     if FLAGS.diagram:
         diagram.save_genotype_diagram(genotype, FLAGS.diagram, title=FLAGS.genotype)
         summary["diagram"] = FLAGS.diagram
     return summary
 
 
-MODES = {"search": run_search, "train": run_train, "eval": run_eval, "export": run_export,
-         "describe": run_describe}
+MODES = {
+    "search": run_search,
+    "train": run_train,
+    "eval": run_eval,
+    "export": run_export,
+    "describe": run_describe,
+}
 
 
 def main(argv):

@@ -6,7 +6,7 @@ comes from a stateless key the caller passes.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -61,8 +61,9 @@ def pad_and_crop(images: tf.Tensor, offsets: tf.Tensor, padding: int) -> tf.Tens
 
 def flip_left_right(images: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
     """Mirrors the images where ``flip`` is true. images: [B, H, W, C]; flip: [B] bool."""
-    return tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis],
-                    tf.reverse(images, axis=[2]), images)
+    return tf.where(
+        flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images
+    )
 
 
 def cutout(images: tf.Tensor, centers: tf.Tensor, length: int) -> tf.Tensor:
@@ -99,15 +100,22 @@ def _random_resized_crop(encoded: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
 
     def window(shape):
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0,
-            aspect_ratio_range=IMAGENET_RATIO_RANGE, area_range=IMAGENET_AREA_RANGE,
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
+            shape,
+            bounding_boxes=tf.zeros([1, 0, 4]),
+            seed=key,
+            min_object_covered=0.0,
+            aspect_ratio_range=IMAGENET_RATIO_RANGE,
+            area_range=IMAGENET_AREA_RANGE,
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         return begin, size
 
     def jpeg():
         begin, size = window(tf.image.extract_jpeg_shape(encoded))
         return tf.image.decode_and_crop_jpeg(
-            encoded, tf.stack([begin[0], begin[1], size[0], size[1]]), channels=3)
+            encoded, tf.stack([begin[0], begin[1], size[0], size[1]]), channels=3
+        )
 
     def other():
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -117,8 +125,9 @@ def _random_resized_crop(encoded: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
 
 
-def color_jitter(image: tf.Tensor, key: tf.Tensor, strength: float = COLOR_JITTER,
-                 hue: float = HUE_JITTER) -> tf.Tensor:
+def color_jitter(
+    image: tf.Tensor, key: tf.Tensor, strength: float = COLOR_JITTER, hue: float = HUE_JITTER
+) -> tf.Tensor:
     """torchvision ``ColorJitter(strength, strength, strength, hue)``, stateless.
 
     Brightness scales the pixels, contrast blends with the mean grey level, saturation
@@ -132,8 +141,7 @@ def color_jitter(image: tf.Tensor, key: tf.Tensor, strength: float = COLOR_JITTE
     Returns:
       [H, W, 3] float32 in [0, 1].
     """
-    factor_key, hue_key, order_key = tf.unstack(
-        tf.random.experimental.stateless_split(key, 3))
+    factor_key, hue_key, order_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     factors = tf.random.stateless_uniform([3], factor_key, 1 - strength, 1 + strength)
     shift = tf.random.stateless_uniform([], hue_key, -hue, hue)
     order = tf.argsort(tf.random.stateless_uniform([4], order_key))
@@ -155,16 +163,19 @@ def color_jitter(image: tf.Tensor, key: tf.Tensor, strength: float = COLOR_JITTE
         return tf.clip_by_value(adjust(x), 0.0, 1.0)
 
     for position in range(4):
-        image = tf.switch_case(order[position], [
-            functools.partial(clipped, adjust, image)
-            for adjust in (brightness, contrast, saturation, hue_shift)])
+        image = tf.switch_case(
+            order[position],
+            [
+                functools.partial(clipped, adjust, image)
+                for adjust in (brightness, contrast, saturation, hue_shift)
+            ],
+        )
     return image
 
 
 def imagenet_train_image(encoded: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
     """Random resized crop to 224, flip, colour jitter: [224, 224, 3] float in [0, 1]."""
-    crop_key, flip_key, jitter_key = tf.unstack(
-        tf.random.experimental.stateless_split(key, 3))
+    crop_key, flip_key, jitter_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     image = _random_resized_crop(encoded, crop_key)
     # PIL's bilinear resize (torchvision) filters when shrinking: antialias matches it.
     image = tf.image.resize(image, [IMAGENET_CROP, IMAGENET_CROP], antialias=True)
@@ -181,10 +192,8 @@ def imagenet_eval_image(encoded: tf.Tensor) -> tf.Tensor:
     height, width = shape[0], shape[1]
     short = tf.minimum(height, width)
     # torchvision Resize(256): the longer side becomes int(256 * long / short).
-    new_height = tf.where(height <= width, IMAGENET_RESIZE,
-                          IMAGENET_RESIZE * height // short)
-    new_width = tf.where(height <= width, IMAGENET_RESIZE * width // short,
-                         IMAGENET_RESIZE)
+    new_height = tf.where(height <= width, IMAGENET_RESIZE, IMAGENET_RESIZE * height // short)
+    new_width = tf.where(height <= width, IMAGENET_RESIZE * width // short, IMAGENET_RESIZE)
     image = tf.image.resize(image, tf.stack([new_height, new_width]), antialias=True)
     top = tf.cast(tf.round((new_height - IMAGENET_CROP) / 2), tf.int32)
     left = tf.cast(tf.round((new_width - IMAGENET_CROP) / 2), tf.int32)

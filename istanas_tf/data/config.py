@@ -17,13 +17,25 @@ FOLDER_PREFIX = "folder:"
 # Normalisation statistics of the tfds datasets, in [0, 1] pixel units
 # (METHOD.md sections 3-5; the DARTS code uses the same values).
 TFDS_DATASETS: dict[str, dict[str, Any]] = {
-    "cifar10": dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                    streamed=False, test_split="test"),
-    "cifar100": dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                     streamed=False, test_split="test"),
+    "cifar10": dict(
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        streamed=False,
+        test_split="test",
+    ),
+    "cifar100": dict(
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        streamed=False,
+        test_split="test",
+    ),
     # The ILSVRC2012 test split has no labels: the validation set is the test split.
-    "imagenet2012": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                         streamed=True, test_split="validation"),
+    "imagenet2012": dict(
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        streamed=True,
+        test_split="validation",
+    ),
 }
 VALID_DATASETS = (*TFDS_DATASETS, f"{FOLDER_PREFIX}PATH")
 
@@ -84,7 +96,7 @@ class DataConfig:
     def folder(self) -> str | None:
         """PATH of ``folder:PATH``, else None."""
         if self.dataset.startswith(FOLDER_PREFIX):
-            return self.dataset[len(FOLDER_PREFIX):]
+            return self.dataset[len(FOLDER_PREFIX) :]
         return None
 
     def validate(self) -> None:
@@ -93,35 +105,52 @@ class DataConfig:
             raise DataError(
                 f"--dataset={self.dataset!r} is not a known dataset; valid choices: "
                 f"{', '.join(VALID_DATASETS)} (an image folder PATH/train/<class>/*.jpg "
-                "and PATH/test/<class>/*.jpg)")
-        if (isinstance(self.train_portion, bool)
-                or not isinstance(self.train_portion, (int, float))
-                or not 0.0 < self.train_portion < 1.0):
-            raise DataError(f"--train_portion={self.train_portion!r} must be a number "
-                            "strictly between 0 and 1 (0.5 splits the training set in halves)")
+                "and PATH/test/<class>/*.jpg)"
+            )
+        if (
+            isinstance(self.train_portion, bool)
+            or not isinstance(self.train_portion, (int, float))
+            or not 0.0 < self.train_portion < 1.0
+        ):
+            raise DataError(
+                f"--train_portion={self.train_portion!r} must be a number "
+                "strictly between 0 and 1 (0.5 splits the training set in halves)"
+            )
         if not _is_int(self.cutout_length) or self.cutout_length < 0:
-            raise DataError(f"--cutout_length={self.cutout_length!r} must be an integer "
-                            ">= 0 (0 turns cutout off; the paper uses 16 on CIFAR)")
+            raise DataError(
+                f"--cutout_length={self.cutout_length!r} must be an integer "
+                ">= 0 (0 turns cutout off; the paper uses 16 on CIFAR)"
+            )
         if not _is_int(self.seed):
             raise DataError(f"--seed={self.seed!r} must be an integer")
         if not _is_int(self.max_examples_per_class) or self.max_examples_per_class < 0:
-            raise DataError(f"--max_examples_per_class={self.max_examples_per_class!r} "
-                            "must be an integer >= 0 (0 keeps every example)")
-        if self.max_examples_per_class and TFDS_DATASETS.get(self.dataset, {}).get(
-                "streamed"):
-            raise DataError(f"--max_examples_per_class is not supported for "
-                            f"--dataset={self.dataset}; it works with cifar10, cifar100 "
-                            "and folder:PATH")
+            raise DataError(
+                f"--max_examples_per_class={self.max_examples_per_class!r} "
+                "must be an integer >= 0 (0 keeps every example)"
+            )
+        if self.max_examples_per_class and TFDS_DATASETS.get(self.dataset, {}).get("streamed"):
+            raise DataError(
+                f"--max_examples_per_class is not supported for "
+                f"--dataset={self.dataset}; it works with cifar10, cifar100 "
+                "and folder:PATH"
+            )
         if (self.mean is None) != (self.std is None):
-            raise DataError("--mean and --std must be given together (3 floats each) "
-                            "or both left unset to use the dataset's statistics")
+            raise DataError(
+                "--mean and --std must be given together (3 floats each) "
+                "or both left unset to use the dataset's statistics"
+            )
         for flag, values in (("--mean", self.mean), ("--std", self.std)):
             if values is None:
                 continue
-            if (not isinstance(values, tuple) or len(values) != 3
-                    or not all(math.isfinite(v) for v in values)):
-                raise DataError(f"{flag}={values!r} must be 3 finite floats, one per "
-                                "RGB channel, in [0, 1] pixel units")
+            if (
+                not isinstance(values, tuple)
+                or len(values) != 3
+                or not all(math.isfinite(v) for v in values)
+            ):
+                raise DataError(
+                    f"{flag}={values!r} must be 3 finite floats, one per "
+                    "RGB channel, in [0, 1] pixel units"
+                )
         if self.std is not None and min(self.std) <= 0:
             raise DataError(f"--std={self.std!r} must be positive in every channel")
 

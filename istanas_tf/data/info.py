@@ -23,8 +23,7 @@ class Source:
     """
 
     kind: str
-    examples: dict[str, tuple[tf.Tensor, tf.Tensor]] = dataclasses.field(
-        default_factory=dict)
+    examples: dict[str, tuple[tf.Tensor, tf.Tensor]] = dataclasses.field(default_factory=dict)
     builder: Any = None
     tfds_splits: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -89,8 +88,9 @@ def num_examples(info: DatasetInfo, split: str) -> int:
     return stop - start
 
 
-def steps_per_epoch(info: DatasetInfo, split: str, global_batch_size: int, *,
-                    num_input_pipelines: int = 1) -> int:
+def steps_per_epoch(
+    info: DatasetInfo, split: str, global_batch_size: int, *, num_input_pipelines: int = 1
+) -> int:
     """Training steps per epoch of ``make_dataset(..., training=True)``.
 
     Each input pipeline keeps the same whole number of batches of

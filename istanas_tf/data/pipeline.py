@@ -58,10 +58,13 @@ def _batching(batch_size: int, input_context) -> _Batching:
         return _Batching(batch_size, batch_size, 1, 0)
     check_divisible(batch_size, input_context.num_replicas_in_sync)
     per_replica = input_context.get_per_replica_batch_size(batch_size)
-    replicas_per_pipeline = (input_context.num_replicas_in_sync
-                             // input_context.num_input_pipelines)
-    return _Batching(per_replica, per_replica * replicas_per_pipeline,
-                     input_context.num_input_pipelines, input_context.input_pipeline_id)
+    replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    return _Batching(
+        per_replica,
+        per_replica * replicas_per_pipeline,
+        input_context.num_input_pipelines,
+        input_context.input_pipeline_id,
+    )
 
 
 def check_divisible(global_batch_size: int, replicas: int) -> None:
@@ -71,13 +74,22 @@ def check_divisible(global_batch_size: int, replicas: int) -> None:
         raise DataError(
             f"--batch_size={global_batch_size} is not divisible by the {replicas} "
             f"replicas in sync; use a multiple of {replicas}, e.g. {lower} or "
-            f"{lower + replicas}")
+            f"{lower + replicas}"
+        )
 
 
-def make_dataset(config: DataConfig, info: DatasetInfo, split: str, *, training: bool,
-                 batch_size: int, cutout: bool = False, repeat: bool = False,
-                 input_context: tf.distribute.InputContext | None = None,
-                 epoch_seed: int = 0) -> tf.data.Dataset:
+def make_dataset(
+    config: DataConfig,
+    info: DatasetInfo,
+    split: str,
+    *,
+    training: bool,
+    batch_size: int,
+    cutout: bool = False,
+    repeat: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
+    epoch_seed: int = 0,
+) -> tf.data.Dataset:
     """The input pipeline of one split.
 
     Training pipelines shuffle every epoch and augment (CIFAR: pad 4 + random crop,
@@ -121,34 +133,62 @@ def make_dataset(config: DataConfig, info: DatasetInfo, split: str, *, training:
                 f"--batch_size={batch_size} is larger than the "
                 f"{(stop - start) // batching.pipelines} examples of split {split!r} "
                 f"per input pipeline ({batching.pipelines}); use at most "
-                f"{(stop - start) // batching.pipelines * batching.pipelines}")
+                f"{(stop - start) // batching.pipelines * batching.pipelines}"
+            )
         epoch_size = steps * batching.pipeline  # per pipeline, whole steps only
     else:
         epoch_size = None
     cutout_length = config.cutout_length if cutout else 0
 
     if source.kind == "tfds":
-        dataset = _tfds_pipeline(config, info, source, base_split, start, stop,
-                                 training=training, batching=batching,
-                                 epoch_size=epoch_size, repeat=repeat,
-                                 epoch_seed=epoch_seed, cutout_length=cutout_length)
+        dataset = _tfds_pipeline(
+            config,
+            info,
+            source,
+            base_split,
+            start,
+            stop,
+            training=training,
+            batching=batching,
+            epoch_size=epoch_size,
+            repeat=repeat,
+            epoch_seed=epoch_seed,
+            cutout_length=cutout_length,
+        )
     else:
-        dataset = _indexed_pipeline(config, info, source, base_split, start, stop,
-                                    training=training, batching=batching,
-                                    epoch_size=epoch_size, repeat=repeat,
-                                    epoch_seed=epoch_seed, cutout_length=cutout_length)
+        dataset = _indexed_pipeline(
+            config,
+            info,
+            source,
+            base_split,
+            start,
+            stop,
+            training=training,
+            batching=batching,
+            epoch_size=epoch_size,
+            repeat=repeat,
+            epoch_seed=epoch_seed,
+            cutout_length=cutout_length,
+        )
     options = tf.data.Options()
     # Out-of-order parallel maps only speed up training; evaluation keeps its order.
     options.deterministic = bool(config.deterministic) or not training
     if input_context is not None:
         # The shards are cut above; tf.data's auto-sharding would cut them again.
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.OFF)
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _epochs(indices: np.ndarray, one_epoch, *, epoch_size: int, repeat: bool, seed: int,
-            pipeline: int, epoch_seed: int) -> tf.data.Dataset:
+def _epochs(
+    indices: np.ndarray,
+    one_epoch,
+    *,
+    epoch_size: int,
+    repeat: bool,
+    seed: int,
+    pipeline: int,
+    epoch_seed: int,
+) -> tf.data.Dataset:
     """Concatenates ``one_epoch(epoch, order)`` over the epochs from ``epoch_seed``.
 
     ``order`` [epoch_size] int64 is epoch e's permutation of ``indices``, cut to whole
@@ -161,8 +201,11 @@ def _epochs(indices: np.ndarray, one_epoch, *, epoch_size: int, repeat: bool, se
         order = tf.random.experimental.stateless_shuffle(indices_t, _fold(shuffle_key, epoch))
         return one_epoch(epoch, order[:epoch_size])
 
-    epochs = (tf.data.Dataset.counter(start=epoch_seed) if repeat
-              else tf.data.Dataset.range(epoch_seed, epoch_seed + 1))
+    epochs = (
+        tf.data.Dataset.counter(start=epoch_seed)
+        if repeat
+        else tf.data.Dataset.range(epoch_seed, epoch_seed + 1)
+    )
     return epochs.flat_map(epoch_fn)
 
 
@@ -173,15 +216,34 @@ def _cifar_draws(uniforms: tf.Tensor, height: int, width: int):
     return tf.cast(offsets, tf.int32), uniforms[:, 2] < 0.5, tf.cast(centers, tf.int32)
 
 
-def _indexed_pipeline(config, info, source, base_split, start, stop, *, training,
-                      batching, epoch_size, repeat, epoch_seed, cutout_length):
+def _indexed_pipeline(
+    config,
+    info,
+    source,
+    base_split,
+    start,
+    stop,
+    *,
+    training,
+    batching,
+    epoch_size,
+    repeat,
+    epoch_seed,
+    cutout_length,
+):
     """Memory and file sources: every example has an index into the split's tensors."""
     data, labels = source.examples[base_split]
     # Strided shards: each worker sees every class even if the order were sorted.
-    indices = np.arange(start, stop, dtype=np.int64)[batching.index::batching.pipelines]
-    epochs = functools.partial(_epochs, indices, epoch_size=epoch_size, repeat=repeat,
-                               seed=config.seed, pipeline=batching.index,
-                               epoch_seed=epoch_seed)
+    indices = np.arange(start, stop, dtype=np.int64)[batching.index :: batching.pipelines]
+    epochs = functools.partial(
+        _epochs,
+        indices,
+        epoch_size=epoch_size,
+        repeat=repeat,
+        seed=config.seed,
+        pipeline=batching.index,
+        epoch_seed=epoch_seed,
+    )
     augment_key = _key(config.seed, _AUGMENT_SALT)
     num_base = int(labels.shape[0])
     height, width = info.image_size
@@ -204,30 +266,42 @@ def _indexed_pipeline(config, info, source, base_split, start, stop, *, training
             return images, tf.gather(labels, index)
 
         def eval_batch(index):
-            return normalize(tf.gather(data, index), info.mean, info.std), tf.gather(
-                labels, index)
+            return normalize(tf.gather(data, index), info.mean, info.std), tf.gather(labels, index)
 
         if training:
             dataset = epochs(one_epoch).map(train_batch, num_parallel_calls=tf.data.AUTOTUNE)
         else:
-            dataset = tf.data.Dataset.from_tensor_slices(indices).batch(
-                batching.per_replica).map(eval_batch, num_parallel_calls=tf.data.AUTOTUNE)
+            dataset = (
+                tf.data.Dataset.from_tensor_slices(indices)
+                .batch(batching.per_replica)
+                .map(eval_batch, num_parallel_calls=tf.data.AUTOTUNE)
+            )
     else:
+
         def example_fn(epoch, index):
             encoded = tf.io.read_file(tf.gather(data, index))
             key = _fold(_fold(augment_key, epoch), index)
-            return _imagenet_example(encoded, tf.gather(labels, index), key, info,
-                                     training=training, cutout_length=cutout_length)
+            return _imagenet_example(
+                encoded,
+                tf.gather(labels, index),
+                key,
+                info,
+                training=training,
+                cutout_length=cutout_length,
+            )
 
         if training:
-            dataset = epochs(lambda epoch, order: tf.data.Dataset.from_tensor_slices(
-                (tf.fill(tf.shape(order), epoch), order)))
+            dataset = epochs(
+                lambda epoch, order: tf.data.Dataset.from_tensor_slices(
+                    (tf.fill(tf.shape(order), epoch), order)
+                )
+            )
         else:
             dataset = tf.data.Dataset.from_tensor_slices(indices).map(
-                lambda index: (tf.constant(0, tf.int64), index))
+                lambda index: (tf.constant(0, tf.int64), index)
+            )
         dataset = dataset.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
-        dataset = _batch_with_cutout(dataset, batching.per_replica, training,
-                                     cutout_length)
+        dataset = _batch_with_cutout(dataset, batching.per_replica, training, cutout_length)
     if repeat and not training:
         dataset = dataset.repeat()
     return dataset
@@ -241,22 +315,37 @@ def _imagenet_example(encoded, label, key, info, *, training, cutout_length):
     else:
         image, center_key = imagenet_eval_image(encoded), key
     image = normalize(image, info.mean, info.std)
-    center = tf.cast(tf.floor(tf.random.stateless_uniform([2], center_key)
-                              * float(IMAGENET_CROP)), tf.int32)
+    center = tf.cast(
+        tf.floor(tf.random.stateless_uniform([2], center_key) * float(IMAGENET_CROP)), tf.int32
+    )
     return image, tf.cast(label, tf.int32), center
 
 
 def _batch_with_cutout(dataset, batch_size, training, cutout_length):
     dataset = dataset.batch(batch_size, drop_remainder=training)
     if cutout_length:
-        return dataset.map(lambda images, labels, centers: (
-            cutout(images, centers, cutout_length), labels),
-            num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.map(
+            lambda images, labels, centers: (cutout(images, centers, cutout_length), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return dataset.map(lambda images, labels, centers: (images, labels))
 
 
-def _tfds_pipeline(config, info, source, base_split, start, stop, *, training, batching,
-                   epoch_size, repeat, epoch_seed, cutout_length):
+def _tfds_pipeline(
+    config,
+    info,
+    source,
+    base_split,
+    start,
+    stop,
+    *,
+    training,
+    batching,
+    epoch_size,
+    repeat,
+    epoch_seed,
+    cutout_length,
+):
     """Streamed tfds data (ImageNet): each pipeline reads a contiguous slice.
 
     tfds already shuffled the examples when it prepared them, so contiguous slices
@@ -264,33 +353,51 @@ def _tfds_pipeline(config, info, source, base_split, start, stop, *, training, b
     """
     # Slice k is [start + floor(k N / P), start + floor((k + 1) N / P)): at least
     # floor(N / P) examples each, as steps_per_epoch assumes.
-    begin, end = (start + (stop - start) * k // batching.pipelines
-                  for k in (batching.index, batching.index + 1))
+    begin, end = (
+        start + (stop - start) * k // batching.pipelines
+        for k in (batching.index, batching.index + 1)
+    )
     tfds_split = f"{source.tfds_splits[base_split]}[{begin}:{end}]"
-    stream_key = (config.seed * 1_000_003 + epoch_seed) % (2 ** 31)
+    stream_key = (config.seed * 1_000_003 + epoch_seed) % (2**31)
     dataset = source.builder.as_dataset(
-        split=tfds_split, shuffle_files=training, as_supervised=True,
+        split=tfds_split,
+        shuffle_files=training,
+        as_supervised=True,
         decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=stream_key))
+        read_config=tfds.ReadConfig(shuffle_seed=stream_key),
+    )
     if training:
-        dataset = dataset.shuffle(_STREAM_SHUFFLE_BUFFER, seed=stream_key,
-                                  reshuffle_each_iteration=True).take(epoch_size)
+        dataset = dataset.shuffle(
+            _STREAM_SHUFFLE_BUFFER, seed=stream_key, reshuffle_each_iteration=True
+        ).take(epoch_size)
     if repeat and training:
         dataset = dataset.repeat()
-    augment_key = _fold(_fold(_key(config.seed, _AUGMENT_SALT), epoch_seed),
-                        batching.index)
+    augment_key = _fold(_fold(_key(config.seed, _AUGMENT_SALT), epoch_seed), batching.index)
     dataset = dataset.enumerate().map(
         lambda position, example: _imagenet_example(
-            example[0], example[1], _fold(augment_key, position), info,
-            training=training, cutout_length=cutout_length),
-        num_parallel_calls=tf.data.AUTOTUNE)
+            example[0],
+            example[1],
+            _fold(augment_key, position),
+            info,
+            training=training,
+            cutout_length=cutout_length,
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     dataset = _batch_with_cutout(dataset, batching.per_replica, training, cutout_length)
     return dataset.repeat() if repeat and not training else dataset
 
 
-def distributed_dataset(strategy: tf.distribute.Strategy, config: DataConfig,
-                        info: DatasetInfo, split: str, *, training: bool,
-                        global_batch_size: int, **kwargs):
+def distributed_dataset(
+    strategy: tf.distribute.Strategy,
+    config: DataConfig,
+    info: DatasetInfo,
+    split: str,
+    *,
+    training: bool,
+    global_batch_size: int,
+    **kwargs,
+):
     """``make_dataset`` per input pipeline through ``distribute_datasets_from_function``.
 
     Each replica gets ``global_batch_size / num_replicas_in_sync`` examples per step.
@@ -306,5 +413,12 @@ def distributed_dataset(strategy: tf.distribute.Strategy, config: DataConfig,
     check_divisible(global_batch_size, strategy.num_replicas_in_sync)
     return strategy.distribute_datasets_from_function(
         lambda input_context: make_dataset(
-            config, info, split, training=training, batch_size=global_batch_size,
-            input_context=input_context, **kwargs))
+            config,
+            info,
+            split,
+            training=training,
+            batch_size=global_batch_size,
+            input_context=input_context,
+            **kwargs,
+        )
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -31,10 +31,17 @@ def get_dataset_info(config: DataConfig) -> DatasetInfo:
         info = _tfds_info(config)
     if config.mean is not None:
         info = dataclasses.replace(info, mean=config.mean, std=config.std)
-    logging.info("Dataset %s: %d classes, %dx%d images, %d train / %d test, "
-                 "mean %s std %s, %s augmentation", info.name, info.num_classes,
-                 *info.image_size, info.num_train, info.num_test,
-                 _fmt(info.mean), _fmt(info.std), info.augmentation)
+    logging.info(
+        "Dataset %s: %d classes, %dx%d images, %d train / %d test, mean %s std %s, %s augmentation",
+        info.name,
+        info.num_classes,
+        *info.image_size,
+        info.num_train,
+        info.num_test,
+        _fmt(info.mean),
+        _fmt(info.std),
+        info.augmentation,
+    )
     return info
 
 
@@ -49,22 +56,32 @@ def _tfds_info(config: DataConfig) -> DatasetInfo:
     class_names = tuple(builder.info.features["label"].names)
     splits = {"train": "train", "test": spec["test_split"]}
     if spec["streamed"]:
-        sizes = {split: _tfds_split_size(builder, tfds_split)
-                 for split, tfds_split in splits.items()}
+        sizes = {
+            split: _tfds_split_size(builder, tfds_split) for split, tfds_split in splits.items()
+        }
         source = Source("tfds", builder=builder, tfds_splits=splits)
         image_size = (IMAGENET_CROP, IMAGENET_CROP)
     else:
-        examples = {split: _load_tfds_split(config, builder, tfds_split)
-                    for split, tfds_split in splits.items()}
+        examples = {
+            split: _load_tfds_split(config, builder, tfds_split)
+            for split, tfds_split in splits.items()
+        }
         sizes = {split: int(labels.shape[0]) for split, (_, labels) in examples.items()}
         source = Source("memory", examples=examples)
         image_size = tuple(int(d) for d in examples["train"][0].shape[1:3])
     return DatasetInfo(
-        name=name, num_classes=len(class_names), image_size=image_size,
-        class_names=class_names, mean=spec["mean"], std=spec["std"],
-        num_train=sizes["train"], num_test=sizes["test"],
+        name=name,
+        num_classes=len(class_names),
+        image_size=image_size,
+        class_names=class_names,
+        mean=spec["mean"],
+        std=spec["std"],
+        num_train=sizes["train"],
+        num_test=sizes["test"],
         train_portion=config.train_portion,
-        augmentation="imagenet" if spec["streamed"] else "cifar", source=source)
+        augmentation="imagenet" if spec["streamed"] else "cifar",
+        source=source,
+    )
 
 
 def _prepared_builder(config: DataConfig):
@@ -76,26 +93,33 @@ def _prepared_builder(config: DataConfig):
     data_dir = config.data_dir or tfds.core.constants.DATA_DIR
     try:
         if name == "imagenet2012":
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=config.manual_dir))
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir)
+            )
         else:
             builder.download_and_prepare()
     except Exception as error:  # tfds raises many types; all mean "no usable copy"
         if name == "imagenet2012":
             manual_dir = config.manual_dir or os.path.join(data_dir, "downloads", "manual")
-            how = (f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
-                   f"--manual_dir={manual_dir} (tfds prepares them once), pass "
-                   "--data_dir with an already prepared copy, or use "
-                   "--dataset=folder:PATH with PATH/train/<class>/*.JPEG and "
-                   "PATH/val/<class>/*.JPEG")
+            how = (
+                f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+                f"--manual_dir={manual_dir} (tfds prepares them once), pass "
+                "--data_dir with an already prepared copy, or use "
+                "--dataset=folder:PATH with PATH/train/<class>/*.JPEG and "
+                "PATH/val/<class>/*.JPEG"
+            )
         else:
-            how = (f"pass --data_dir=DIR with a prepared tfds copy (DIR/{name}/...), run "
-                   "once on a machine with internet access, or use "
-                   "--dataset=folder:PATH with PATH/train/<class>/*.png and "
-                   "PATH/test/<class>/*.png")
-        raise DataError(f"--dataset={name}: no prepared copy under --data_dir={data_dir} "
-                        f"and preparing one failed ({type(error).__name__}: {error}). "
-                        f"To supply the data, {how}.") from error
+            how = (
+                f"pass --data_dir=DIR with a prepared tfds copy (DIR/{name}/...), run "
+                "once on a machine with internet access, or use "
+                "--dataset=folder:PATH with PATH/train/<class>/*.png and "
+                "PATH/test/<class>/*.png"
+            )
+        raise DataError(
+            f"--dataset={name}: no prepared copy under --data_dir={data_dir} "
+            f"and preparing one failed ({type(error).__name__}: {error}). "
+            f"To supply the data, {how}."
+        ) from error
     return builder
 
 
@@ -124,6 +148,6 @@ def _load_tfds_split(config: DataConfig, builder, split: str):
         # First N of each class in tfds order, keeping that order.
         keep = np.zeros(len(labels), dtype=bool)
         for label in np.unique(labels):
-            keep[np.flatnonzero(labels == label)[:config.max_examples_per_class]] = True
+            keep[np.flatnonzero(labels == label)[: config.max_examples_per_class]] = True
         images, labels = images[keep], labels[keep]
     return to_cpu(images), to_cpu(labels)

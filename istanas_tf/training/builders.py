@@ -27,32 +27,47 @@ def _loss_scaled(optimizer, mixed_precision: str | None):
 
 def weight_optimizer(loop: config_lib.LoopConfig):
     """PyTorch-rule SGD on the network weights (lr set per epoch by the run)."""
-    return _loss_scaled(optimizers.TorchSGD(
-        loop.learning_rate, momentum=loop.momentum, l2=loop.weight_decay,
-        clip_global_norm=loop.grad_clip), loop.mixed_precision)
+    return _loss_scaled(
+        optimizers.TorchSGD(
+            loop.learning_rate,
+            momentum=loop.momentum,
+            l2=loop.weight_decay,
+            clip_global_norm=loop.grad_clip,
+        ),
+        loop.mixed_precision,
+    )
 
 
-def architecture_optimizer(arch: config_lib.ArchitectureOptimizerConfig,
-                           mixed_precision: str | None):
+def architecture_optimizer(
+    arch: config_lib.ArchitectureOptimizerConfig, mixed_precision: str | None
+):
     """PyTorch-rule Adam on the architecture variables."""
-    return _loss_scaled(optimizers.TorchAdam(
-        arch.learning_rate, beta_1=arch.beta1, beta_2=arch.beta2, l2=arch.weight_decay),
-        mixed_precision)
+    return _loss_scaled(
+        optimizers.TorchAdam(
+            arch.learning_rate, beta_1=arch.beta1, beta_2=arch.beta2, l2=arch.weight_decay
+        ),
+        mixed_precision,
+    )
 
 
-def search_network(network: search_model.SearchNetworkConfig, num_classes: int,
-                   image_size: int, replicas: int = 1) -> search_model.SearchNetwork:
+def search_network(
+    network: search_model.SearchNetworkConfig, num_classes: int, image_size: int, replicas: int = 1
+) -> search_model.SearchNetwork:
     """The super-net for a dataset, every weight created and the first architecture
     recovered. Synchronized BN only matters (and only costs) with several replicas."""
-    network = dataclasses.replace(network, num_classes=num_classes,
-                                  sync_batch_norm=network.sync_batch_norm and replicas > 1)
+    network = dataclasses.replace(
+        network, num_classes=num_classes, sync_batch_norm=network.sync_batch_norm and replicas > 1
+    )
     model = search_model.SearchNetwork(network, name="search_network")
     model.build_all(image_size)
     return model
 
 
-def build_search_model(config: config_lib.TwoStageConfig | config_lib.OneStageConfig,
-                       strategy: tf.distribute.Strategy, info: data.DatasetInfo):
+def build_search_model(
+    config: config_lib.TwoStageConfig | config_lib.OneStageConfig,
+    strategy: tf.distribute.Strategy,
+    info: data.DatasetInfo,
+):
     """The super-net of a search run and its two optimizers, compiled.
 
     Returns:
@@ -60,8 +75,9 @@ def build_search_model(config: config_lib.TwoStageConfig | config_lib.OneStageCo
       Adam on the architecture.
     """
     with runtime.mixed_precision_policy(config.loop.mixed_precision), strategy.scope():
-        model = search_network(config.network, info.num_classes, info.image_size[0],
-                               strategy.num_replicas_in_sync)
+        model = search_network(
+            config.network, info.num_classes, info.image_size[0], strategy.num_replicas_in_sync
+        )
         weights = weight_optimizer(config.loop)
         arch = architecture_optimizer(config.arch, config.loop.mixed_precision)
         model.compile(weights, arch)
@@ -73,20 +89,32 @@ def network_family(info) -> str:
     return "imagenet" if info.augmentation == "imagenet" else "cifar"
 
 
-def evaluation_network(config: config_lib.TrainConfig, genotype: genotypes.Genotype,
-                       info) -> networks.NetworkCIFAR | networks.NetworkImageNet:
+def evaluation_network(
+    config: config_lib.TrainConfig, genotype: genotypes.Genotype, info
+) -> networks.NetworkCIFAR | networks.NetworkImageNet:
     """The evaluation network of ``genotype`` for the dataset, weights created."""
     family = network_family(info)
     channels, layers = config.network_settings(family)
     return networks.build_network(
-        networks.FAMILIES[family]["kind"], genotype, channels, layers, info.num_classes,
-        info.image_size[0], auxiliary=config.auxiliary,
-        bn_after_param_free_ops=config.bn_after_param_free_ops, seed=config.loop.seed,
-        name="network")
+        networks.FAMILIES[family]["kind"],
+        genotype,
+        channels,
+        layers,
+        info.num_classes,
+        info.image_size[0],
+        auxiliary=config.auxiliary,
+        bn_after_param_free_ops=config.bn_after_param_free_ops,
+        seed=config.loop.seed,
+        name="network",
+    )
 
 
-def build_train_model(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
-                      genotype: genotypes.Genotype, info: data.DatasetInfo):
+def build_train_model(
+    config: config_lib.TrainConfig,
+    strategy: tf.distribute.Strategy,
+    genotype: genotypes.Genotype,
+    info: data.DatasetInfo,
+):
     """The evaluation network of a retraining run and its optimizer, compiled.
 
     Returns:
@@ -95,6 +123,9 @@ def build_train_model(config: config_lib.TrainConfig, strategy: tf.distribute.St
     with runtime.mixed_precision_policy(config.loop.mixed_precision), strategy.scope():
         model = evaluation_network(config, genotype, info)
         optimizer = weight_optimizer(config.loop)
-        model.compile(optimizer, auxiliary_weight=config.auxiliary_weight,
-                      label_smoothing=config.label_smoothing)
+        model.compile(
+            optimizer,
+            auxiliary_weight=config.auxiliary_weight,
+            label_smoothing=config.label_smoothing,
+        )
     return model, optimizer

@@ -29,19 +29,35 @@ DEFAULT_MAX_PARAMS = 3_700_000
 
 # Settings (dotted paths into a config) that may differ when a run resumes: they do not
 # change what the run has computed so far (more epochs extend it).
-RESUMABLE = frozenset({
-    "loop.epochs", "loop.strategy", "loop.eval_steps", "search_epochs", "jit_compile",
-    "data.data_dir", "data.manual_dir", "data.skip_corrupt_images"})
+RESUMABLE = frozenset(
+    {
+        "loop.epochs",
+        "loop.strategy",
+        "loop.eval_steps",
+        "search_epochs",
+        "jit_compile",
+        "data.data_dir",
+        "data.manual_dir",
+        "data.skip_corrupt_images",
+    }
+)
 # Settings of the process, not of the run: never recorded or compared.
-TRANSIENT = frozenset({"model_dir", "loop.verbose", "network.num_classes", "export_dir",
-                       "model_name"})
+TRANSIENT = frozenset(
+    {"model_dir", "loop.verbose", "network.num_classes", "export_dir", "model_name"}
+)
 # The command-line flag of each setting whose flag is not named like the field; None:
 # no flag sets it (the mode fixes it, or it is taken from the data).
 FLAG_NAMES: dict[str, str | None] = {
-    "network.channels": "init_channels", "channels": "init_channels",
-    "arch.learning_rate": "arch_learning_rate", "arch.weight_decay": "arch_weight_decay",
-    "arch.beta1": None, "arch.beta2": None, "loop.verbose": "progress",
-    "network.method": None, "network.one_stage": None, "network.num_classes": None,
+    "network.channels": "init_channels",
+    "channels": "init_channels",
+    "arch.learning_rate": "arch_learning_rate",
+    "arch.weight_decay": "arch_weight_decay",
+    "arch.beta1": None,
+    "arch.beta2": None,
+    "loop.verbose": "progress",
+    "network.method": None,
+    "network.one_stage": None,
+    "network.num_classes": None,
     "network.sync_batch_norm": None,
 }
 
@@ -101,28 +117,44 @@ class LoopConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
-        _check([
-            (_is_int(self.epochs) and self.epochs >= 1,
-             f"--epochs must be an integer >= 1, got {self.epochs!r}"),
-            (_is_int(self.batch_size) and self.batch_size >= 1,
-             f"--batch_size must be an integer >= 1, got {self.batch_size!r}"),
-            (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.learning_rate_min <= self.learning_rate,
-             f"--learning_rate_min must be in [0, --learning_rate], got "
-             f"{self.learning_rate_min}"),
-            (self.grad_clip > 0, f"--grad_clip must be > 0, got {self.grad_clip}"),
-            (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (self.strategy in STRATEGIES,
-             f"--strategy={self.strategy!r} is not valid; valid: {', '.join(STRATEGIES)}"),
-            (self.steps_per_epoch is None or self.steps_per_epoch >= 1,
-             f"--steps_per_epoch must be >= 1, got {self.steps_per_epoch}"),
-            (self.eval_steps is None or self.eval_steps >= 0,
-             f"--eval_steps must be >= 0, got {self.eval_steps}"),
-            (self.mixed_precision in MIXED_PRECISION,
-             f"--mixed_precision={self.mixed_precision!r} is not valid; valid: float16, "
-             "bfloat16 (or unset)"),
-        ])
+        _check(
+            [
+                (
+                    _is_int(self.epochs) and self.epochs >= 1,
+                    f"--epochs must be an integer >= 1, got {self.epochs!r}",
+                ),
+                (
+                    _is_int(self.batch_size) and self.batch_size >= 1,
+                    f"--batch_size must be an integer >= 1, got {self.batch_size!r}",
+                ),
+                (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
+                (
+                    0 <= self.learning_rate_min <= self.learning_rate,
+                    f"--learning_rate_min must be in [0, --learning_rate], got "
+                    f"{self.learning_rate_min}",
+                ),
+                (self.grad_clip > 0, f"--grad_clip must be > 0, got {self.grad_clip}"),
+                (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
+                (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+                (
+                    self.strategy in STRATEGIES,
+                    f"--strategy={self.strategy!r} is not valid; valid: {', '.join(STRATEGIES)}",
+                ),
+                (
+                    self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+                    f"--steps_per_epoch must be >= 1, got {self.steps_per_epoch}",
+                ),
+                (
+                    self.eval_steps is None or self.eval_steps >= 0,
+                    f"--eval_steps must be >= 0, got {self.eval_steps}",
+                ),
+                (
+                    self.mixed_precision in MIXED_PRECISION,
+                    f"--mixed_precision={self.mixed_precision!r} is not valid; valid: float16, "
+                    "bfloat16 (or unset)",
+                ),
+            ]
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +173,18 @@ class ArchitectureOptimizerConfig:
     beta2: float = 0.999
 
     def validate(self) -> None:
-        _check([
-            (self.learning_rate > 0,
-             f"--arch_learning_rate must be > 0, got {self.learning_rate}"),
-            (self.weight_decay >= 0,
-             f"--arch_weight_decay must be >= 0, got {self.weight_decay}"),
-        ])
+        _check(
+            [
+                (
+                    self.learning_rate > 0,
+                    f"--arch_learning_rate must be > 0, got {self.learning_rate}",
+                ),
+                (
+                    self.weight_decay >= 0,
+                    f"--arch_weight_decay must be >= 0, got {self.weight_decay}",
+                ),
+            ]
+        )
 
 
 class _RunSettings:
@@ -227,16 +265,23 @@ class OneStageConfig(_RunSettings):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
-            (self.network.one_stage,
-             "the one-stage run needs SearchNetworkConfig(one_stage=True)"),
-            (_is_int(self.search_epochs) and self.search_epochs >= 1,
-             f"--search_epochs must be >= 1, got {self.search_epochs}"),
-            (0 <= self.drop_path_prob < 1,
-             f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}"),
-            (self.freeze_tolerance >= 0,
-             f"--freeze_tolerance must be >= 0, got {self.freeze_tolerance}"),
-            (_is_int(self.max_params) and self.max_params >= 1,
-             f"--max_params must be >= 1, got {self.max_params}"),
+            (self.network.one_stage, "the one-stage run needs SearchNetworkConfig(one_stage=True)"),
+            (
+                _is_int(self.search_epochs) and self.search_epochs >= 1,
+                f"--search_epochs must be >= 1, got {self.search_epochs}",
+            ),
+            (
+                0 <= self.drop_path_prob < 1,
+                f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}",
+            ),
+            (
+                self.freeze_tolerance >= 0,
+                f"--freeze_tolerance must be >= 0, got {self.freeze_tolerance}",
+            ),
+            (
+                _is_int(self.max_params) and self.max_params >= 1,
+                f"--max_params must be >= 1, got {self.max_params}",
+            ),
         ]
 
 
@@ -269,8 +314,9 @@ class TrainConfig(_RunSettings):
     model_dir: str
     genotype: str = "ISTA_twostage"
     data: DataConfig = DataConfig(cutout_length=16)
-    loop: LoopConfig = LoopConfig(epochs=600, batch_size=96, learning_rate=0.025,
-                                  learning_rate_min=0.0)
+    loop: LoopConfig = LoopConfig(
+        epochs=600, batch_size=96, learning_rate=0.025, learning_rate_min=0.0
+    )
     channels: int | None = None
     layers: int | None = None
     auxiliary: bool = True
@@ -286,27 +332,41 @@ class TrainConfig(_RunSettings):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
-            (self.lr_schedule in LR_SCHEDULES,
-             f"--lr_schedule={self.lr_schedule!r} is not valid; valid: "
-             f"{', '.join(LR_SCHEDULES)}"),
-            (_is_int(self.warmup_epochs) and self.warmup_epochs >= 0,
-             f"--warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.drop_path_prob < 1,
-             f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}"),
-            (0 <= self.label_smoothing < 1,
-             f"--label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.channels is None or (_is_int(self.channels) and self.channels >= 2),
-             f"--init_channels must be >= 2, got {self.channels}"),
-            (self.layers is None or (_is_int(self.layers) and self.layers >= 3),
-             f"--layers must be at least 3 (the reductions sit at cells layers//3 and "
-             f"2*layers//3 and must be distinct), got {self.layers}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"--lr_schedule={self.lr_schedule!r} is not valid; valid: "
+                f"{', '.join(LR_SCHEDULES)}",
+            ),
+            (
+                _is_int(self.warmup_epochs) and self.warmup_epochs >= 0,
+                f"--warmup_epochs must be >= 0, got {self.warmup_epochs}",
+            ),
+            (
+                0 <= self.drop_path_prob < 1,
+                f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}",
+            ),
+            (
+                0 <= self.label_smoothing < 1,
+                f"--label_smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                self.channels is None or (_is_int(self.channels) and self.channels >= 2),
+                f"--init_channels must be >= 2, got {self.channels}",
+            ),
+            (
+                self.layers is None or (_is_int(self.layers) and self.layers >= 3),
+                f"--layers must be at least 3 (the reductions sit at cells layers//3 and "
+                f"2*layers//3 and must be distinct), got {self.layers}",
+            ),
         ]
 
     def network_settings(self, family: str) -> tuple[int, int]:
         """``(channels, layers)`` for a dataset family: the flags, else its defaults."""
         defaults = networks.FAMILIES[family]
-        return (defaults["channels"] if self.channels is None else self.channels,
-                defaults["layers"] if self.layers is None else self.layers)
+        return (
+            defaults["channels"] if self.channels is None else self.channels,
+            defaults["layers"] if self.layers is None else self.layers,
+        )
 
 
 RunConfig = TwoStageConfig | OneStageConfig | TrainConfig
@@ -326,8 +386,11 @@ def recorded_settings(config: RunConfig, **resolved) -> dict[str, Any]:
 
     def nested(value, prefix):
         if dataclasses.is_dataclass(value):
-            return {f.name: nested(getattr(value, f.name), f"{prefix}{f.name}.")
-                    for f in dataclasses.fields(value) if f"{prefix}{f.name}" not in TRANSIENT}
+            return {
+                f.name: nested(getattr(value, f.name), f"{prefix}{f.name}.")
+                for f in dataclasses.fields(value)
+                if f"{prefix}{f.name}" not in TRANSIENT
+            }
         return list(value) if isinstance(value, tuple) else value
 
     return {"kind": config.KIND, **nested(config, ""), **resolved}

@@ -33,8 +33,9 @@ from istanas_tf.training import steps as steps_lib
 CELL_TYPES = genotypes.CELL_TYPES
 
 
-def stopping_step(model: search_model.SearchNetwork, freeze_tolerance: float,
-                  max_params: int, recoveries=None) -> stopping.StopDecision:
+def stopping_step(
+    model: search_model.SearchNetwork, freeze_tolerance: float, max_params: int, recoveries=None
+) -> stopping.StopDecision:
     """One after-epoch step of the stopping rule, applied to ``model``.
 
     Recovers every node (``model.recover()``, unless ``recoveries`` are given), decides
@@ -43,9 +44,14 @@ def stopping_step(model: search_model.SearchNetwork, freeze_tolerance: float,
     (``model.freeze_node``: b stops training, their candidate ops' BN gamma/beta train).
     """
     recoveries = model.recover() if recoveries is None else recoveries
-    decision = stopping.decide(recoveries, model.supports, model.frozen_nodes,
-                               freeze_tolerance, max_params,
-                               model.evaluation_parameter_count)
+    decision = stopping.decide(
+        recoveries,
+        model.supports,
+        model.frozen_nodes,
+        freeze_tolerance,
+        max_params,
+        model.evaluation_parameter_count,
+    )
     if not decision.rejected:
         model.commit(recoveries, nodes=decision.searching)
     for cell_type, nodes in decision.newly_frozen.items():
@@ -56,9 +62,11 @@ def stopping_step(model: search_model.SearchNetwork, freeze_tolerance: float,
 
 def _cifar_sized(info) -> None:
     if info.augmentation != "cifar":
-        raise ValueError(f"--method=ista_onestage builds the CIFAR network; "
-                         f"--dataset={info.name} has {info.image_size} images "
-                         "(ImageNet-sized input is not supported)")
+        raise ValueError(
+            f"--method=ista_onestage builds the CIFAR network; "
+            f"--dataset={info.name} has {info.image_size} images "
+            "(ImageNet-sized input is not supported)"
+        )
 
 
 class OneStageRun(search_run.SearchRun):
@@ -82,18 +90,40 @@ class OneStageRun(search_run.SearchRun):
         super-net in inference mode on the test split (reported, not used)."""
         config = self.config
         logs, train_time, _ = steps_lib.train_on_split(
-            self.train_fn, self.model, self.strategy, config, self.info, "train",
-            epoch=epoch, steps=steps, chief=self.chief, cutout=config.data.cutout_length > 0)
-        return {**logs, "train_time_s": train_time, **steps_lib.evaluate_split(
-            self.eval_fn, self.model, self.strategy, config.data, self.info, "test",
-            batch_size=config.loop.batch_size, max_steps=config.loop.eval_steps,
-            prefix="test", keys=("loss", "accuracy"))}
+            self.train_fn,
+            self.model,
+            self.strategy,
+            config,
+            self.info,
+            "train",
+            epoch=epoch,
+            steps=steps,
+            chief=self.chief,
+            cutout=config.data.cutout_length > 0,
+        )
+        return {
+            **logs,
+            "train_time_s": train_time,
+            **steps_lib.evaluate_split(
+                self.eval_fn,
+                self.model,
+                self.strategy,
+                config.data,
+                self.info,
+                "test",
+                batch_size=config.loop.batch_size,
+                max_steps=config.loop.eval_steps,
+                prefix="test",
+                keys=("loss", "accuracy"),
+            ),
+        }
 
     def run(self) -> dict[str, Any]:
         """Runs the rest of the search, the training phase, then absorbs and exports."""
         loop = self.config.loop
-        steps = steps_lib.steps_per_epoch(self.info, ("train",), loop.batch_size,
-                                          self.strategy, loop.steps_per_epoch)
+        steps = steps_lib.steps_per_epoch(
+            self.info, ("train",), loop.batch_size, self.strategy, loop.steps_per_epoch
+        )
         while not self.progress.search_ended:
             self.search_epoch(self.state.epochs_done, steps)
         search_epochs = self.progress.search_length
@@ -112,8 +142,12 @@ class OneStageRun(search_run.SearchRun):
         self.weight_optimizer.learning_rate = config.loop.learning_rate
         self.model.drop_path_rate.assign(0.0)
         logs = self._train_epoch(epoch, steps)
-        row: dict[str, Any] = {"epoch": epoch + 1, "phase": "search",
-                               "lr": config.loop.learning_rate, **logs}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "phase": "search",
+            "lr": config.loop.learning_rate,
+            **logs,
+        }
         architecture_before = (self.model.supports, self.model.frozen_nodes)
         if all(all(flags) for flags in self.model.frozen_nodes.values()):
             # Every node stopped after the previous epoch: the search ends here.
@@ -125,42 +159,65 @@ class OneStageRun(search_run.SearchRun):
             for cell_type, nodes in decision.newly_frozen.items():
                 for node in nodes:
                     self.progress.stop_node(cell_type, node, epoch + 1)
-            row.update(z_distance=decision.distances, newly_frozen=decision.newly_frozen,
-                       candidate_params=decision.candidate_params,
-                       rejected=decision.rejected)
+            row.update(
+                z_distance=decision.distances,
+                newly_frozen=decision.newly_frozen,
+                candidate_params=decision.candidate_params,
+                rejected=decision.rejected,
+            )
             if decision.rejected:
                 row["rejected_genotype"] = genotypes.to_json_dict(
-                    self.model.genotype(decision.candidate_supports))
-                logging.warning("epoch %d: the recovered architecture has %d parameters "
-                                ">= --max_params=%d: rejected, keeping the last z", epoch + 1,
-                                decision.candidate_params, config.max_params)
+                    self.model.genotype(decision.candidate_supports)
+                )
+                logging.warning(
+                    "epoch %d: the recovered architecture has %d parameters "
+                    ">= --max_params=%d: rejected, keeping the last z",
+                    epoch + 1,
+                    decision.candidate_params,
+                    config.max_params,
+                )
             if epoch + 1 >= config.search_epochs:
                 self._force_stop(epoch + 1)
         if (self.model.supports, self.model.frozen_nodes) != architecture_before:
             self.trace_steps()  # the steps run other ops or train other variables
         genotype = self.model.genotype()
-        row.update(frozen={t: list(flags) for t, flags in self.model.frozen_nodes.items()},
-                   params=self.model.evaluation_parameter_count(),
-                   genotype=genotypes.to_json_dict(genotype))
+        row.update(
+            frozen={t: list(flags) for t, flags in self.model.frozen_nodes.items()},
+            params=self.model.evaluation_parameter_count(),
+            genotype=genotypes.to_json_dict(genotype),
+        )
         if self.progress.search_ended:
-            summary = {"search_epochs": self.progress.search_length,
-                       "node_stop_epochs": self.progress.stop_epochs(),
-                       "forced_stops": self.progress.forced_stops()}
-            row.update(search_ended=True, node_stop_epochs=summary["node_stop_epochs"],
-                       forced_stops=summary["forced_stops"])
+            summary = {
+                "search_epochs": self.progress.search_length,
+                "node_stop_epochs": self.progress.stop_epochs(),
+                "forced_stops": self.progress.forced_stops(),
+            }
+            row.update(
+                search_ended=True,
+                node_stop_epochs=summary["node_stop_epochs"],
+                forced_stops=summary["forced_stops"],
+            )
             if self.chief:
-                run_dir.write_json(run_dir.path(config.model_dir, run_dir.SEARCH_SUMMARY),
-                                   {**summary, "params": row["params"],
-                                    "genotype": row["genotype"]})
+                run_dir.write_json(
+                    run_dir.path(config.model_dir, run_dir.SEARCH_SUMMARY),
+                    {**summary, "params": row["params"], "genotype": row["genotype"]},
+                )
         self.state.end_epoch(row, genotype, self.model)
         frozen = sum(sum(flags) for flags in self.model.frozen_nodes.values())
-        logging.info("search epoch %d  loss %.4f  acc %.4f  test_acc %s  frozen %d/%d%s%s",
-                     epoch + 1, logs.get("loss", float("nan")),
-                     logs.get("accuracy", float("nan")),
-                     _fmt(logs.get("test_accuracy")), frozen, 2 * genotypes.STEPS,
-                     "  (rejected)" if row.get("rejected") else "",
-                     f"  search ended after {epoch + 1} epochs; node stop epochs "
-                     f"{self.progress.stop_epochs()}" if self.progress.search_ended else "")
+        logging.info(
+            "search epoch %d  loss %.4f  acc %.4f  test_acc %s  frozen %d/%d%s%s",
+            epoch + 1,
+            logs.get("loss", float("nan")),
+            logs.get("accuracy", float("nan")),
+            _fmt(logs.get("test_accuracy")),
+            frozen,
+            2 * genotypes.STEPS,
+            "  (rejected)" if row.get("rejected") else "",
+            f"  search ended after {epoch + 1} epochs; node stop epochs "
+            f"{self.progress.stop_epochs()}"
+            if self.progress.search_ended
+            else "",
+        )
 
     def _force_stop(self, epoch: int) -> None:
         """Ends the search at the --search_epochs cap, freezing the nodes still searching
@@ -173,50 +230,78 @@ class OneStageRun(search_run.SearchRun):
                     self.progress.stop_node(cell_type, node, epoch, forced=True)
                     forced = True
         if forced:
-            logging.warning("--search_epochs=%d reached with nodes still searching: froze "
-                            "them at their last z (forced stops %s)",
-                            self.config.search_epochs, self.progress.forced_stops())
+            logging.warning(
+                "--search_epochs=%d reached with nodes still searching: froze "
+                "them at their last z (forced stops %s)",
+                self.config.search_epochs,
+                self.progress.forced_stops(),
+            )
         self.progress.end_search(epoch)
 
     def _training_epoch(self, epoch: int, phase_epoch: int, steps: int) -> None:
         config, loop = self.config, self.config.loop
-        lr = runtime.cosine_learning_rate(phase_epoch, loop.epochs, loop.learning_rate,
-                                          loop.learning_rate_min)
+        lr = runtime.cosine_learning_rate(
+            phase_epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min
+        )
         drop_path = config.drop_path_prob * phase_epoch / loop.epochs
         self.weight_optimizer.learning_rate = lr
         self.model.drop_path_rate.assign(drop_path)
         logs = self._train_epoch(epoch, steps)
-        self.state.end_epoch({"epoch": epoch + 1, "phase": "train",
-                              "train_epoch": phase_epoch + 1, "lr": lr,
-                              "drop_path_rate": drop_path, **logs})
-        logging.info("train epoch %d/%d  lr %.4g  drop path %.3f  loss %.4f  acc %.4f  "
-                     "test_acc %s  %.1fs", phase_epoch + 1, loop.epochs, lr, drop_path,
-                     logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
-                     _fmt(logs.get("test_accuracy")), logs["train_time_s"])
+        self.state.end_epoch(
+            {
+                "epoch": epoch + 1,
+                "phase": "train",
+                "train_epoch": phase_epoch + 1,
+                "lr": lr,
+                "drop_path_rate": drop_path,
+                **logs,
+            }
+        )
+        logging.info(
+            "train epoch %d/%d  lr %.4g  drop path %.3f  loss %.4f  acc %.4f  test_acc %s  %.1fs",
+            phase_epoch + 1,
+            loop.epochs,
+            lr,
+            drop_path,
+            logs.get("loss", float("nan")),
+            logs.get("accuracy", float("nan")),
+            _fmt(logs.get("test_accuracy")),
+            logs["train_time_s"],
+        )
 
     def _finish(self) -> dict[str, Any]:
         """Absorbs the alphas, evaluates the evaluation network on the test split, exports."""
         config = self.config
         network = absorption.absorb(self.model, self.info.image_size[0], auxiliary=False)
-        final = evaluate.evaluate_network(network, config.data, self.info, "test",
-                                          config.loop.batch_size)
-        result = {"search_epochs": self.progress.search_length,
-                  "train_epochs": config.loop.epochs,
-                  "node_stop_epochs": self.progress.stop_epochs(),
-                  "forced_stops": self.progress.forced_stops(),
-                  "test_top1": final["top1"], "test_top5": final["top5"],
-                  "test_examples": final["examples"],
-                  "params": network_size.count_parameters(network),
-                  "genotype": genotypes.to_json_dict(self.model.genotype())}
+        final = evaluate.evaluate_network(
+            network, config.data, self.info, "test", config.loop.batch_size
+        )
+        result = {
+            "search_epochs": self.progress.search_length,
+            "train_epochs": config.loop.epochs,
+            "node_stop_epochs": self.progress.stop_epochs(),
+            "forced_stops": self.progress.forced_stops(),
+            "test_top1": final["top1"],
+            "test_top5": final["top5"],
+            "test_examples": final["examples"],
+            "params": network_size.count_parameters(network),
+            "genotype": genotypes.to_json_dict(self.model.genotype()),
+        }
         if self.chief:
             result["export"] = export.export_for_dataset(
-                network, self.info,
+                network,
+                self.info,
                 config.export_dir or run_dir.path(config.model_dir, run_dir.EXPORT),
-                config.model_name)
+                config.model_name,
+            )
             self.state.write_final_metrics(result)
-        logging.info("one-stage run finished: test top-1 %.4f top-5 %.4f, %d parameters, "
-                     "search %d epochs", final["top1"], final["top5"], result["params"],
-                     result["search_epochs"])
+        logging.info(
+            "one-stage run finished: test top-1 %.4f top-5 %.4f, %d parameters, search %d epochs",
+            final["top1"],
+            final["top5"],
+            result["params"],
+            result["search_epochs"],
+        )
         return result
 
 

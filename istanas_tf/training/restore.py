@@ -41,8 +41,11 @@ def _checkpoint_classes(checkpoint: str) -> int | None:
     """The output width of the main classifier saved in ``checkpoint``."""
     shapes = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
     for key, shape in shapes.items():
-        if key.startswith("model/") and "auxiliary" not in key and \
-                key.endswith("classifier.Skernel/.ATTRIBUTES/VARIABLE_VALUE"):
+        if (
+            key.startswith("model/")
+            and "auxiliary" not in key
+            and key.endswith("classifier.Skernel/.ATTRIBUTES/VARIABLE_VALUE")
+        ):
             return int(shape[-1])
     return None
 
@@ -54,15 +57,18 @@ def _restore_train_network(model_dir: str, config: config_lib.TrainConfig, info)
     if classes is not None and classes != info.num_classes:
         raise ValueError(
             f"--dataset={info.name} has {info.num_classes} classes but the checkpoint in "
-            f"{model_dir} was trained for {classes}")
+            f"{model_dir} was trained for {classes}"
+        )
     model = builders.evaluation_network(config, config_lib.resolve_genotype(config), info)
     tf.train.Checkpoint(model=state_lib.variables_by_path(model.variables)).restore(
-        checkpoint).expect_partial()
+        checkpoint
+    ).expect_partial()
     return model
 
 
-def restore_one_stage(model_dir: str, config: config_lib.OneStageConfig, num_classes: int,
-                      image_size: int):
+def restore_one_stage(
+    model_dir: str, config: config_lib.OneStageConfig, num_classes: int, image_size: int
+):
     """The absorbed evaluation network of a one-stage run's latest checkpoint.
 
     Returns:
@@ -76,9 +82,11 @@ def restore_one_stage(model_dir: str, config: config_lib.OneStageConfig, num_cla
     model = builders.search_network(config.network, num_classes, image_size)
     progress = state_lib.OneStageProgress()
     epoch = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(epoch=epoch, model=state_lib.variables_by_path(model.variables),
-                        one_stage=state_lib.variables_by_path(progress.variables)
-                        ).restore(checkpoint).expect_partial()
+    tf.train.Checkpoint(
+        epoch=epoch,
+        model=state_lib.variables_by_path(model.variables),
+        one_stage=state_lib.variables_by_path(progress.variables),
+    ).restore(checkpoint).expect_partial()
     model.sync_supports()
     epoch = int(epoch.numpy())
     if not progress.search_ended:
@@ -86,14 +94,21 @@ def restore_one_stage(model_dir: str, config: config_lib.OneStageConfig, num_cla
         raise run_dir.RunDirError(
             f"--model_dir={model_dir}: the one-stage search has not ended (epoch {epoch}, "
             f"{frozen} of {2 * genotypes.STEPS} nodes frozen), so there is no final "
-            "architecture to export yet; resume the run with its command")
-    status = {"epoch": epoch, "search_epochs": progress.search_length,
-              "train_epochs_done": epoch - progress.search_length,
-              "train_epochs": config.loop.epochs}
+            "architecture to export yet; resume the run with its command"
+        )
+    status = {
+        "epoch": epoch,
+        "search_epochs": progress.search_length,
+        "train_epochs_done": epoch - progress.search_length,
+        "train_epochs": config.loop.epochs,
+    }
     if status["train_epochs_done"] < config.loop.epochs:
-        logging.warning("%s: the training phase is at epoch %d of %d; exporting its latest "
-                        "checkpoint", model_dir, status["train_epochs_done"],
-                        config.loop.epochs)
+        logging.warning(
+            "%s: the training phase is at epoch %d of %d; exporting its latest checkpoint",
+            model_dir,
+            status["train_epochs_done"],
+            config.loop.epochs,
+        )
     return absorption.absorb(model, image_size, auxiliary=False), status
 
 
@@ -119,18 +134,23 @@ def restore_network(model_dir: str, info=None):
             f"--model_dir={model_dir} is a two-stage search (--method="
             f"{config.network.method}): it holds a genotype, not a trained network; "
             f"retrain it with --mode=train --genotype="
-            f"{run_dir.path(model_dir, run_dir.GENOTYPE)}")
+            f"{run_dir.path(model_dir, run_dir.GENOTYPE)}"
+        )
     if info is None:
         info = recorded_dataset_info(model_dir, settings)
     if isinstance(config, config_lib.OneStageConfig):
-        network, _ = restore_one_stage(model_dir, config, info.num_classes,
-                                       info.image_size[0])
+        network, _ = restore_one_stage(model_dir, config, info.num_classes, info.image_size[0])
         return network, info
     return _restore_train_network(model_dir, config, info), info
 
 
-def export_run(model_dir: str, export_dir: str | None = None, model_name: str = "istanas",
-               version: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+def export_run(
+    model_dir: str,
+    export_dir: str | None = None,
+    model_name: str = "istanas",
+    version: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """``--mode=export``: the SavedModel of a run directory's latest trained network.
 
     Args:
@@ -141,6 +161,11 @@ def export_run(model_dir: str, export_dir: str | None = None, model_name: str = 
     """
     network, info = restore_network(model_dir)
     version_dir = export.export_for_dataset(
-        network, info, export_dir or run_dir.path(model_dir, run_dir.EXPORT), model_name,
-        version, overwrite)
+        network,
+        info,
+        export_dir or run_dir.path(model_dir, run_dir.EXPORT),
+        model_name,
+        version,
+        overwrite,
+    )
     return {"export": version_dir, "params": network_size.count_parameters(network)}

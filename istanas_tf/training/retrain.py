@@ -26,10 +26,12 @@ def learning_rate_at(config: config_lib.TrainConfig, epoch: int) -> float:
     """The lr of epoch ``epoch`` (0-based) under ``config.lr_schedule``."""
     loop = config.loop
     if config.lr_schedule == "cosine":
-        return runtime.cosine_learning_rate(epoch, loop.epochs, loop.learning_rate,
-                                            loop.learning_rate_min)
-    return runtime.warmup_linear_learning_rate(epoch, loop.epochs, loop.learning_rate,
-                                               loop.learning_rate_min, config.warmup_epochs)
+        return runtime.cosine_learning_rate(
+            epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min
+        )
+    return runtime.warmup_linear_learning_rate(
+        epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min, config.warmup_epochs
+    )
 
 
 class TrainRun:
@@ -40,11 +42,15 @@ class TrainRun:
         self.genotype = config_lib.resolve_genotype(config)
         setup = runtime.start(config, genotype=genotypes.to_json_dict(self.genotype))
         self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
-        self.model, self.optimizer = builders.build_train_model(config, self.strategy,
-                                                                self.genotype, self.info)
+        self.model, self.optimizer = builders.build_train_model(
+            config, self.strategy, self.genotype, self.info
+        )
         with self.strategy.scope():
-            self.state = state_lib.RunState(config.model_dir, self.strategy, {
-                "model": self.model.variables, "optimizer": self.optimizer.variables})
+            self.state = state_lib.RunState(
+                config.model_dir,
+                self.strategy,
+                {"model": self.model.variables, "optimizer": self.optimizer.variables},
+            )
         self.state.restore()
         self._train_fn = self._step_fn(self.model.train_step)
         self._eval_fn = self._step_fn(self.model.test_step)
@@ -54,23 +60,34 @@ class TrainRun:
             if not tf.config.list_physical_devices("GPU"):
                 # Measured (benchmarks/train_step_benchmark.py): XLA's CPU depthwise convs
                 # make the step ~14x slower here; it is meant for GPUs and TPUs.
-                logging.warning("--jit_compile on a CPU-only machine: XLA's CPU kernels for "
-                                "depthwise convolutions are slow; expect a slower step")
+                logging.warning(
+                    "--jit_compile on a CPU-only machine: XLA's CPU kernels for "
+                    "depthwise convolutions are slow; expect a slower step"
+                )
             step = tf.function(step, jit_compile=True)
         return steps_lib.distributed_step(self.strategy, step, self.model)
 
     def evaluate(self, max_steps: int | None = None) -> dict[str, float]:
         """Loss, top-1 and top-5 of the network on the test split (inference mode)."""
         return steps_lib.evaluate_split(
-            self._eval_fn, self.model, self.strategy, self.config.data, self.info, "test",
-            batch_size=self.config.loop.batch_size, max_steps=max_steps, prefix="test",
-            keys=("loss", "top1", "top5"))
+            self._eval_fn,
+            self.model,
+            self.strategy,
+            self.config.data,
+            self.info,
+            "test",
+            batch_size=self.config.loop.batch_size,
+            max_steps=max_steps,
+            prefix="test",
+            keys=("loss", "top1", "top5"),
+        )
 
     def run(self) -> dict[str, Any]:
         """Runs the remaining epochs, evaluates on the whole test split, exports."""
         config, loop = self.config, self.config.loop
-        steps = steps_lib.steps_per_epoch(self.info, ("train",), loop.batch_size,
-                                          self.strategy, loop.steps_per_epoch)
+        steps = steps_lib.steps_per_epoch(
+            self.info, ("train",), loop.batch_size, self.strategy, loop.steps_per_epoch
+        )
         for epoch in range(self.state.epochs_done, loop.epochs):
             self.run_epoch(epoch, steps)
         recorded = self.state.final_metrics()
@@ -80,17 +97,21 @@ class TrainRun:
             logging.info("Run already finished in %s", config.model_dir)
             return recorded
         final = self.evaluate()
-        result = {"epochs": loop.epochs, **final,
-                  "params": network_size.count_parameters(self.model),
-                  "genotype": genotypes.to_json_dict(self.genotype)}
+        result = {
+            "epochs": loop.epochs,
+            **final,
+            "params": network_size.count_parameters(self.model),
+            "genotype": genotypes.to_json_dict(self.genotype),
+        }
         if self.chief:
             result["export"] = export.export_for_dataset(
-                self.model, self.info,
+                self.model,
+                self.info,
                 config.export_dir or run_dir.path(config.model_dir, run_dir.EXPORT),
-                config.model_name)
+                config.model_name,
+            )
             self.state.write_final_metrics(result)
-        logging.info("final test top-1 %.4f top-5 %.4f", final["test_top1"],
-                     final["test_top5"])
+        logging.info("final test top-1 %.4f top-5 %.4f", final["test_top1"], final["test_top5"])
         return result
 
     def run_epoch(self, epoch: int, steps: int) -> dict[str, Any]:
@@ -101,16 +122,37 @@ class TrainRun:
         drop_path = config.drop_path_prob * epoch / loop.epochs  # DARTS' linear ramp
         self.model.drop_path_rate.assign(drop_path)
         logs, train_time, _ = steps_lib.train_on_split(
-            self._train_fn, self.model, self.strategy, config, self.info, "train",
-            epoch=epoch, steps=steps, chief=self.chief, cutout=config.data.cutout_length > 0)
+            self._train_fn,
+            self.model,
+            self.strategy,
+            config,
+            self.info,
+            "train",
+            epoch=epoch,
+            steps=steps,
+            chief=self.chief,
+            cutout=config.data.cutout_length > 0,
+        )
         eval_logs = self.evaluate(loop.eval_steps)
-        row = {"epoch": epoch + 1, "lr": lr, "drop_path_rate": drop_path, **logs,
-               **eval_logs, "train_time_s": train_time}
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "drop_path_rate": drop_path,
+            **logs,
+            **eval_logs,
+            "train_time_s": train_time,
+        }
         self.state.end_epoch(row)
-        logging.info("epoch %d/%d  lr %.4g  loss %.4f  top1 %.4f  test_top1 %s  %.1fs",
-                     epoch + 1, loop.epochs, lr, logs.get("loss", float("nan")),
-                     logs.get("top1", float("nan")),
-                     f"{eval_logs['test_top1']:.4f}" if eval_logs else "-", train_time)
+        logging.info(
+            "epoch %d/%d  lr %.4g  loss %.4f  top1 %.4f  test_top1 %s  %.1fs",
+            epoch + 1,
+            loop.epochs,
+            lr,
+            logs.get("loss", float("nan")),
+            logs.get("top1", float("nan")),
+            f"{eval_logs['test_top1']:.4f}" if eval_logs else "-",
+            train_time,
+        )
         return row
 
 

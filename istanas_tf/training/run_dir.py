@@ -110,17 +110,23 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
     if kind != settings["kind"]:
         raise RunDirError(
             f"--model_dir={model_dir} holds {KIND_DESCRIPTIONS[kind]}, not "
-            f"{KIND_DESCRIPTIONS[settings['kind']]}; use a new --model_dir")
+            f"{KIND_DESCRIPTIONS[settings['kind']]}; use a new --model_dir"
+        )
     old, new = config_lib.flatten(recorded), config_lib.flatten(settings)
-    differing = sorted(key for key in set(old) | set(new)
-                       if key not in config_lib.RESUMABLE and old.get(key) != new.get(key))
+    differing = sorted(
+        key
+        for key in set(old) | set(new)
+        if key not in config_lib.RESUMABLE and old.get(key) != new.get(key)
+    )
     if differing:
         details = "; ".join(
             f"--{config_lib.flag_name(key) or key}: recorded {old.get(key)!r}, now {new.get(key)!r}"
-            for key in differing)
+            for key in differing
+        )
         raise RunDirError(
             f"--model_dir={model_dir} holds a run with different settings ({details}). "
-            "Use a new --model_dir, or rerun with the recorded values to resume.")
+            "Use a new --model_dir, or rerun with the recorded values to resume."
+        )
     # Settings that may change (e.g. more epochs) are recorded at their latest value.
     write_json(file, settings)
     return True
@@ -134,9 +140,11 @@ def read_run_config(model_dir: str) -> dict[str, Any]:
     """
     recorded = read_json(path(model_dir, RUN_CONFIG))
     if recorded is None:
-        raise RunDirError(f"--model_dir={model_dir} holds no checkpoint: no run was "
-                          f"written there ({RUN_CONFIG} is missing); pass the directory "
-                          "a search or training wrote")
+        raise RunDirError(
+            f"--model_dir={model_dir} holds no checkpoint: no run was "
+            f"written there ({RUN_CONFIG} is missing); pass the directory "
+            "a search or training wrote"
+        )
     run_kind(recorded, model_dir)
     return recorded
 
@@ -148,7 +156,8 @@ def run_kind(settings: dict[str, Any], model_dir: str = "the run directory") -> 
         raise RunDirError(
             f"{model_dir}/{RUN_CONFIG} records no run kind this version of istanas_tf "
             f"knows (kind={kind!r}); it was written by another version. Resume or export "
-            "it with that version, or use a new --model_dir")
+            "it with that version, or use a new --model_dir"
+        )
     return kind
 
 
@@ -199,10 +208,18 @@ class RecordedDatasetInfo:
 def write_dataset_info(model_dir: str, info) -> None:
     """Records ``dataset.json`` (size, normalisation, class names; ``info`` is a
     ``data.DatasetInfo``) so that ``--mode=export`` needs no access to the dataset."""
-    write_json(path(model_dir, DATASET), {
-        "name": info.name, "image_size": list(info.image_size),
-        "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
-        "class_names": list(info.class_names), "augmentation": info.augmentation})
+    write_json(
+        path(model_dir, DATASET),
+        {
+            "name": info.name,
+            "image_size": list(info.image_size),
+            "num_classes": info.num_classes,
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "class_names": list(info.class_names),
+            "augmentation": info.augmentation,
+        },
+    )
 
 
 def read_dataset_info(model_dir: str) -> RecordedDatasetInfo | None:
@@ -210,5 +227,6 @@ def read_dataset_info(model_dir: str) -> RecordedDatasetInfo | None:
     content = read_json(path(model_dir, DATASET))
     if content is None:
         return None
-    return RecordedDatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in content.items()})
+    return RecordedDatasetInfo(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in content.items()}
+    )

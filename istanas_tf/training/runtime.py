@@ -28,11 +28,12 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment "
-                             "variable describing the cluster and this worker's task")
+            raise ValueError(
+                "--strategy=multi_worker needs the TF_CONFIG environment "
+                "variable describing the cluster and this worker's task"
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"--strategy={name!r} is not valid; valid: "
-                     f"{', '.join(config_lib.STRATEGIES)}")
+    raise ValueError(f"--strategy={name!r} is not valid; valid: {', '.join(config_lib.STRATEGIES)}")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -41,8 +42,10 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if resolver is None or not resolver.task_type:
         return True
     return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict())
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
 
 
 def num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
@@ -79,8 +82,9 @@ def cosine_learning_rate(epoch: int, epochs: int, lr_max: float, lr_min: float) 
     return lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
-def warmup_linear_learning_rate(epoch: int, epochs: int, lr_max: float, lr_min: float,
-                                warmup_epochs: int) -> float:
+def warmup_linear_learning_rate(
+    epoch: int, epochs: int, lr_max: float, lr_min: float, warmup_epochs: int
+) -> float:
     """A linear warm-up to ``lr_max`` over ``warmup_epochs``, then a linear decay that
     reaches ``lr_min`` one epoch after the last (the ImageNet schedule)."""
     if epoch < warmup_epochs:
@@ -129,7 +133,6 @@ def start(config: config_lib.RunConfig, check_data=None, **resolved) -> Runtime:
     # Only the chief records the settings: workers share the run directory, and two
     # writers would race on run_config.json's temporary file.
     if chief:
-        run_dir.check_run_config(config.model_dir,
-                                 config_lib.recorded_settings(config, **resolved))
+        run_dir.check_run_config(config.model_dir, config_lib.recorded_settings(config, **resolved))
         run_dir.write_dataset_info(config.model_dir, info)
     return Runtime(strategy=strategy, chief=chief, info=info)

@@ -25,18 +25,26 @@ class SearchRun:
       state: the run directory's checkpoints, metrics and summaries.
     """
 
-    def __init__(self, config: config_lib.TwoStageConfig | config_lib.OneStageConfig,
-                 check_data=None):
+    def __init__(
+        self, config: config_lib.TwoStageConfig | config_lib.OneStageConfig, check_data=None
+    ):
         self.config = config
         setup = runtime.start(config, check_data=check_data)
         self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
-        self.model, self.weight_optimizer, self.arch_optimizer = \
-            builders.build_search_model(config, self.strategy, self.info)
+        self.model, self.weight_optimizer, self.arch_optimizer = builders.build_search_model(
+            config, self.strategy, self.info
+        )
         with self.strategy.scope():
-            self.state = state_lib.RunState(config.model_dir, self.strategy, {
-                "model": self.model.variables,
-                "weight_optimizer": self.weight_optimizer.variables,
-                "arch_optimizer": self.arch_optimizer.variables, **self._extra_state()})
+            self.state = state_lib.RunState(
+                config.model_dir,
+                self.strategy,
+                {
+                    "model": self.model.variables,
+                    "weight_optimizer": self.weight_optimizer.variables,
+                    "arch_optimizer": self.arch_optimizer.variables,
+                    **self._extra_state(),
+                },
+            )
         if self.state.restore():
             self.model.sync_supports()
         self.trace_steps()
@@ -51,7 +59,5 @@ class SearchRun:
 
     def trace_steps(self) -> None:
         """New step functions: the architecture (Python data) is baked into their traces."""
-        self.train_fn = steps_lib.distributed_step(self.strategy, self._train_step,
-                                                   self.model)
-        self.eval_fn = steps_lib.distributed_step(self.strategy, self.model.test_step,
-                                                  self.model)
+        self.train_fn = steps_lib.distributed_step(self.strategy, self._train_step, self.model)
+        self.eval_fn = steps_lib.distributed_step(self.strategy, self.model.test_step, self.model)

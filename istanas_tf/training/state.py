@@ -30,8 +30,9 @@ def variables_by_path(variables) -> dict[str, Any]:
     mapping = {}
     for variable in variables:
         if variable.path in mapping:
-            raise ValueError(f"two variables share the path {variable.path!r}; "
-                             "give the layers distinct names")
+            raise ValueError(
+                f"two variables share the path {variable.path!r}; give the layers distinct names"
+            )
         mapping[variable.path] = variable
     return mapping
 
@@ -49,22 +50,27 @@ class RunState:
       variables: groups of variables by name, e.g. model / optimizer variables.
     """
 
-    def __init__(self, model_dir: str, strategy: tf.distribute.Strategy,
-                 variables: dict[str, list]):
+    def __init__(
+        self, model_dir: str, strategy: tf.distribute.Strategy, variables: dict[str, list]
+    ):
         self.model_dir = model_dir
         self.chief = runtime.is_chief(strategy)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.checkpoint = tf.train.Checkpoint(
-            epoch=self.epoch, **{name: variables_by_path(group)
-                                 for name, group in variables.items()})
+            epoch=self.epoch,
+            **{name: variables_by_path(group) for name, group in variables.items()},
+        )
         self.checkpoint_dir = run_dir.path(model_dir, run_dir.CHECKPOINTS)
-        directory = self.checkpoint_dir if self.chief else tempfile.mkdtemp(
-            prefix="istanas_worker_ckpt_")
+        directory = (
+            self.checkpoint_dir if self.chief else tempfile.mkdtemp(prefix="istanas_worker_ckpt_")
+        )
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=3)
         self.metrics_log = run_dir.MetricsLog(model_dir)
-        self.writer = (tf.summary.create_file_writer(run_dir.path(model_dir,
-                                                                  run_dir.TENSORBOARD))
-                       if self.chief else tf.summary.create_noop_writer())
+        self.writer = (
+            tf.summary.create_file_writer(run_dir.path(model_dir, run_dir.TENSORBOARD))
+            if self.chief
+            else tf.summary.create_noop_writer()
+        )
 
     @property
     def epochs_done(self) -> int:
@@ -86,8 +92,9 @@ class RunState:
         self.epoch.assign(epoch)
         self.manager.save(checkpoint_number=epoch)
 
-    def end_epoch(self, row: dict[str, Any], genotype: genotypes.Genotype | None = None,
-                  model=None) -> None:
+    def end_epoch(
+        self, row: dict[str, Any], genotype: genotypes.Genotype | None = None, model=None
+    ) -> None:
         """Everything an epoch leaves behind, then its checkpoint.
 
         On the chief: the metrics.jsonl row, the genotype files and diagrams (when a
@@ -116,12 +123,15 @@ class OneStageProgress:
 
     def __init__(self):
         shape = (len(genotypes.CELL_TYPES), genotypes.STEPS)
-        self.search_epochs = keras.Variable(0, dtype="int64", trainable=False,
-                                            name="one_stage_search_epochs")
-        self.stop_epoch = keras.Variable(np.zeros(shape, np.int64), trainable=False,
-                                         name="one_stage_node_stop_epoch")
-        self.forced = keras.Variable(np.zeros(shape, np.int64), trainable=False,
-                                     name="one_stage_node_stop_forced")
+        self.search_epochs = keras.Variable(
+            0, dtype="int64", trainable=False, name="one_stage_search_epochs"
+        )
+        self.stop_epoch = keras.Variable(
+            np.zeros(shape, np.int64), trainable=False, name="one_stage_node_stop_epoch"
+        )
+        self.forced = keras.Variable(
+            np.zeros(shape, np.int64), trainable=False, name="one_stage_node_stop_forced"
+        )
 
     @property
     def variables(self) -> list:
@@ -140,10 +150,16 @@ class OneStageProgress:
 
     def stop_node(self, cell_type: str, node: int, epoch: int, forced: bool = False) -> None:
         index = [[genotypes.CELL_TYPES.index(cell_type), node]]
-        self.stop_epoch.assign(tf.tensor_scatter_nd_update(
-            self.stop_epoch.value, index, tf.constant([epoch], tf.int64)))
-        self.forced.assign(tf.tensor_scatter_nd_update(
-            self.forced.value, index, tf.constant([int(forced)], tf.int64)))
+        self.stop_epoch.assign(
+            tf.tensor_scatter_nd_update(
+                self.stop_epoch.value, index, tf.constant([epoch], tf.int64)
+            )
+        )
+        self.forced.assign(
+            tf.tensor_scatter_nd_update(
+                self.forced.value, index, tf.constant([int(forced)], tf.int64)
+            )
+        )
 
     def stop_epochs(self) -> dict[str, list[int]]:
         """Per cell type, the epoch each node stopped searching at (0: still searching)."""
@@ -153,5 +169,7 @@ class OneStageProgress:
     def forced_stops(self) -> dict[str, list[int]]:
         """Per cell type, the nodes frozen by the --search_epochs cap."""
         values = self.forced.numpy()
-        return {t: [int(j) for j in np.flatnonzero(values[i])]
-                for i, t in enumerate(genotypes.CELL_TYPES)}
+        return {
+            t: [int(j) for j in np.flatnonzero(values[i])]
+            for i, t in enumerate(genotypes.CELL_TYPES)
+        }

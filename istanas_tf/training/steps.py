@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import keras
 import tensorflow as tf
@@ -41,8 +41,13 @@ def distributed_step(strategy: tf.distribute.Strategy, step: Callable, model) ->
     return run
 
 
-def steps_per_epoch(info: data.DatasetInfo, splits: Iterable[str], batch_size: int,
-                    strategy: tf.distribute.Strategy, cap: int | None = None) -> int:
+def steps_per_epoch(
+    info: data.DatasetInfo,
+    splits: Iterable[str],
+    batch_size: int,
+    strategy: tf.distribute.Strategy,
+    cap: int | None = None,
+) -> int:
     """Training steps per epoch: the whole batches every one of ``splits`` holds on
     each input pipeline, at most ``cap`` (``--steps_per_epoch``).
 
@@ -51,8 +56,10 @@ def steps_per_epoch(info: data.DatasetInfo, splits: Iterable[str], batch_size: i
     """
     pipelines = runtime.num_input_pipelines(strategy)
     splits = list(splits)
-    steps = min(data.steps_per_epoch(info, split, batch_size, num_input_pipelines=pipelines)
-                for split in splits)
+    steps = min(
+        data.steps_per_epoch(info, split, batch_size, num_input_pipelines=pipelines)
+        for split in splits
+    )
     if steps < 1:
         what = "the training split" if splits == ["train"] else "a search split"
         hint = "" if splits == ["train"] else " or raise --train_portion"
@@ -81,11 +88,13 @@ def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str)
         raise NonFiniteLossError(
             f"non-finite training values {bad} at epoch {epoch + 1}, step {step}: stopping. "
             f"The last good checkpoint in {model_dir}/checkpoints is left intact; lower "
-            "--learning_rate or --arch_learning_rate and resume or start a new --model_dir.")
+            "--learning_rate or --arch_learning_rate and resume or start a new --model_dir."
+        )
 
 
-def run_train_steps(step_fn: Callable, model, batches, steps: int, *, epoch: int,
-                    model_dir: str, verbose: bool) -> tuple[dict[str, float], float, float]:
+def run_train_steps(
+    step_fn: Callable, model, batches, steps: int, *, epoch: int, model_dir: str, verbose: bool
+) -> tuple[dict[str, float], float, float]:
     """One epoch of training steps, shared by every run.
 
     Resets the model's metrics, runs ``step_fn(batch)`` on up to ``steps`` batches with a
@@ -113,9 +122,19 @@ def run_train_steps(step_fn: Callable, model, batches, steps: int, *, epoch: int
     return logs, end - start, step_time
 
 
-def train_on_split(step_fn: Callable, model, strategy: tf.distribute.Strategy, config,
-                   info: data.DatasetInfo, split: str, *, epoch: int, steps: int,
-                   chief: bool, cutout: bool = False):
+def train_on_split(
+    step_fn: Callable,
+    model,
+    strategy: tf.distribute.Strategy,
+    config,
+    info: data.DatasetInfo,
+    split: str,
+    *,
+    epoch: int,
+    steps: int,
+    chief: bool,
+    cutout: bool = False,
+):
     """One epoch of ``step_fn`` on ``split``'s training pipeline (``run_train_steps``).
 
     Args:
@@ -123,17 +142,40 @@ def train_on_split(step_fn: Callable, model, strategy: tf.distribute.Strategy, c
       epoch: 0-based; seeds the epoch's shuffle and augmentation (resumes see the same).
       cutout: apply the data config's cutout.
     """
-    dataset = data.distributed_dataset(strategy, config.data, info, split, training=True,
-                                       global_batch_size=config.loop.batch_size,
-                                       cutout=cutout, epoch_seed=epoch)
-    return run_train_steps(step_fn, model, dataset, steps, epoch=epoch,
-                           model_dir=config.model_dir, verbose=config.loop.verbose and chief)
+    dataset = data.distributed_dataset(
+        strategy,
+        config.data,
+        info,
+        split,
+        training=True,
+        global_batch_size=config.loop.batch_size,
+        cutout=cutout,
+        epoch_seed=epoch,
+    )
+    return run_train_steps(
+        step_fn,
+        model,
+        dataset,
+        steps,
+        epoch=epoch,
+        model_dir=config.model_dir,
+        verbose=config.loop.verbose and chief,
+    )
 
 
-def evaluate_split(eval_fn: Callable, model, strategy: tf.distribute.Strategy,
-                   data_config: data.DataConfig, info: data.DatasetInfo, split: str, *,
-                   batch_size: int, max_steps: int | None, prefix: str,
-                   keys: Iterable[str]) -> dict[str, float]:
+def evaluate_split(
+    eval_fn: Callable,
+    model,
+    strategy: tf.distribute.Strategy,
+    data_config: data.DataConfig,
+    info: data.DatasetInfo,
+    split: str,
+    *,
+    batch_size: int,
+    max_steps: int | None,
+    prefix: str,
+    keys: Iterable[str],
+) -> dict[str, float]:
     """The model's metrics ``keys`` on ``split`` in inference mode, as ``prefix_key``.
 
     Args:
@@ -142,14 +184,16 @@ def evaluate_split(eval_fn: Callable, model, strategy: tf.distribute.Strategy,
     """
     if max_steps == 0:
         return {}
-    dataset = data.distributed_dataset(strategy, data_config, info, split, training=False,
-                                       global_batch_size=batch_size)
+    dataset = data.distributed_dataset(
+        strategy, data_config, info, split, training=False, global_batch_size=batch_size
+    )
     logs = run_eval_steps(eval_fn, model, dataset, max_steps)
     return {f"{prefix}_{key}": logs.get(key, float("nan")) for key in keys}
 
 
-def run_eval_steps(eval_fn: Callable, model, dataset,
-                   max_steps: int | None = None) -> dict[str, float]:
+def run_eval_steps(
+    eval_fn: Callable, model, dataset, max_steps: int | None = None
+) -> dict[str, float]:
     """Resets the model's metrics, runs ``eval_fn`` on up to ``max_steps`` batches (None:
     all of ``dataset``) and returns the metrics' final values."""
     for metric in model.metrics:

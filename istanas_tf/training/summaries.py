@@ -33,12 +33,10 @@ def write_epoch(writer, row: dict[str, Any], epoch: int, model=None) -> None:
     """
     with writer.as_default(step=epoch):
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, numbers.Real) \
-                    and not isinstance(value, bool):
+            if key != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 tf.summary.scalar(key, float(value))
         if "frozen" in row:
-            tf.summary.scalar("frozen_nodes",
-                              sum(sum(flags) for flags in row["frozen"].values()))
+            tf.summary.scalar("frozen_nodes", sum(sum(flags) for flags in row["frozen"].values()))
         if "genotype" in row:
             tf.summary.text("genotype", json.dumps(row["genotype"]))
         if model is not None and model.config.method == "ista":
@@ -55,7 +53,7 @@ def z_image(z_values) -> np.ndarray:
     width = max(len(z) for z in z_values)
     image = np.zeros([len(z_values), width], np.float32)
     for node, z in enumerate(z_values):
-        image[node, :len(z)] = np.abs(z)
+        image[node, : len(z)] = np.abs(z)
     image /= max(float(image.max()), 1e-12)
     return image[None, :, :, None]
 
@@ -67,10 +65,10 @@ def write_genotype(model_dir: str, writer, genotype: genotypes.Genotype, epoch: 
     cells_dir = run_dir.path(model_dir, run_dir.CELLS_BY_EPOCH)
     os.makedirs(cells_dir, exist_ok=True)
     title = f"epoch {epoch}"
-    diagram.save_genotype_diagram(genotype, run_dir.epoch_file(cells_dir, epoch, "png"),
-                                  title=title)
-    diagram.save_genotype_diagram(genotype, run_dir.path(model_dir, run_dir.CELLS),
-                                  title=title)
+    diagram.save_genotype_diagram(
+        genotype, run_dir.epoch_file(cells_dir, epoch, "png"), title=title
+    )
+    diagram.save_genotype_diagram(genotype, run_dir.path(model_dir, run_dir.CELLS), title=title)
     with writer.as_default(step=epoch):
         image = diagram.render_genotype_array(genotype, title=title)
         tf.summary.image("genotype/cells", image[None, ..., :3])

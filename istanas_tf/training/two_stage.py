@@ -38,12 +38,20 @@ class TwoStageRun(search_run.SearchRun):
     def run(self) -> dict[str, Any]:
         """Runs the remaining epochs; returns the last epoch's metrics and the genotype."""
         loop = self.config.loop
-        steps = steps_lib.steps_per_epoch(self.info, ("search_weights", "search_arch"),
-                                          loop.batch_size, self.strategy, loop.steps_per_epoch)
+        steps = steps_lib.steps_per_epoch(
+            self.info,
+            ("search_weights", "search_arch"),
+            loop.batch_size,
+            self.strategy,
+            loop.steps_per_epoch,
+        )
         row: dict[str, Any] = {}
         if self.state.epochs_done >= loop.epochs:
-            logging.info("Search already finished (%d epochs) in %s", self.state.epochs_done,
-                         self.config.model_dir)
+            logging.info(
+                "Search already finished (%d epochs) in %s",
+                self.state.epochs_done,
+                self.config.model_dir,
+            )
         for epoch in range(self.state.epochs_done, loop.epochs):
             row = self._run_epoch(epoch, steps)
         return {**row, "genotype": genotypes.to_json_dict(self.model.genotype())}
@@ -51,44 +59,84 @@ class TwoStageRun(search_run.SearchRun):
     def _datasets(self, epoch: int):
         config = self.config
         make = lambda split: data.distributed_dataset(
-            self.strategy, config.data, self.info, split, training=True,
-            global_batch_size=config.loop.batch_size, epoch_seed=epoch)
+            self.strategy,
+            config.data,
+            self.info,
+            split,
+            training=True,
+            global_batch_size=config.loop.batch_size,
+            epoch_seed=epoch,
+        )
         return make("search_weights"), make("search_arch")
 
     def _run_epoch(self, epoch: int, steps: int) -> dict[str, Any]:
         config, loop = self.config, self.config.loop
-        lr = runtime.cosine_learning_rate(epoch, loop.epochs, loop.learning_rate,
-                                          loop.learning_rate_min)
+        lr = runtime.cosine_learning_rate(
+            epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min
+        )
         self.weight_optimizer.learning_rate = lr
         weights_data, arch_data = self._datasets(epoch)
         logs, train_time, step_time = steps_lib.run_train_steps(
-            lambda pair: self.train_fn(*pair), self.model, zip(weights_data, arch_data),
-            steps, epoch=epoch, model_dir=config.model_dir, verbose=loop.verbose and self.chief)
+            lambda pair: self.train_fn(*pair),
+            self.model,
+            zip(weights_data, arch_data),
+            steps,
+            epoch=epoch,
+            model_dir=config.model_dir,
+            verbose=loop.verbose and self.chief,
+        )
         eval_logs = steps_lib.evaluate_split(
-            self.eval_fn, self.model, self.strategy, config.data, self.info, "search_arch",
-            batch_size=loop.batch_size, max_steps=loop.eval_steps, prefix="val",
-            keys=("loss", "accuracy"))
+            self.eval_fn,
+            self.model,
+            self.strategy,
+            config.data,
+            self.info,
+            "search_arch",
+            batch_size=loop.batch_size,
+            max_steps=loop.eval_steps,
+            prefix="val",
+            keys=("loss", "accuracy"),
+        )
 
         recovery_start = time.perf_counter()
         recoveries = self.model.recover()
         changed = self.model.commit(recoveries)
         recovery_time = time.perf_counter() - recovery_start
         genotype = self.model.genotype()
-        distances = {t: [float(d) for d in recoveries[t].distances] if t in recoveries
-                     else [0.0] * genotypes.STEPS for t in genotypes.CELL_TYPES}
+        distances = {
+            t: [float(d) for d in recoveries[t].distances]
+            if t in recoveries
+            else [0.0] * genotypes.STEPS
+            for t in genotypes.CELL_TYPES
+        }
 
-        row = {"epoch": epoch + 1, "lr": lr, **logs, **eval_logs,
-               "train_time_s": train_time, "step_time_s": step_time,
-               "recovery_time_s": recovery_time, "support_changed": changed,
-               "z_distance": distances, "genotype": genotypes.to_json_dict(genotype)}
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            **logs,
+            **eval_logs,
+            "train_time_s": train_time,
+            "step_time_s": step_time,
+            "recovery_time_s": recovery_time,
+            "support_changed": changed,
+            "z_distance": distances,
+            "genotype": genotypes.to_json_dict(genotype),
+        }
         self.state.end_epoch(row, genotype, self.model)
         logging.info(
             "epoch %d/%d  lr %.4g  loss %.4f  acc %.4f  arch_loss %.4f  val_acc %s  "
-            "step %.3fs  recovery %.1fms  support %s", epoch + 1, loop.epochs, lr,
-            logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
+            "step %.3fs  recovery %.1fms  support %s",
+            epoch + 1,
+            loop.epochs,
+            lr,
+            logs.get("loss", float("nan")),
+            logs.get("accuracy", float("nan")),
             logs.get("arch_loss", float("nan")),
             f"{eval_logs['val_accuracy']:.4f}" if eval_logs else "-",
-            step_time, 1e3 * recovery_time, "changed" if changed else "same")
+            step_time,
+            1e3 * recovery_time,
+            "changed" if changed else "same",
+        )
         if changed:
             self.trace_steps()
         return row
