@@ -376,22 +376,10 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_network_arguments(parser)
-    parser.add_argument(
-        "--steps",
-        default="ista=5,darts=3",
-        help="timed steps after the 2 warm-up steps: one number, or "
-        "method=N pairs (default ista=5,darts=3)",
-    )
-    parser.add_argument(
-        "--methods",
-        default="ista,darts",
-        help="comma-separated methods to run, each in its own subprocess",
-    )
-    parser.add_argument(
-        "--breakdown",
-        action="store_true",
-        help="also time arch step, weight step and forward pass separately",
-    )
+    steps_help = "timed steps after 2 warm-up steps: N, or method=N pairs (ista=5,darts=3)"
+    parser.add_argument("--steps", default="ista=5,darts=3", help=steps_help)
+    parser.add_argument("--methods", default="ista,darts", help="methods, each in a process")
+    parser.add_argument("--breakdown", action="store_true", help="also time the step's parts")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -258,17 +258,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_network_arguments(parser)
     parser.add_argument("--drop_path", type=float, default=0.2)
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=10,
-        help="timed steps after the 2 warm-up steps (median reported)",
-    )
-    parser.add_argument(
-        "--variants",
-        default="graph,xla",
-        help="comma-separated variants, each in its own subprocess",
-    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up ones")
+    parser.add_argument("--variants", default="graph,xla", help="variants, each in a process")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:

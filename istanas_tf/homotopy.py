@@ -251,12 +251,7 @@ def solve_path(A, b, settings, z0):
         # Breakpoints: an active z(lam) = u - lam d reaches 0 (drop, per slot); an
         # inactive c_j(lam) = r_j + lam q_j reaches +lam or -lam (join with that sign).
         events = tf.concat(
-            [
-                ratio(u, d, slot_on),
-                ratio(r, 1.0 - q, join_ok),
-                ratio(-r, 1.0 + q, join_ok),
-            ],
-            axis=-1,
+            [ratio(u, d, slot_on), ratio(r, 1.0 - q, join_ok), ratio(-r, 1.0 + q, join_ok)], axis=-1
         )  # [k, p + 2n]
         upper = lam_c * (1.0 + _EVENT_RTOL)
         valid = (events > lam) & (events <= upper[:, None]) & tf.logical_not(blocked)

@@ -43,8 +43,32 @@ class _OpWithBatchNorms(keras.layers.Layer):
         return self.batch_norms[-1] if self.batch_norms else None
 
 
+class _ConvOp(_OpWithBatchNorms):
+    """A conv op of DARTS: its output channels, kernel size, stride and BN affinity.
+
+    Holds the arguments every conv op takes (stored under their names, in the config);
+    the subclasses build the layers and add their own arguments.
+    """
+
+    def __init__(self, channels_out: int, kernel_size: int, stride: int, affine: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.channels_out = channels_out
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.affine = affine
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "channels_out": self.channels_out,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "affine": self.affine,
+        }
+
+
 @_register
-class ReLUConvBN(_OpWithBatchNorms):
+class ReLUConvBN(_ConvOp):
     """ReLU -> Conv kxk (symmetric padding, no bias) -> BN. Used for cell preprocessing."""
 
     _BATCH_NORMS = ("bn",)
@@ -57,29 +81,16 @@ class ReLUConvBN(_OpWithBatchNorms):
         affine: bool = True,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.channels_out = channels_out
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.affine = affine
+        super().__init__(channels_out, kernel_size, stride, affine, **kwargs)
         self.conv = SymmetricConv(channels_out, kernel_size, stride, name="conv")
         self.bn = batch_norm(affine, name="bn")
 
     def call(self, x, training=None):
         return self.bn(self.conv(tf.nn.relu(x)), training=training)
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "channels_out": self.channels_out,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "affine": self.affine,
-        }
-
 
 @_register
-class SepConv(_OpWithBatchNorms):
+class SepConv(_ConvOp):
     """DARTS separable conv: (ReLU, depthwise kxk, pointwise 1x1, BN) applied twice.
 
     The stride applies to the first depthwise conv only.
@@ -91,11 +102,7 @@ class SepConv(_OpWithBatchNorms):
     def __init__(
         self, channels_out: int, kernel_size: int, stride: int = 1, affine: bool = True, **kwargs
     ):
-        super().__init__(**kwargs)
-        self.channels_out = channels_out
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.affine = affine
+        super().__init__(channels_out, kernel_size, stride, affine, **kwargs)
         self.depthwise1 = SymmetricConv(0, kernel_size, stride, depthwise=True, name="depthwise1")
         self.pointwise1 = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise1")
         self.bn1 = batch_norm(affine, name="bn1")
@@ -107,18 +114,9 @@ class SepConv(_OpWithBatchNorms):
         x = self.bn1(self.pointwise1(self.depthwise1(tf.nn.relu(x))), training=training)
         return self.bn2(self.pointwise2(self.depthwise2(tf.nn.relu(x))), training=training)
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "channels_out": self.channels_out,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "affine": self.affine,
-        }
-
 
 @_register
-class DilConv(_OpWithBatchNorms):
+class DilConv(_ConvOp):
     """ReLU -> depthwise kxk with dilation -> pointwise 1x1 -> BN.
 
     Parameters with affine BN: k*k*C + C*C + 2*C.
@@ -135,12 +133,8 @@ class DilConv(_OpWithBatchNorms):
         affine: bool = True,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.channels_out = channels_out
-        self.kernel_size = kernel_size
-        self.stride = stride
+        super().__init__(channels_out, kernel_size, stride, affine, **kwargs)
         self.dilation = dilation
-        self.affine = affine
         self.depthwise = SymmetricConv(
             0, kernel_size, stride, dilation, depthwise=True, name="depthwise"
         )
@@ -151,14 +145,7 @@ class DilConv(_OpWithBatchNorms):
         return self.bn(self.pointwise(self.depthwise(tf.nn.relu(x))), training=training)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "channels_out": self.channels_out,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "dilation": self.dilation,
-            "affine": self.affine,
-        }
+        return {**super().get_config(), "dilation": self.dilation}
 
 
 @_register

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import CIFAR10_MEAN, CIFAR10_STD, candidate_bn_affine
 
 from istanas_tf import absorption, data, optimizers, search_model
 from istanas_tf.training import state
@@ -10,7 +11,6 @@ from istanas_tf.training import state
 # C = 4, 5 cells (reductions at cells 1 and 3, auxiliary head after cell 3), 32x32.
 TINY = dict(num_classes=10, channels=4, layers=5, seed=0, one_stage=True)
 IMAGE_SIZE = 32
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _network(**overrides):
@@ -144,18 +144,6 @@ def test_absorption_refuses_the_two_stage_net():
         search_model.SearchNetworkConfig(method="darts", one_stage=True).validate()
 
 
-def _candidate_bn_affine(network, cell_type, node):
-    """Oracle: gamma/beta variables of node ``node``'s candidate ops, by variable name."""
-    return {
-        id(v)
-        for cell in network.cells
-        if ("reduce" if cell.reduction else "normal") == cell_type
-        for op in cell.candidates[node]
-        for v in op.weights
-        if v.name in ("gamma", "beta")
-    }
-
-
 def test_frozen_bn_affines_get_no_update_but_batch_statistics_are_used(one_stage_net, cifar_batch):
     network = one_stage_net
     _compile(network)
@@ -164,7 +152,7 @@ def test_frozen_bn_affines_get_no_update_but_batch_statistics_are_used(one_stage
     # Every candidate BN is frozen at first: nothing trainable among them.
     assert network.trainable_bn_affine_variables() == []
     assert {id(v) for v in frozen} == set().union(
-        *(_candidate_bn_affine(network, t, j) for t in ("normal", "reduce") for j in range(4))
+        *(candidate_bn_affine(network, t, j) for t in ("normal", "reduce") for j in range(4))
     )
     frozen_before = [v.numpy().copy() for v in frozen]
     active_ops = [
@@ -207,7 +195,7 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     # Node 1 reads 3 states x 7 ops; in a normal cell these hold 9 BNs per state (pools 1
     # each, identity 1, sep convs 2 each, dil convs 1 each): 27 BNs, 54 variables per cell,
     # in the 3 normal cells (0, 2, 4) of 5: 162 variables.
-    assert trainable == _candidate_bn_affine(network, "normal", 1)
+    assert trainable == candidate_bn_affine(network, "normal", 1)
     assert len(trainable) == 162
     frozen = {id(v) for v in network.frozen_bn_affine_variables()}
     assert not trainable & frozen
@@ -238,9 +226,9 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     network.freeze_node("reduce", 2)
     assert network.frozen_nodes["reduce"] == (False, False, True, False)
     assert network.frozen_nodes["normal"] == (False,) * 4
-    assert {id(v) for v in network.trainable_bn_affine_variables()} == _candidate_bn_affine(
+    assert {id(v) for v in network.trainable_bn_affine_variables()} == candidate_bn_affine(
         network, "normal", 1
-    ) | _candidate_bn_affine(network, "reduce", 2)
+    ) | candidate_bn_affine(network, "reduce", 2)
     reduce_b = network.architectures["reduce"].b
     assert id(reduce_b[2]) not in {id(v) for v in network.active_architecture_variables()}
     before = [b.numpy().copy() for b in reduce_b]

@@ -75,6 +75,19 @@ def test_search_config_follows_the_method(cli):
 
 def test_help_shows_the_dataclass_defaults_per_mode(cli):
     _, values = cli
-    assert "two-stage 50, one-stage 600, train 600" in values["epochs"].help
-    assert "two-stage 256, one-stage 96, train 96" in values["batch_size"].help
+    assert "train 600, one-stage 600, two-stage 50" in values["epochs"].help
+    assert "train 96, one-stage 96, two-stage 256" in values["batch_size"].help
     assert "(default: 0.9)" in values["momentum"].help
+    # The help itself is the dataclass's documentation of the field.
+    assert values["momentum"].help.startswith("weight SGD (L2 added to the gradient")
+    assert values["mean"].help.startswith("per-channel normalisation mean")
+
+
+def test_every_setting_has_a_flag_with_help_and_a_type(cli):
+    module, values = cli
+    for flag, (_, help_text) in module.setting_flags().items():
+        assert help_text, f"--{flag}: its field has no docstring entry"
+        assert values[flag].default is None, flag  # the dataclasses hold the defaults
+    assert values["seed"].flag_type() == "int"
+    assert "list" in values["mean"].flag_type()
+    assert values["deterministic"].boolean

@@ -21,24 +21,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
+from testing import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
 from istanas_tf import data
 from istanas_tf.data import augment
 
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PER_CLASS = 20  # train and test examples per class in the default subset
 
 

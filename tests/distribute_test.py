@@ -227,9 +227,17 @@ def _tail(text, n=4000):
     return text[-n:] if text else ""
 
 
-def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
+def _assert_metric_close(row_one, row_two, key):
+    """One metric of one epoch of the two runs agrees to RTOL."""
+    np.testing.assert_allclose(
+        row_two[key], row_one[key], rtol=RTOL, atol=0, err_msg=f"{key} of epoch {row_one['epoch']}"
+    )
+
+
+def _run_mirrored_and_default(cifar10_folder, tmp_path, **job):
+    """Runs the helper once on 2 logical CPUs: the default strategy, then mirrored."""
     runs = [_run_spec(tmp_path, "default", "default"), _run_spec(tmp_path, "mirrored", "mirrored")]
-    job = {"logical_cpus": 2, "folder": str(cifar10_folder), "tiny": TINY, "runs": runs}
+    job = {"logical_cpus": 2, "folder": str(cifar10_folder), "tiny": TINY, "runs": runs, **job}
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, _helper(tmp_path), json.dumps(job)],
@@ -239,9 +247,13 @@ def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
         env=_env(),
         timeout=MIRRORED_TIMEOUT_S,
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode == 0, _tail(proc.stderr)
-    print(f"default + mirrored searches: {elapsed:.0f} s")
+    print(f"default + mirrored runs: {time.monotonic() - start:.0f} s")
+    return runs
+
+
+def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
+    runs = _run_mirrored_and_default(cifar10_folder, tmp_path)
 
     results = {}
     for run in runs:
@@ -254,13 +266,7 @@ def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
     assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2]
     for row_one, row_two in zip(one, two):
         for key in METRICS:
-            np.testing.assert_allclose(
-                row_two[key],
-                row_one[key],
-                rtol=RTOL,
-                atol=0,
-                err_msg=f"{key} of epoch {row_one['epoch']}",
-            )
+            _assert_metric_close(row_one, row_two, key)
         assert _architecture(row_two["genotype"]) == _architecture(row_one["genotype"]), (
             f"genotype of epoch {row_one['epoch']}"
         )
@@ -289,23 +295,7 @@ def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
 
 def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
     """The one-stage run (search, stopping rule, training, absorb, export) on 2 replicas."""
-    runs = [_run_spec(tmp_path, "default", "default"), _run_spec(tmp_path, "mirrored", "mirrored")]
-    job = {
-        "logical_cpus": 2,
-        "folder": str(cifar10_folder),
-        "tiny": TINY,
-        "runs": runs,
-        "one_stage": True,
-    }
-    proc = subprocess.run(
-        [sys.executable, _helper(tmp_path), json.dumps(job)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=_env(),
-        timeout=MIRRORED_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, _tail(proc.stderr)
+    runs = _run_mirrored_and_default(cifar10_folder, tmp_path, one_stage=True)
     results = {}
     for run in runs:
         with open(run["result"]) as f:
@@ -315,13 +305,7 @@ def test_one_stage_run_mirrored_matches_one_device(cifar10_folder, tmp_path):
     assert [r["phase"] for r in one] == [r["phase"] for r in two] == ["search", "search", "train"]
     for row_one, row_two in zip(one, two):
         for key in ("loss", "test_loss"):
-            np.testing.assert_allclose(
-                row_two[key],
-                row_one[key],
-                rtol=RTOL,
-                atol=0,
-                err_msg=f"{key} of epoch {row_one['epoch']}",
-            )
+            _assert_metric_close(row_one, row_two, key)
         # The one-stage net's logits start ~1e-3 apart (alpha ~ b ~ 1e-3 scales every
         # node), so float32 noise flips the argmax of a few near-ties: accuracies may
         # differ by a few of the 160 examples while the losses agree to 1e-4.

@@ -16,24 +16,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
 from istanas_tf import data, export, networks
 
 IMAGE_SIZE = (32, 32)
-MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 statistics, [0, 1] pixel units
-STD = (0.2470, 0.2435, 0.2616)
-CLASS_NAMES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+MEAN, STD, CLASS_NAMES = CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES
 EXPECTED_INPUT = "images must be float32 [N, 32, 32, 3] raw 0-255 pixels"
 CLI = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
 
@@ -252,18 +240,16 @@ def test_failure_mid_export_leaves_no_directory(network, tmp_path, monkeypatch):
     (tmp_path / "net" / "1").mkdir()
     (tmp_path / "net" / "1" / "old").write_text("old version")
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export_saved_model(
-            network,
-            str(tmp_path),
-            "net",
-            1,
-            image_size=IMAGE_SIZE,
-            mean=MEAN,
-            std=STD,
-            overwrite=True,
-        )
+        _overwrite_version_1(network, tmp_path)
     assert [p.name for p in (tmp_path / "net").iterdir()] == ["1"]
     assert [p.name for p in (tmp_path / "net" / "1").iterdir()] == ["old"]
+
+
+def _overwrite_version_1(network, tmp_path):
+    """Exports ``network`` over version 1 of ``tmp_path/net``."""
+    return export.export_saved_model(
+        network, str(tmp_path), "net", 1, image_size=IMAGE_SIZE, mean=MEAN, std=STD, overwrite=True
+    )
 
 
 def test_existing_version_refused_unless_overwrite(network, tmp_path, fake_write_out):
@@ -301,16 +287,7 @@ def test_overwrite_restores_old_version_when_rename_fails(
 
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="rename failed"):
-        export.export_saved_model(
-            network,
-            str(tmp_path),
-            "net",
-            1,
-            image_size=IMAGE_SIZE,
-            mean=MEAN,
-            std=STD,
-            overwrite=True,
-        )
+        _overwrite_version_1(network, tmp_path)
     assert [p.name for p in (tmp_path / "net").iterdir()] == ["1"]
     assert [p.name for p in version_dir.iterdir()] == ["old"]
 

@@ -15,6 +15,8 @@ import ast
 import io
 import pathlib
 import statistics
+import subprocess
+import sys
 import tokenize
 
 import pytest
@@ -160,10 +162,7 @@ def test_docstrings_and_comments_share():
 
 @pytest.mark.parametrize(
     "pattern, where",
-    [
-        ("_flatten_layers", ["istanas_tf"]),
-        ("sys.path", ["istanas_tf", "train", "tests"]),
-    ],
+    [("_flatten_layers", ["istanas_tf"]), ("sys.path", ["istanas_tf", "train", "tests"])],
 )
 def test_no_private_layer_walks_and_no_sys_path_edits(pattern, where):
     offending = [
@@ -173,3 +172,19 @@ def test_no_private_layer_walks_and_no_sys_path_edits(pattern, where):
         if path.name != "layout_test.py" and pattern in path.read_text()
     ]
     assert not offending, f"{pattern} in {offending}"
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff_lint_and_format_are_clean(command):
+    """The tree passes the configured linter and formatter (pyproject.toml)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, str(REPO)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, (
+        f"ruff {' '.join(command)} failed (install it with requirements-test.txt; "
+        f"`ruff check --fix` and `ruff format` repair most findings):\n"
+        f"{result.stdout[-3000:]}{result.stderr[-2000:]}"
+    )

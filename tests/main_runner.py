@@ -22,6 +22,31 @@ def run_main(args, timeout=900):
     )
 
 
+# A tiny network on a subset, reproducible and quiet: what end-to-end tests run.
+TINY_SETTINGS = dict(
+    init_channels=4,
+    layers=3,
+    batch_size=16,
+    eval_steps=2,
+    deterministic="true",
+    seed=3,
+    progress="false",
+)
+
+
+def tiny_flags(flagfile, folder, model_dir, **settings):
+    """Command-line flags: a shipped CPU flagfile (``train/configs/``), the CIFAR-10 folder,
+    the run directory, :data:`TINY_SETTINGS`, then ``settings`` (added or replacing)."""
+    flags = {
+        "flagfile": str(REPO / "train" / "configs" / flagfile),
+        "dataset": f"folder:{folder}",
+        "model_dir": str(model_dir),
+        **TINY_SETTINGS,
+        **settings,
+    }
+    return [f"--{name}={value}" for name, value in flags.items()]
+
+
 def run_to_completion(args, timeout=900):
     """``run_main(args)``, asserting that it succeeded (its stderr tail otherwise)."""
     result = run_main(args, timeout)

@@ -19,7 +19,9 @@ from main_runner import (
     last_json,
     run_main,
     run_to_completion,
+    tiny_flags,
 )
+from testing import candidate_bn_affine, tiny_loop
 
 from istanas_tf import absorption, data, genotypes, network_size, optimizers, search_model
 from istanas_tf.training import config as config_lib
@@ -83,18 +85,6 @@ def _z(network):
     return {t: network.architectures[t].z.numpy().copy() for t in CELL_TYPES}
 
 
-def _candidate_bn_affine(network, cell_type, node):
-    """Oracle: the gamma/beta of node ``node``'s candidate ops, by variable name."""
-    return {
-        id(v)
-        for cell in network.cells
-        if ("reduce" if cell.reduction else "normal") == cell_type
-        for op in cell.candidates[node]
-        for v in op.weights
-        if v.name in ("gamma", "beta")
-    }
-
-
 def test_nodes_freeze_at_the_scripted_epochs_and_keep_their_z(batch):
     network = _network()
     far, near = 0.5, 0.5 * TOLERANCE
@@ -150,7 +140,7 @@ def test_frozen_b_does_not_drift_and_the_right_bn_affines_train(batch):
     searching_b = [b for b in normal_b + reduce_b if all(b is not f for f in frozen_b)]
     trainable = {id(v) for v in network.trainable_bn_affine_variables()}
     assert trainable == (
-        _candidate_bn_affine(network, "normal", 1) | _candidate_bn_affine(network, "reduce", 2)
+        candidate_bn_affine(network, "normal", 1) | candidate_bn_affine(network, "reduce", 2)
     )
     assert not trainable & {id(v) for v in network.frozen_bn_affine_variables()}
 
@@ -277,41 +267,20 @@ SEARCH_EPOCHS, TRAIN_EPOCHS = 2, 2
 
 def _tiny_flags(folder, model_dir, **overrides):
     """The CPU config, smaller: 16 images per class, C = 4, 3 cells, 2 + 2 epochs."""
-    flags = {
-        "flagfile": str(REPO / "train/configs/cifar10_one_stage_cpu.cfg"),
-        "dataset": f"folder:{folder}",
-        "model_dir": str(model_dir),
-        "max_examples_per_class": 16,
-        "init_channels": 4,
-        "layers": 3,
-        "batch_size": 16,
-        "search_epochs": SEARCH_EPOCHS,
-        "epochs": TRAIN_EPOCHS,
-        "eval_steps": 2,
-        "deterministic": True,
-        "seed": 3,
-        "progress": False,
-    }
-    flags.update(overrides)
-    return [f"--{k}={v}" for k, v in flags.items()]
+    settings = dict(max_examples_per_class=16, search_epochs=SEARCH_EPOCHS, epochs=TRAIN_EPOCHS)
+    return tiny_flags("cifar10_one_stage_cpu.cfg", folder, model_dir, **settings, **overrides)
 
 
 def _rows(model_dir):
     return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _final_state(model_dir):
-    return checkpoint_state(
-        model_dir,
-        (
-            "normal_code.Sb_0",
-            "normal_frozen",
-            "one_stage_node_stop_epoch",
-            "drop_path_rate",
-            "moving_mean",
-            "arch_optimizer",
-        ),
-    )
+# Parts of checkpoint keys a resumed one-stage run must hold (the comparison would
+# pass vacuously on a checkpoint that lost a group of variables).
+STATE_PARTS = (
+    "normal_code.Sb_0 normal_frozen one_stage_node_stop_epoch drop_path_rate "
+    "moving_mean arch_optimizer"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +370,8 @@ def test_resume_after_kills_on_both_sides_of_the_search_training_boundary(
     resumed = last_json(result)
     for key in ("node_stop_epochs", "genotype", "test_top1", "test_top5", "params"):
         assert resumed[key] == reference[key], key
-    state, reference_state = _final_state(model_dir), _final_state(reference_dir)
+    state = checkpoint_state(model_dir, STATE_PARTS)
+    reference_state = checkpoint_state(reference_dir, STATE_PARTS)
     assert state.keys() == reference_state.keys()
     for key in reference_state:
         np.testing.assert_array_equal(state[key], reference_state[key], err_msg=key)
@@ -457,7 +427,7 @@ def test_export_refuses_other_runs_and_unfinished_searches(tmp_path, cifar10_fol
         model_dir=str(tmp_path / "searching"),
         network=search_model.SearchNetworkConfig(**{**TINY, "num_classes": 10}),
         data=data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=4),
-        loop=config_lib.LoopConfig(batch_size=8, steps_per_epoch=1, eval_steps=0, verbose=False),
+        loop=tiny_loop(steps_per_epoch=1),
         freeze_tolerance=0.0,
     )
     run = one_stage.OneStageRun(config)
@@ -477,14 +447,7 @@ def test_mixed_float16_run_trains_b_and_weights_and_exports_float32(cifar10_fold
             cutout_length=16,
             deterministic=True,
         ),
-        loop=config_lib.LoopConfig(
-            epochs=1,
-            batch_size=8,
-            steps_per_epoch=8,
-            eval_steps=0,
-            mixed_precision="float16",
-            verbose=False,
-        ),
+        loop=tiny_loop(steps_per_epoch=8, mixed_precision="float16"),
         search_epochs=1,
         freeze_tolerance=0.0,
     )

@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from main_runner import REPO, assert_evaluations_match, last_json, run_main, run_to_completion
 from PIL import Image
+from testing import tiny_loop
 
 from istanas_tf import data, search_model
 from istanas_tf.training import config as config_lib
@@ -23,14 +24,10 @@ def _tiny_flags(folder, model_dir):
         f"--flagfile={REPO / 'train/configs/cifar10_train_cpu.cfg'}",
         f"--dataset=folder:{folder}",
         f"--model_dir={model_dir}",
-        "--max_examples_per_class=60",
-        "--init_channels=4",
-        "--layers=3",
-        "--epochs=3",
-        "--batch_size=32",
-        "--eval_steps=2",
-        "--progress=false",
-        "--deterministic",
+        *(
+            "--max_examples_per_class=60 --init_channels=4 --layers=3 --epochs=3 "
+            "--batch_size=32 --eval_steps=2 --progress=false --deterministic"
+        ).split(),
     ]
 
 
@@ -102,24 +99,19 @@ def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_pa
 
 
 def test_eval_errors_name_the_problem(tmp_path, trained_run, cifar10_folder):
-    result = run_main(
-        [
-            "--mode=eval",
-            f"--model_dir={tmp_path}",
-            f"--dataset=folder:{cifar10_folder}",
-            "--max_examples_per_class=2",
-        ]
-    )
-    assert result.returncode == 2 and "holds no checkpoint" in result.stderr
-    result = run_main(
-        [
-            "--mode=eval",
-            f"--saved_model={tmp_path}",
-            f"--dataset=folder:{cifar10_folder}",
-            "--max_examples_per_class=2",
-        ]
-    )
-    assert result.returncode == 2 and "holds no SavedModel" in result.stderr
+    for source, message in (
+        ("model_dir", "holds no checkpoint"),
+        ("saved_model", "holds no SavedModel"),
+    ):
+        result = run_main(
+            [
+                "--mode=eval",
+                f"--{source}={tmp_path}",
+                f"--dataset=folder:{cifar10_folder}",
+                "--max_examples_per_class=2",
+            ]
+        )
+        assert result.returncode == 2 and message in result.stderr
     # A 3-class dataset against a 10-class checkpoint.
     folder = tmp_path / "three"
     for split in ("train", "test"):
@@ -158,14 +150,7 @@ def test_mixed_float16_every_optimizer_changes_its_variables(cifar10_folder, tmp
     folder_data = data.DataConfig(
         dataset=f"folder:{cifar10_folder}", max_examples_per_class=8, deterministic=True
     )
-    loop = config_lib.LoopConfig(
-        epochs=1,
-        batch_size=8,
-        steps_per_epoch=3,
-        eval_steps=0,
-        mixed_precision="float16",
-        verbose=False,
-    )
+    loop = tiny_loop(steps_per_epoch=3, mixed_precision="float16")
     run = two_stage.TwoStageRun(
         config_lib.TwoStageConfig(
             model_dir=str(tmp_path / "search"),
@@ -219,14 +204,7 @@ def _imagenet_config(tmp_path, dataset, **data_kwargs):
         data=data.DataConfig(dataset=dataset, **data_kwargs),
         channels=8,
         layers=3,
-        loop=config_lib.LoopConfig(
-            epochs=1,
-            batch_size=4,
-            steps_per_epoch=2,
-            eval_steps=1,
-            learning_rate=0.1,
-            verbose=False,
-        ),
+        loop=tiny_loop(batch_size=4, steps_per_epoch=2, eval_steps=1, learning_rate=0.1),
         lr_schedule="warmup_linear",
         label_smoothing=0.1,
         drop_path_prob=0.0,

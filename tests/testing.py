@@ -27,6 +27,36 @@ import tensorflow as tf
 
 PACKAGE = "istanas_tf"
 
+# CIFAR-10 as the tests see it: class names in label order, normalisation statistics in
+# [0, 1] pixel units (the DARTS code's values).
+CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def tiny_loop(**settings):
+    """A ``LoopConfig`` for a test run: 1 epoch of batch 8, no evaluation, no progress
+    bar, unless ``settings`` say otherwise."""
+    from istanas_tf.training import config as config_lib
+
+    return config_lib.LoopConfig(
+        **{**dict(epochs=1, batch_size=8, eval_steps=0, verbose=False), **settings}
+    )
+
+
+def candidate_bn_affine(network, cell_type: str, node: int) -> set[int]:
+    """Oracle: ids of the gamma/beta variables of node ``node``'s candidate ops, in
+    every super-net cell of ``cell_type``, found by variable name."""
+    return {
+        id(v)
+        for cell in network.cells
+        if ("reduce" if cell.reduction else "normal") == cell_type
+        for op in cell.candidates[node]
+        for v in op.weights
+        if v.name in ("gamma", "beta")
+    }
+
+
 # ``forward(layer, inputs, training) -> tensor or sequence of tensors``.
 Forward = Callable[[Any, Sequence[tf.Tensor], bool], Any]
 

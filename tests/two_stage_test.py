@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from main_runner import MAIN, REPO, checkpoint_state, run_main, run_to_completion
+from main_runner import MAIN, REPO, checkpoint_state, run_main, run_to_completion, tiny_flags
+from testing import tiny_loop
 
 from istanas_tf import data, genotypes, search_model
 from istanas_tf.training import config as config_lib
@@ -20,38 +21,13 @@ EPOCHS = 3
 
 
 def _tiny_flags(folder, model_dir, **overrides):
-    flags = {
-        "flagfile": str(REPO / "train/configs/cifar10_two_stage_cpu.cfg"),
-        "dataset": f"folder:{folder}",
-        "model_dir": str(model_dir),
-        "max_examples_per_class": 48,
-        "init_channels": 4,
-        "layers": 3,
-        "batch_size": 16,
-        "epochs": EPOCHS,
-        "eval_steps": 2,
-        "learning_rate": 0.05,
-        "deterministic": True,
-        "seed": 3,
-        "progress": False,
-    }
-    flags.update(overrides)
-    return [f"--{k}={v}" for k, v in flags.items()]
+    """The CPU config, smaller: 48 images per class, C = 4, 3 cells, 3 epochs."""
+    settings = dict(max_examples_per_class=48, epochs=EPOCHS, learning_rate=0.05)
+    return tiny_flags("cifar10_two_stage_cpu.cfg", folder, model_dir, **settings, **overrides)
 
 
-def _final_state(model_dir):
-    """Every saved variable of the final checkpoint: the architecture state and the
-    weights of every cell must be in there."""
-    return checkpoint_state(
-        model_dir,
-        (
-            "normal_code.Sb_0",
-            "reduce_code.Sz",
-            "normal_code.Ssupport",
-            "cell1.Spreprocess0",
-            "moving_mean",
-        ),
-    )
+# The architecture state and the weights of every cell must be in a resumed checkpoint.
+STATE_PARTS = "normal_code.Sb_0 reduce_code.Sz normal_code.Ssupport cell1.Spreprocess0 moving_mean"
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +127,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
     assert genotypes.load_json(model_dir / "genotype.json") == genotypes.load_json(
         reference_dir / "genotype.json"
     )
-    resumed, reference = _final_state(model_dir), _final_state(reference_dir)
+    resumed = checkpoint_state(model_dir, STATE_PARTS.split())
+    reference = checkpoint_state(reference_dir, STATE_PARTS.split())
     assert resumed.keys() == reference.keys()
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
@@ -196,7 +173,7 @@ def _tiny_config(cifar10_folder, model_dir, **loop):
             deterministic=True,
             seed=1,
         ),
-        loop=config_lib.LoopConfig(
+        loop=tiny_loop(
             **{
                 **dict(
                     epochs=2,
@@ -205,7 +182,6 @@ def _tiny_config(cifar10_folder, model_dir, **loop):
                     eval_steps=1,
                     deterministic=True,
                     seed=1,
-                    verbose=False,
                 ),
                 **loop,
             }

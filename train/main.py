@@ -17,7 +17,7 @@ import cli_flags  # noqa: E402  (train/cli_flags.py, beside this file)
 from absl import app, logging  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
-from istanas_tf import diagram, genotypes, network_size  # noqa: E402
+from istanas_tf import diagram, network_size  # noqa: E402
 from istanas_tf.training import config as config_lib  # noqa: E402
 from istanas_tf.training import evaluate, one_stage, restore, retrain, run_dir, steps, two_stage  # noqa: E402  # noqa: E402
 
@@ -70,39 +70,42 @@ def run_eval(FLAGS):
 
 
 def run_export(FLAGS):
-    if not FLAGS.model_dir:
+    config = cli_flags.build_config(config_lib.TrainConfig, FLAGS)  # export_dir, model_name
+    if not config.model_dir:
         raise ValueError(
             "--mode=export needs --model_dir (a --mode=train run, or a "
             "--method=ista_onestage run whose search has ended)"
         )
     return restore.export_run(
-        FLAGS.model_dir,
-        export_dir=FLAGS.export_dir,
-        model_name=FLAGS.model_name or "istanas",
+        config.model_dir,
+        export_dir=config.export_dir,
+        model_name=config.model_name,
         version=FLAGS.version,
         overwrite=FLAGS.overwrite,
     )
 
 
 def run_describe(FLAGS):
-    if (FLAGS.dataset or "cifar10") not in _DESCRIBE_DATASETS:
+    # The network settings of a retraining, with their defaults.
+    config = cli_flags.build_config(config_lib.TrainConfig, FLAGS)
+    if config.data.dataset not in _DESCRIBE_DATASETS:
         raise ValueError(
-            f"--dataset={FLAGS.dataset!r} is not supported by --mode=describe; "
-            f"valid: {', '.join(_DESCRIBE_DATASETS)}"
+            f"--dataset={config.data.dataset!r} is not supported by "
+            f"--mode=describe; valid: {', '.join(_DESCRIBE_DATASETS)}"
         )
-    family, num_classes = _DESCRIBE_DATASETS[FLAGS.dataset or "cifar10"]
-    genotype = genotypes.get_genotype(FLAGS.genotype)
+    family, num_classes = _DESCRIBE_DATASETS[config.data.dataset]
+    genotype = config_lib.resolve_genotype(config)
     summary = network_size.describe(
         genotype,
         family,
         num_classes,
-        channels=FLAGS.init_channels,
-        layers=FLAGS.layers,
-        auxiliary=bool(FLAGS.auxiliary),
-        bn_after_param_free_ops=bool(FLAGS.bn_after_param_free_ops),
+        channels=config.channels,
+        layers=config.layers,
+        auxiliary=config.auxiliary,
+        bn_after_param_free_ops=config.bn_after_param_free_ops,
     )
     if FLAGS.diagram:
-        diagram.save_genotype_diagram(genotype, FLAGS.diagram, title=FLAGS.genotype)
+        diagram.save_genotype_diagram(genotype, FLAGS.diagram, title=config.genotype)
         summary["diagram"] = FLAGS.diagram
     return summary
 

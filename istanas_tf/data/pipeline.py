@@ -53,6 +53,32 @@ class _Batching:
     index: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """What one input pipeline of :func:`make_dataset` streams.
+
+    Attributes:
+      base_split: ``train`` or ``test``, the split holding the examples.
+      start, stop: the examples ``[start, stop)`` of ``base_split``.
+      training: augmented and shuffled, whole batches only.
+      batching: how the global batch is cut for this pipeline.
+      epoch_size: examples per epoch of this pipeline (training; None for evaluation).
+      repeat: loop over epochs forever.
+      epoch_seed: the epoch the stream starts at.
+      cutout_length: cutout side (0: none).
+    """
+
+    base_split: str
+    start: int
+    stop: int
+    training: bool
+    batching: _Batching
+    epoch_size: int | None
+    repeat: bool
+    epoch_seed: int
+    cutout_length: int
+
+
 def _batching(batch_size: int, input_context) -> _Batching:
     if input_context is None:
         return _Batching(batch_size, batch_size, 1, 0)
@@ -138,38 +164,21 @@ def make_dataset(
         epoch_size = steps * batching.pipeline  # per pipeline, whole steps only
     else:
         epoch_size = None
-    cutout_length = config.cutout_length if cutout else 0
-
+    stream = _Stream(
+        base_split,
+        start,
+        stop,
+        training,
+        batching,
+        epoch_size,
+        repeat,
+        epoch_seed,
+        config.cutout_length if cutout else 0,
+    )
     if source.kind == "tfds":
-        dataset = _tfds_pipeline(
-            config,
-            info,
-            source,
-            base_split,
-            start,
-            stop,
-            training=training,
-            batching=batching,
-            epoch_size=epoch_size,
-            repeat=repeat,
-            epoch_seed=epoch_seed,
-            cutout_length=cutout_length,
-        )
+        dataset = _tfds_pipeline(config, info, source, stream)
     else:
-        dataset = _indexed_pipeline(
-            config,
-            info,
-            source,
-            base_split,
-            start,
-            stop,
-            training=training,
-            batching=batching,
-            epoch_size=epoch_size,
-            repeat=repeat,
-            epoch_seed=epoch_seed,
-            cutout_length=cutout_length,
-        )
+        dataset = _indexed_pipeline(config, info, source, stream)
     options = tf.data.Options()
     # Out-of-order parallel maps only speed up training; evaluation keeps its order.
     options.deterministic = bool(config.deterministic) or not training
@@ -216,22 +225,12 @@ def _cifar_draws(uniforms: tf.Tensor, height: int, width: int):
     return tf.cast(offsets, tf.int32), uniforms[:, 2] < 0.5, tf.cast(centers, tf.int32)
 
 
-def _indexed_pipeline(
-    config,
-    info,
-    source,
-    base_split,
-    start,
-    stop,
-    *,
-    training,
-    batching,
-    epoch_size,
-    repeat,
-    epoch_seed,
-    cutout_length,
-):
+def _indexed_pipeline(config, info, source, stream: _Stream):
     """Memory and file sources: every example has an index into the split's tensors."""
+    base_split, start, stop = stream.base_split, stream.start, stream.stop
+    training, batching, repeat = stream.training, stream.batching, stream.repeat
+    epoch_size, epoch_seed = stream.epoch_size, stream.epoch_seed
+    cutout_length = stream.cutout_length
     data, labels = source.examples[base_split]
     # Strided shards: each worker sees every class even if the order were sorted.
     indices = np.arange(start, stop, dtype=np.int64)[batching.index :: batching.pipelines]
@@ -331,26 +330,16 @@ def _batch_with_cutout(dataset, batch_size, training, cutout_length):
     return dataset.map(lambda images, labels, centers: (images, labels))
 
 
-def _tfds_pipeline(
-    config,
-    info,
-    source,
-    base_split,
-    start,
-    stop,
-    *,
-    training,
-    batching,
-    epoch_size,
-    repeat,
-    epoch_seed,
-    cutout_length,
-):
+def _tfds_pipeline(config, info, source, stream: _Stream):
     """Streamed tfds data (ImageNet): each pipeline reads a contiguous slice.
 
     tfds already shuffled the examples when it prepared them, so contiguous slices
     are fair shards, and slicing reads only the records a worker needs.
     """
+    base_split, start, stop = stream.base_split, stream.start, stream.stop
+    training, batching, repeat = stream.training, stream.batching, stream.repeat
+    epoch_size, epoch_seed = stream.epoch_size, stream.epoch_seed
+    cutout_length = stream.cutout_length
     # Slice k is [start + floor(k N / P), start + floor((k + 1) N / P)): at least
     # floor(N / P) examples each, as steps_per_epoch assumes.
     begin, end = (

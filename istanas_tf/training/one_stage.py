@@ -90,16 +90,7 @@ class OneStageRun(search_run.SearchRun):
         super-net in inference mode on the test split (reported, not used)."""
         config = self.config
         logs, train_time, _ = steps_lib.train_on_split(
-            self.train_fn,
-            self.model,
-            self.strategy,
-            config,
-            self.info,
-            "train",
-            epoch=epoch,
-            steps=steps,
-            chief=self.chief,
-            cutout=config.data.cutout_length > 0,
+            self, "train", epoch, steps, cutout=config.data.cutout_length > 0
         )
         return {
             **logs,
@@ -204,19 +195,11 @@ class OneStageRun(search_run.SearchRun):
                 )
         self.state.end_epoch(row, genotype, self.model)
         frozen = sum(sum(flags) for flags in self.model.frozen_nodes.values())
-        logging.info(
-            "search epoch %d  loss %.4f  acc %.4f  test_acc %s  frozen %d/%d%s%s",
-            epoch + 1,
-            logs.get("loss", float("nan")),
-            logs.get("accuracy", float("nan")),
-            _fmt(logs.get("test_accuracy")),
-            frozen,
-            2 * genotypes.STEPS,
-            "  (rejected)" if row.get("rejected") else "",
-            f"  search ended after {epoch + 1} epochs; node stop epochs "
-            f"{self.progress.stop_epochs()}"
-            if self.progress.search_ended
-            else "",
+        shown = {**row, "frozen": f"{frozen}/{2 * genotypes.STEPS}"}
+        steps_lib.log_epoch(
+            f"search epoch {epoch + 1}",
+            shown,
+            ("loss", "accuracy", "test_accuracy", "frozen", "rejected", "node_stop_epochs"),
         )
 
     def _force_stop(self, epoch: int) -> None:
@@ -247,26 +230,19 @@ class OneStageRun(search_run.SearchRun):
         self.weight_optimizer.learning_rate = lr
         self.model.drop_path_rate.assign(drop_path)
         logs = self._train_epoch(epoch, steps)
-        self.state.end_epoch(
-            {
-                "epoch": epoch + 1,
-                "phase": "train",
-                "train_epoch": phase_epoch + 1,
-                "lr": lr,
-                "drop_path_rate": drop_path,
-                **logs,
-            }
-        )
-        logging.info(
-            "train epoch %d/%d  lr %.4g  drop path %.3f  loss %.4f  acc %.4f  test_acc %s  %.1fs",
-            phase_epoch + 1,
-            loop.epochs,
-            lr,
-            drop_path,
-            logs.get("loss", float("nan")),
-            logs.get("accuracy", float("nan")),
-            _fmt(logs.get("test_accuracy")),
-            logs["train_time_s"],
+        row = {
+            "epoch": epoch + 1,
+            "phase": "train",
+            "train_epoch": phase_epoch + 1,
+            "lr": lr,
+            "drop_path_rate": drop_path,
+            **logs,
+        }
+        self.state.end_epoch(row)
+        steps_lib.log_epoch(
+            f"train epoch {phase_epoch + 1}/{loop.epochs}",
+            row,
+            ("lr", "drop_path_rate", "loss", "accuracy", "test_accuracy", "train_time_s"),
         )
 
     def _finish(self) -> dict[str, Any]:
@@ -303,10 +279,6 @@ class OneStageRun(search_run.SearchRun):
             result["search_epochs"],
         )
         return result
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def run_one_stage(config: config_lib.OneStageConfig) -> dict[str, Any]:

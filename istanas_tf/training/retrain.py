@@ -52,8 +52,8 @@ class TrainRun:
                 {"model": self.model.variables, "optimizer": self.optimizer.variables},
             )
         self.state.restore()
-        self._train_fn = self._step_fn(self.model.train_step)
-        self._eval_fn = self._step_fn(self.model.test_step)
+        self.train_fn = self._step_fn(self.model.train_step)
+        self.eval_fn = self._step_fn(self.model.test_step)
 
     def _step_fn(self, step):
         if self.config.jit_compile:
@@ -70,7 +70,7 @@ class TrainRun:
     def evaluate(self, max_steps: int | None = None) -> dict[str, float]:
         """Loss, top-1 and top-5 of the network on the test split (inference mode)."""
         return steps_lib.evaluate_split(
-            self._eval_fn,
+            self.eval_fn,
             self.model,
             self.strategy,
             self.config.data,
@@ -122,16 +122,7 @@ class TrainRun:
         drop_path = config.drop_path_prob * epoch / loop.epochs  # DARTS' linear ramp
         self.model.drop_path_rate.assign(drop_path)
         logs, train_time, _ = steps_lib.train_on_split(
-            self._train_fn,
-            self.model,
-            self.strategy,
-            config,
-            self.info,
-            "train",
-            epoch=epoch,
-            steps=steps,
-            chief=self.chief,
-            cutout=config.data.cutout_length > 0,
+            self, "train", epoch, steps, cutout=config.data.cutout_length > 0
         )
         eval_logs = self.evaluate(loop.eval_steps)
         row = {
@@ -143,15 +134,10 @@ class TrainRun:
             "train_time_s": train_time,
         }
         self.state.end_epoch(row)
-        logging.info(
-            "epoch %d/%d  lr %.4g  loss %.4f  top1 %.4f  test_top1 %s  %.1fs",
-            epoch + 1,
-            loop.epochs,
-            lr,
-            logs.get("loss", float("nan")),
-            logs.get("top1", float("nan")),
-            f"{eval_logs['test_top1']:.4f}" if eval_logs else "-",
-            train_time,
+        steps_lib.log_epoch(
+            f"epoch {epoch + 1}/{loop.epochs}",
+            row,
+            ("lr", "loss", "top1", "test_top1", "train_time_s"),
         )
         return row
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from istanas_tf import data
 from istanas_tf.training import runtime
@@ -92,6 +93,31 @@ def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str)
         )
 
 
+def log_epoch(title: str, row: dict, keys: Iterable[str]) -> None:
+    """One log line for an epoch: ``title``, then ``key value`` for each of ``keys`` in
+    the metrics ``row`` (floats to 4 significant digits, a missing key as ``-``), so
+    every run reports its progress alike."""
+
+    def shown(value) -> str:
+        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    logging.info("  ".join([title, *(f"{key} {shown(row.get(key))}" for key in keys)]))
+
+
+def training_dataset(run, split: str, epoch: int, cutout: bool = False):
+    """``run``'s distributed training pipeline of ``split`` for epoch ``epoch``."""
+    return data.distributed_dataset(
+        run.strategy,
+        run.config.data,
+        run.info,
+        split,
+        training=True,
+        global_batch_size=run.config.loop.batch_size,
+        cutout=cutout,
+        epoch_seed=epoch,
+    )
+
+
 def run_train_steps(
     step_fn: Callable, model, batches, steps: int, *, epoch: int, model_dir: str, verbose: bool
 ) -> tuple[dict[str, float], float, float]:
@@ -122,44 +148,24 @@ def run_train_steps(
     return logs, end - start, step_time
 
 
-def train_on_split(
-    step_fn: Callable,
-    model,
-    strategy: tf.distribute.Strategy,
-    config,
-    info: data.DatasetInfo,
-    split: str,
-    *,
-    epoch: int,
-    steps: int,
-    chief: bool,
-    cutout: bool = False,
-):
-    """One epoch of ``step_fn`` on ``split``'s training pipeline (``run_train_steps``).
+def train_on_split(run, split: str, epoch: int, steps: int, cutout: bool = False):
+    """One epoch of ``run.train_fn`` on ``split``'s training pipeline (``run_train_steps``).
 
     Args:
-      config: the run's config (its ``data``, ``loop`` and ``model_dir``).
+      run: a run (``train_fn``, ``model``, ``strategy``, ``config``, ``info``, ``chief``).
       epoch: 0-based; seeds the epoch's shuffle and augmentation (resumes see the same).
       cutout: apply the data config's cutout.
     """
-    dataset = data.distributed_dataset(
-        strategy,
-        config.data,
-        info,
-        split,
-        training=True,
-        global_batch_size=config.loop.batch_size,
-        cutout=cutout,
-        epoch_seed=epoch,
-    )
+    config = run.config
+    dataset = training_dataset(run, split, epoch, cutout)
     return run_train_steps(
-        step_fn,
-        model,
+        run.train_fn,
+        run.model,
         dataset,
         steps,
         epoch=epoch,
         model_dir=config.model_dir,
-        verbose=config.loop.verbose and chief,
+        verbose=config.loop.verbose and run.chief,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from absl import logging
 
-from istanas_tf import data, genotypes
+from istanas_tf import genotypes
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import runtime, search_run
 from istanas_tf.training import steps as steps_lib
@@ -56,26 +56,16 @@ class TwoStageRun(search_run.SearchRun):
             row = self._run_epoch(epoch, steps)
         return {**row, "genotype": genotypes.to_json_dict(self.model.genotype())}
 
-    def _datasets(self, epoch: int):
-        config = self.config
-        make = lambda split: data.distributed_dataset(
-            self.strategy,
-            config.data,
-            self.info,
-            split,
-            training=True,
-            global_batch_size=config.loop.batch_size,
-            epoch_seed=epoch,
-        )
-        return make("search_weights"), make("search_arch")
-
     def _run_epoch(self, epoch: int, steps: int) -> dict[str, Any]:
         config, loop = self.config, self.config.loop
         lr = runtime.cosine_learning_rate(
             epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min
         )
         self.weight_optimizer.learning_rate = lr
-        weights_data, arch_data = self._datasets(epoch)
+        weights_data, arch_data = (
+            steps_lib.training_dataset(self, split, epoch)
+            for split in ("search_weights", "search_arch")
+        )
         logs, train_time, step_time = steps_lib.run_train_steps(
             lambda pair: self.train_fn(*pair),
             self.model,
@@ -123,19 +113,19 @@ class TwoStageRun(search_run.SearchRun):
             "genotype": genotypes.to_json_dict(genotype),
         }
         self.state.end_epoch(row, genotype, self.model)
-        logging.info(
-            "epoch %d/%d  lr %.4g  loss %.4f  acc %.4f  arch_loss %.4f  val_acc %s  "
-            "step %.3fs  recovery %.1fms  support %s",
-            epoch + 1,
-            loop.epochs,
-            lr,
-            logs.get("loss", float("nan")),
-            logs.get("accuracy", float("nan")),
-            logs.get("arch_loss", float("nan")),
-            f"{eval_logs['val_accuracy']:.4f}" if eval_logs else "-",
-            step_time,
-            1e3 * recovery_time,
-            "changed" if changed else "same",
+        steps_lib.log_epoch(
+            f"epoch {epoch + 1}/{loop.epochs}",
+            row,
+            (
+                "lr",
+                "loss",
+                "accuracy",
+                "arch_loss",
+                "val_accuracy",
+                "step_time_s",
+                "recovery_time_s",
+                "support_changed",
+            ),
         )
         if changed:
             self.trace_steps()
