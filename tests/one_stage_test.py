@@ -268,7 +268,7 @@ SEARCH_EPOCHS, TRAIN_EPOCHS = 2, 2
 def _tiny_flags(folder, model_dir, **overrides):
     """The CPU config, smaller: 16 images per class, C = 4, 3 cells, 2 + 2 epochs."""
     settings = dict(max_examples_per_class=16, search_epochs=SEARCH_EPOCHS, epochs=TRAIN_EPOCHS)
-    return tiny_flags("cifar10_one_stage_cpu.cfg", folder, model_dir, **settings, **overrides)
+    return tiny_flags("cifar10_one_stage_cpu.cfg", folder, model_dir, **{**settings, **overrides})
 
 
 def _rows(model_dir):

@@ -23,7 +23,7 @@ EPOCHS = 3
 def _tiny_flags(folder, model_dir, **overrides):
     """The CPU config, smaller: 48 images per class, C = 4, 3 cells, 3 epochs."""
     settings = dict(max_examples_per_class=48, epochs=EPOCHS, learning_rate=0.05)
-    return tiny_flags("cifar10_two_stage_cpu.cfg", folder, model_dir, **settings, **overrides)
+    return tiny_flags("cifar10_two_stage_cpu.cfg", folder, model_dir, **{**settings, **overrides})
 
 
 # The architecture state and the weights of every cell must be in a resumed checkpoint.

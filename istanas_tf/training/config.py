@@ -121,11 +121,11 @@ class LoopConfig:
             [
                 (
                     _is_int(self.epochs) and self.epochs >= 1,
-                    f"--epochs must be an integer >= 1, got {self.epochs!r}",
+                    f"--epochs must be >= 1, got {self.epochs!r}",
                 ),
                 (
                     _is_int(self.batch_size) and self.batch_size >= 1,
-                    f"--batch_size must be an integer >= 1, got {self.batch_size!r}",
+                    f"--batch_size must be >= 1, got {self.batch_size!r}",
                 ),
                 (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
                 (
