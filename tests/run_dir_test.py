@@ -1,0 +1,59 @@
+"""The run directory's run_config.json: recorded once, compared on resume, kind explicit."""
+
+import json
+
+import pytest
+
+from istanas_tf.training import config as config_lib
+from istanas_tf.training import run_dir
+
+
+def _settings(**loop):
+    config = config_lib.TwoStageConfig(model_dir="unused", loop=config_lib.LoopConfig(**loop))
+    return config_lib.recorded_settings(config)
+
+
+def test_recorded_then_resumed_with_resumable_changes(tmp_path):
+    assert run_dir.check_run_config(str(tmp_path), _settings(epochs=5)) is False
+    recorded = json.loads((tmp_path / run_dir.RUN_CONFIG).read_text())
+    assert recorded["kind"] == "two_stage" and recorded["loop"]["epochs"] == 5
+    # More epochs and another strategy are a resume, recorded at their latest value.
+    assert run_dir.check_run_config(str(tmp_path), _settings(epochs=9, strategy="mirrored"))
+    assert json.loads((tmp_path / run_dir.RUN_CONFIG).read_text())["loop"]["epochs"] == 9
+
+
+def test_other_settings_are_refused_naming_the_flags(tmp_path):
+    run_dir.check_run_config(str(tmp_path), _settings(seed=1))
+    other = config_lib.recorded_settings(
+        config_lib.TwoStageConfig(
+            model_dir="unused",
+            loop=config_lib.LoopConfig(seed=2),
+            arch=config_lib.ArchitectureOptimizerConfig(learning_rate=1e-3),
+        )
+    )
+    with pytest.raises(run_dir.RunDirError) as error:
+        run_dir.check_run_config(str(tmp_path), other)
+    # Named by their flags (arch.learning_rate is --arch_learning_rate), and the data's
+    # seed (unchanged here) is not confused with the loop's.
+    assert "--seed: recorded 1, now 2" in str(error.value)
+    assert "--arch_learning_rate: recorded 0.0006, now 0.001" in str(error.value)
+    assert str(error.value).count("--seed") == 1
+
+
+def test_a_run_of_another_kind_is_refused_in_one_sentence(tmp_path):
+    run_dir.check_run_config(str(tmp_path), _settings())
+    one_stage = config_lib.recorded_settings(config_lib.OneStageConfig(model_dir="unused"))
+    with pytest.raises(run_dir.RunDirError, match="holds a two-stage search, not a one-stage"):
+        run_dir.check_run_config(str(tmp_path), one_stage)
+
+
+def test_a_run_config_without_kind_is_refused_not_guessed(tmp_path):
+    (tmp_path / run_dir.RUN_CONFIG).write_text(json.dumps({"epochs": 50, "method": "ista"}))
+    for read in (
+        lambda: run_dir.read_run_config(str(tmp_path)),
+        lambda: run_dir.check_run_config(str(tmp_path), _settings()),
+    ):
+        with pytest.raises(run_dir.RunDirError, match="written by another version"):
+            read()
+    with pytest.raises(run_dir.RunDirError, match="no run was written there"):
+        run_dir.read_run_config(str(tmp_path / "empty"))
