@@ -83,8 +83,16 @@ class SearchNetworkConfig:
             raise ValueError(
                 f"the one-stage search needs --method=ista, got --method={self.method!r}"
             )
-        if self.layers < 3:
-            raise ValueError(f"--layers must be at least 3, got {self.layers}")
+        for flag, value, least in (
+            ("layers", self.layers, 3),
+            ("proj_dims", self.proj_dims, 1),
+            ("sparseness", self.sparseness, 1),
+            ("seed", self.seed, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"--{flag} must be at least {least} (an integer), got {value!r}")
+        if not self.lam > 0:
+            raise ValueError(f"--lam must be > 0, got {self.lam!r}")
         if self.channels < 2 or self.channels % 2:
             raise ValueError(
                 f"--init_channels must be an even number >= 2 (FactorizedReduce "

@@ -91,3 +91,44 @@ def test_every_setting_has_a_flag_with_help_and_a_type(cli):
     assert values["seed"].flag_type() == "int"
     assert "list" in values["mean"].flag_type()
     assert values["deterministic"].boolean
+
+
+# Every integer setting a mode uses, with a value it must refuse.
+_BAD_INTEGERS = {
+    config_lib.TwoStageConfig: {
+        "init_channels": 0,
+        "layers": 2,
+        "proj_dims": 0,
+        "sparseness": 0,
+        "seed": -1,
+        "batch_size": 0,
+        "epochs": 0,
+        "steps_per_epoch": 0,
+        "eval_steps": -1,
+        "max_examples_per_class": -1,
+    },
+    config_lib.OneStageConfig: {"search_epochs": 0, "cutout_length": -1, "init_channels": 3},
+    config_lib.TrainConfig: {"init_channels": 0, "layers": 2, "warmup_epochs": -1, "seed": -1},
+}
+
+
+@pytest.mark.parametrize(
+    "cls,flag,value",
+    [(cls, flag, value) for cls, bad in _BAD_INTEGERS.items() for flag, value in bad.items()],
+)
+def test_every_integer_flag_is_validated_naming_the_flag(cli, cls, flag, value):
+    module, values = _parse(cli, "--model_dir=/tmp/x", f"--{flag}={value}")
+    with pytest.raises(ValueError, match=f"--{flag}"):
+        module.build_config(cls, values).validate()
+
+
+def test_flags_text_holds_only_this_projects_flags_that_were_given(cli):
+    module, values = _parse(cli, "--model_dir=/tmp/x", "--epochs=3", "--method=darts")
+    lines = module.flags_text(values).splitlines()
+    # The setting flags given, then mode and method (always recorded), nothing of absl.
+    assert lines[:2] == ["--epochs=3", "--model_dir=/tmp/x"]
+    assert lines[2:] == ["--mode=search", "--method=darts"]
+    assert all(
+        line.split("=")[0].lstrip("-").removeprefix("no") in {*module.project_flag_names()}
+        for line in lines
+    )
