@@ -17,8 +17,9 @@ The batch size is dynamic. The class names are a constant in the graph (behind t
 ``assets.extra/class_names.txt`` for clients that only want the label map.
 
 A version directory appears in one ``os.rename``: the archive is written into a hidden
-sibling (``.tmp-<version>-<random>``, a name TF Serving ignores) and renamed at the end,
-so a crash never leaves a half-written version behind. Only local file systems are
+sibling (``.tmp-<version>-<host>-<pid>-<random>``, a name TF Serving ignores; its process
+named, so that a later run can tell a killed export's folder from a live one) and renamed
+at the end, so a crash never leaves a half-written version behind. Only local file systems are
 supported (an object store has no atomic directory rename).
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Sequence
 
@@ -102,7 +104,14 @@ def make_serving_fn(
         check = tf.debugging.Assert(shape_ok, [message + "; got shape", shape], summarize=8)
         with tf.control_dependencies([check]):
             images = tf.identity(images)
-        logits = model(data.normalize(images / 255.0, mean, std), training=False)
+        # An empty batch gets empty outputs. The network itself cannot take one (the
+        # inference BN's fused kernels fail on [0, H, W, C]), so it sees one zero image
+        # whose row is then cut away.
+        count = shape[0]
+        images = tf.cond(
+            count > 0, lambda: images, lambda: tf.zeros([1, height, width, 3], images.dtype)
+        )
+        logits = model(data.normalize(images / 255.0, mean, std), training=False)[:count]
         logits = tf.cast(logits, tf.float32)
         classes = tf.argmax(logits, axis=-1, output_type=tf.int64)
         outputs = {
@@ -165,7 +174,7 @@ def export_saved_model(
 
     # os.mkdir rather than tempfile.mkdtemp: mkdtemp's mode 0700 would stay on the
     # version directory and hide it from a server running as another user.
-    temp_dir = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    temp_dir = os.path.join(model_dir, _temp_name(version))
     os.mkdir(temp_dir)
     try:
         archive = keras.export.ExportArchive()
@@ -192,6 +201,43 @@ def export_saved_model(
         version_dir,
     )
     return version_dir
+
+
+def _temp_name(version: int) -> str:
+    """``.tmp-<version>-<host>-<pid>-<random>``: a name TF Serving ignores, which says
+    which process writes it (see :func:`stale_temporaries`)."""
+    return f".tmp-{version}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def stale_temporaries(versions_dir: str) -> list[str]:
+    """The temporary version folders in ``<export_dir>/<model_name>`` that an export
+    killed midway left behind: written on this host by a process that has ended.
+
+    Folders of live processes, or of other hosts (a shared filesystem), are never
+    listed: another export may be writing them.
+    """
+    if not os.path.isdir(versions_dir):
+        return []
+    host, stale = socket.gethostname(), []
+    for name in os.listdir(versions_dir):
+        if not name.startswith(".tmp-"):
+            continue
+        writer, pid, _ = name.rsplit("-", 2)
+        parts = writer.split("-", 2)  # ".tmp", version, host (which may hold "-")
+        if len(parts) == 3 and parts[2] == host and pid.isdigit():
+            if not _process_alive(int(pid)):
+                stale.append(os.path.join(versions_dir, name))
+    return stale
 
 
 def export_for_dataset(

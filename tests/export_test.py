@@ -194,6 +194,13 @@ def test_wrong_shape_fails_with_expected_input(loaded, shape):
         loaded.signatures["serving_default"](images=tf.zeros(shape, tf.float32))
 
 
+def test_an_empty_batch_gets_empty_outputs(loaded):
+    outputs = loaded.signatures["serving_default"](images=tf.zeros([0, 32, 32, 3]))
+    assert outputs["logits"].shape == (0, len(CLASS_NAMES))
+    assert outputs["probabilities"].shape == (0, len(CLASS_NAMES))
+    assert outputs["classes"].shape == (0,)
+
+
 def test_wrong_dtype_fails_naming_the_expected_dtype(loaded):
     images = tf.zeros([2, 32, 32, 3], tf.uint8)
     # The runtime checks the dtype before the graph runs, so the message is TF's own.
