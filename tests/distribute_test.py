@@ -95,7 +95,7 @@ HELPER = textwrap.dedent('''
 
     from istanas_tf import data, genotypes, search_model
     from istanas_tf.training import config as config_lib
-    from istanas_tf.training import one_stage, two_stage
+    from istanas_tf.training import one_stage, runtime, two_stage
 
     tiny = job["tiny"]
     for run in job["runs"]:
@@ -121,16 +121,20 @@ HELPER = textwrap.dedent('''
                 model_dir=run["model_dir"], network=network, data=folder, arch=arch,
                 loop=dataclasses.replace(loop, epochs=1, learning_rate=0.025),
                 freeze_tolerance=1.0, search_epochs=tiny["epochs"])
-            onestage = one_stage.OneStageRun(config)
-            result = onestage.run()
+            # Through the run directory's guard, as run_one_stage: only the chief locks.
+            with runtime.guard_run_dir(config) as guard:
+                onestage = one_stage.OneStageRun(config, guard=guard)
+                result = onestage.run()
             chief, replicas = onestage.chief, onestage.strategy.num_replicas_in_sync
             model = onestage.model
         else:
-            search = two_stage.TwoStageRun(config_lib.TwoStageConfig(
+            config = config_lib.TwoStageConfig(
                 model_dir=run["model_dir"], network=network, data=folder, loop=loop,
-                arch=arch))
-            initial = genotypes.to_json_dict(search.model.genotype())
-            result = search.run()
+                arch=arch)
+            with runtime.guard_run_dir(config) as guard:
+                search = two_stage.TwoStageRun(config, guard=guard)
+                initial = genotypes.to_json_dict(search.model.genotype())
+                result = search.run()
             chief, replicas = search.chief, search.strategy.num_replicas_in_sync
             model = search.model
         architecture = {v.path: v.numpy() for arch_state in model.architectures.values()

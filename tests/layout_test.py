@@ -53,6 +53,7 @@ FLOORS = [
     "istanas_tf.absorption",
     "istanas_tf.training.config",
     "istanas_tf.training.run_dir",
+    "istanas_tf.training.run_guard",
     "istanas_tf.training.runtime",
     "istanas_tf.training.summaries",
     "istanas_tf.training.state",

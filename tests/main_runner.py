@@ -4,6 +4,7 @@ Shared by the end-to-end tests of the three kinds of run.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -89,3 +90,77 @@ def assert_evaluations_match(summary, model_dir, data_flags, examples, tolerance
         assert evaluation["top5"] == pytest.approx(summary["test_top5"], abs=tolerance)
         evaluations.append(evaluation)
     return evaluations
+
+
+# Where run_main_killed stops a run: patched into the library in the child process, so
+# the kill lands exactly there (a timed SIGKILL from outside cannot aim at these points).
+_KILL_POINTS = {
+    # The metrics row of epoch EPOCH is written, its checkpoint not yet.
+    "before_checkpoint": """
+from istanas_tf.training import state
+save = state.RunState.save
+def killing_save(self, epoch):
+    if epoch == EPOCH:
+        kill()
+    save(self, epoch)
+state.RunState.save = killing_save
+""",
+    # During the checkpoint of epoch EPOCH: tf.train.CheckpointManager writes
+    # ckpt-N_temp/ and renames it at the end; killed with the folder half-written.
+    "in_checkpoint": """
+import os
+from istanas_tf.training import state
+save = state.RunState.save
+def killing_save(self, epoch):
+    if epoch == EPOCH:
+        temp = os.path.join(self.checkpoint_dir, f"ckpt-{epoch}_temp")
+        os.makedirs(temp)
+        with open(os.path.join(temp, "part-00000-of-00001.data-00000-of-00001"), "wb") as f:
+            f.write(b"half a checkpoint")
+        kill()
+    save(self, epoch)
+state.RunState.save = killing_save
+""",
+    # During the export: the SavedModel is written into its temporary folder, not yet
+    # renamed into its version directory.
+    "in_export": """
+from istanas_tf import export
+def killing_move(temp_dir, version_dir, overwrite):
+    kill()
+export._move_into_place = killing_move
+""",
+}
+
+
+def run_main_killed(args, point, epoch=0, timeout=900):
+    """``run_main(args)``, SIGKILLed at ``point`` (a key of ``_KILL_POINTS``; ``epoch``
+    says which epoch's checkpoint, 1-based). Returns the finished process."""
+    code = "\n".join(
+        [
+            "import os, runpy, signal, sys",
+            "def kill():",
+            "    os.kill(os.getpid(), signal.SIGKILL)",
+            _KILL_POINTS[point].replace("EPOCH", str(epoch)),
+            f"sys.argv = [{MAIN!r}, *sys.argv[1:]]",
+            f"runpy.run_path({MAIN!r}, run_name='__main__')",
+        ]
+    )
+    # train/ on the path, as when main.py runs as a script (it imports cli_flags).
+    path = os.pathsep.join(filter(None, [str(REPO / "train"), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+
+
+def metrics_rows(model_dir, timing=False):
+    """The run's metrics.jsonl rows; without the wall-clock keys (``*_time_s``) unless
+    ``timing``, so that two runs' rows compare exactly."""
+    rows = [json.loads(line) for line in (pathlib.Path(model_dir) / "metrics.jsonl").open()]
+    if timing:
+        return rows
+    return [{k: v for k, v in row.items() if not k.endswith("_time_s")} for row in rows]

@@ -4,12 +4,21 @@ accuracy, mixed precision, ImageNet."""
 import dataclasses
 import json
 import pathlib
+import signal
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from main_runner import REPO, assert_evaluations_match, last_json, run_main, run_to_completion
+from main_runner import (
+    REPO,
+    assert_evaluations_match,
+    last_json,
+    metrics_rows,
+    run_main,
+    run_main_killed,
+    run_to_completion,
+)
 from PIL import Image
 from testing import tiny_loop
 
@@ -67,6 +76,31 @@ def test_rerun_of_a_finished_run_exports_nothing_new(trained_run, cifar10_folder
     assert result.returncode == 0, result.stderr[-2000:]
     assert last_json(result) == summary
     assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]
+
+
+def test_kill_during_export_then_rerun_matches_an_uninterrupted_run_bit_for_bit(
+    trained_run, cifar10_folder, tmp_path
+):
+    reference_dir, reference = trained_run
+    model_dir = tmp_path / "killed_in_export"
+    args = _tiny_flags(cifar10_folder, model_dir)
+    killed = run_main_killed(args, "in_export")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    versions = model_dir / "export" / "istanas"
+    assert [p.name[:7] for p in versions.iterdir()] == [".tmp-1-"]  # half-exported
+    result = run_to_completion(args)
+    assert sorted(p.name for p in versions.iterdir()) == ["1"]  # the temporary went
+    # --deterministic: the same command gives the same numbers and the same network.
+    assert metrics_rows(model_dir) == metrics_rows(reference_dir)
+    summary = last_json(result)
+    for key in ("test_loss", "test_top1", "test_top5", "params"):
+        assert summary[key] == reference[key], key
+    images = tf.random.uniform([4, 32, 32, 3], 0, 255, seed=2)
+    logits = [
+        tf.saved_model.load(run["export"]).signatures["serving_default"](images=images)
+        for run in (summary, reference)
+    ]
+    np.testing.assert_array_equal(logits[0]["logits"].numpy(), logits[1]["logits"].numpy())
 
 
 def test_export_mode_exports_a_train_run_without_its_dataset(trained_run, tmp_path):

@@ -28,15 +28,15 @@ def test_other_settings_are_refused_naming_the_flags(tmp_path):
         config_lib.TwoStageConfig(
             model_dir="unused",
             loop=config_lib.LoopConfig(seed=2),
-            arch=config_lib.ArchitectureOptimizerConfig(learning_rate=1e-3),
+            arch=config_lib.ArchitectureOptimizerConfig(weight_decay=1e-2),
         )
     )
     with pytest.raises(run_dir.RunDirError) as error:
         run_dir.check_run_config(str(tmp_path), other)
-    # Named by their flags (arch.learning_rate is --arch_learning_rate), and the data's
+    # Named by their flags (arch.weight_decay is --arch_weight_decay), and the data's
     # seed (unchanged here) is not confused with the loop's.
     assert "--seed: recorded 1, now 2" in str(error.value)
-    assert "--arch_learning_rate: recorded 0.0006, now 0.001" in str(error.value)
+    assert "--arch_weight_decay: recorded 0.001, now 0.01" in str(error.value)
     assert str(error.value).count("--seed") == 1
 
 
@@ -57,3 +57,22 @@ def test_a_run_config_without_kind_is_refused_not_guessed(tmp_path):
             read()
     with pytest.raises(run_dir.RunDirError, match="no run was written there"):
         run_dir.read_run_config(str(tmp_path / "empty"))
+
+
+def test_resumable_changes_are_kept_in_the_history(tmp_path):
+    run_dir.check_run_config(str(tmp_path), _settings(epochs=1, learning_rate=0.05))
+    (tmp_path / run_dir.CHECKPOINTS).mkdir()
+    (tmp_path / run_dir.CHECKPOINTS / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-1"\nall_model_checkpoint_paths: "ckpt-1"\n'
+    )
+    (tmp_path / run_dir.CHECKPOINTS / "ckpt-1.index").write_bytes(b"")
+    # A diverged run resumed at a lower learning rate, then extended.
+    run_dir.check_run_config(str(tmp_path), _settings(epochs=1, learning_rate=0.01))
+    run_dir.check_run_config(str(tmp_path), _settings(epochs=4, learning_rate=0.01))
+    run_dir.check_run_config(str(tmp_path), _settings(epochs=4, learning_rate=0.01))  # same
+    recorded = json.loads((tmp_path / run_dir.RUN_CONFIG).read_text())
+    assert recorded["loop"]["learning_rate"] == 0.01 and recorded["loop"]["epochs"] == 4
+    assert recorded[run_dir.HISTORY] == [
+        {"resumed_after_epoch": 1, "changed": {"--learning_rate": [0.05, 0.01]}},
+        {"resumed_after_epoch": 1, "changed": {"--epochs": [1, 4]}},
+    ]

@@ -1,21 +1,22 @@
 """The two-stage search end to end through train/main.py: artifacts, resume, bad input."""
 
-import dataclasses
 import json
+import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from main_runner import MAIN, REPO, checkpoint_state, run_main, run_to_completion, tiny_flags
-from testing import tiny_loop
+from main_runner import (
+    checkpoint_state,
+    metrics_rows,
+    run_main,
+    run_main_killed,
+    run_to_completion,
+    tiny_flags,
+)
 
-from istanas_tf import data, genotypes, search_model
-from istanas_tf.training import config as config_lib
-from istanas_tf.training import steps, two_stage
+from istanas_tf import genotypes
 
 EPOCHS = 3
 
@@ -98,42 +99,94 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(finished_run, cifar10_
     assert (model_dir / "metrics.jsonl").read_text() == before
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
+def test_kills_between_a_row_and_its_checkpoint_resume_to_the_uninterrupted_records(
     finished_run, cifar10_folder, tmp_path
 ):
     reference_dir, _ = finished_run
     model_dir = tmp_path / "killed"
+    checkpoints = model_dir / "checkpoints"
     args = _tiny_flags(cifar10_folder, model_dir)
-    process = subprocess.Popen(
-        [sys.executable, MAIN, *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first_checkpoint = model_dir / "checkpoints" / "ckpt-1.index"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 2
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
-    done = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(done) < EPOCHS
-
-    result = run_main(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed" in result.stderr
-    assert genotypes.load_json(model_dir / "genotype.json") == genotypes.load_json(
-        reference_dir / "genotype.json"
-    )
+    # Kill 1: epoch 1's metrics row written, no checkpoint at all yet.
+    killed = run_main_killed(args, "before_checkpoint", epoch=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [row["epoch"] for row in metrics_rows(model_dir)] == [1]
+    assert tf.train.latest_checkpoint(str(checkpoints)) is None
+    # Kill 2: resumed from nothing (the stray row dropped), killed writing checkpoint 2.
+    killed = run_main_killed(args, "in_checkpoint", epoch=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [row["epoch"] for row in metrics_rows(model_dir)] == [1, 2]
+    assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-1")
+    assert (checkpoints / "ckpt-2_temp").is_dir()
+    # The resume drops row 2, removes the half checkpoint and ends as the run that was
+    # never interrupted: the same rows (wall-clock times aside) and genotype.
+    result = run_to_completion(args)
+    assert "ckpt-2_temp" in result.stderr  # logged as removed
+    assert metrics_rows(model_dir) == metrics_rows(reference_dir)
+    assert not list(checkpoints.glob("*_temp"))
+    genotype = (model_dir / "genotype.json").read_text()
+    assert genotype == (reference_dir / "genotype.json").read_text()
+    # Every variable of the final checkpoint, bit for bit.
     resumed = checkpoint_state(model_dir, STATE_PARTS.split())
     reference = checkpoint_state(reference_dir, STATE_PARTS.split())
     assert resumed.keys() == reference.keys()
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
-    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [1, 2, 3]
+
+
+def test_flags_txt_replays_the_run_and_a_refused_start_changes_nothing(
+    finished_run, cifar10_folder
+):
+    model_dir, _ = finished_run
+    recorded = (model_dir / "flags.txt").read_text()
+    # Only this project's flags, each once (absl's and TF's own would not parse back).
+    names = [line.split("=")[0] for line in recorded.splitlines()]
+    assert len(names) == len(set(names)) and "--test_random_seed" not in names
+    assert f"--model_dir={model_dir}" in recorded.splitlines()
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    refused = run_main(_tiny_flags(cifar10_folder, model_dir, lam=1e-4))
+    assert refused.returncode == 2 and "--lam: recorded 1e-05, now 0.0001" in refused.stderr
+    replayed = run_main([f"--flagfile={model_dir / 'flags.txt'}"])
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    assert "Resumed" in replayed.stderr
+    after = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    after.pop(model_dir / ".lock", None)
+    before.pop(model_dir / ".lock", None)
+    # The replay resumed a finished run: nothing to do, nothing changed but new
+    # (empty-handed) TensorBoard event files.
+    assert {p: b for p, b in after.items() if "tensorboard" not in str(p)} == {
+        p: b for p, b in before.items() if "tensorboard" not in str(p)
+    }
+
+
+def test_divergence_stops_before_the_checkpoint_and_a_lower_lr_resumes(
+    finished_run, cifar10_folder, tmp_path
+):
+    model_dir = tmp_path / "diverging"
+    shutil.copytree(finished_run[0], model_dir)
+    (model_dir / ".lock").unlink(missing_ok=True)
+    kept = {
+        name: (model_dir / name).read_bytes()
+        for name in ("genotype.json", "metrics.jsonl", "run_config.json", "flags.txt")
+    }
+    more = EPOCHS + 1
+    diverged = run_main(_tiny_flags(cifar10_folder, model_dir, epochs=more, learning_rate=1e6))
+    assert diverged.returncode == 2, diverged.stderr[-3000:]
+    assert f"diverged at epoch {more}" in diverged.stderr or "non-finite" in diverged.stderr
+    assert "Traceback" not in diverged.stderr
+    # The last good epoch is intact: nothing of the diverged one was saved.
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith(f"ckpt-{EPOCHS}")
+    assert {name: (model_dir / name).read_bytes() for name in kept} == kept
+    # The advice works: a lower learning rate resumes, and the change is in the history.
+    resumed = run_main(_tiny_flags(cifar10_folder, model_dir, epochs=more, learning_rate=0.01))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [row["epoch"] for row in metrics_rows(model_dir)] == [*range(1, more + 1)]
+    history = json.loads((model_dir / "run_config.json").read_text())["history"]
+    assert history == [
+        {
+            "resumed_after_epoch": EPOCHS,
+            "changed": {"--epochs": [EPOCHS, more], "--learning_rate": [0.05, 0.01]},
+        }
+    ]
 
 
 def test_model_dir_of_another_run_is_refused_naming_the_flags(finished_run, cifar10_folder):
@@ -161,52 +214,3 @@ def test_bad_flags_fail_with_a_message_naming_the_flag(
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _tiny_config(cifar10_folder, model_dir, **loop):
-    return config_lib.TwoStageConfig(
-        model_dir=str(model_dir),
-        network=search_model.SearchNetworkConfig(channels=4, layers=3, seed=1),
-        data=data.DataConfig(
-            dataset=f"folder:{cifar10_folder}",
-            max_examples_per_class=16,
-            deterministic=True,
-            seed=1,
-        ),
-        loop=tiny_loop(
-            **{
-                **dict(
-                    epochs=2,
-                    batch_size=16,
-                    learning_rate=0.05,
-                    eval_steps=1,
-                    deterministic=True,
-                    seed=1,
-                ),
-                **loop,
-            }
-        ),
-    )
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar10_folder, tmp_path):
-    config = _tiny_config(cifar10_folder, tmp_path / "nan", epochs=1)
-    run = two_stage.TwoStageRun(config)
-    run.run()
-    checkpoint = tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints"))
-    assert checkpoint.endswith("ckpt-1")
-
-    run = two_stage.TwoStageRun(
-        dataclasses.replace(config, loop=dataclasses.replace(config.loop, epochs=2))
-    )
-    stem_kernel = run.model.stem_conv.conv.kernel
-    stem_kernel.assign(np.full(stem_kernel.shape, np.nan, np.float32))
-    with pytest.raises(steps.NonFiniteLossError, match="epoch 2.*last good checkpoint"):
-        run.run()
-    assert tf.train.latest_checkpoint(str(tmp_path / "nan" / "checkpoints")) == checkpoint
-    reader = tf.train.load_checkpoint(checkpoint)
-    assert all(
-        np.all(np.isfinite(reader.get_tensor(k)))
-        for k in reader.get_variable_to_shape_map()
-        if reader.get_variable_to_dtype_map()[k].is_floating
-    )

@@ -142,6 +142,28 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("split", "test", ["test", "train"], "eval: the split to evaluate.", **define)
 
 
+def project_flag_names(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """The flags :func:`define_flags` defines (not absl's, TF's or tfds' own)."""
+    names = [*setting_flags(), "mode", "method", "diagram", "version", "overwrite"]
+    return [*names, "saved_model", "split"]
+
+
+def flags_text(FLAGS) -> str:
+    """This project's flags that were given, and the mode and method, one
+    ``--name=value`` per line: the ``flags.txt`` a run records, which ``--flagfile=``
+    replays (a resume)."""
+    lines = [
+        FLAGS[name].serialize()
+        for name in project_flag_names()
+        if name in FLAGS
+        and (
+            name in ("mode", "method")
+            or (FLAGS[name].value is not None and FLAGS[name].value != FLAGS[name].default)
+        )
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _given(FLAGS, flag: str | None):
     """The flag's value if it was given (a flagfile counts), else None."""
     if flag is None or flag not in FLAGS:

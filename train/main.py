@@ -19,7 +19,7 @@ from absl import flags as absl_flags  # noqa: E402
 
 from istanas_tf import diagram, network_size  # noqa: E402
 from istanas_tf.training import config as config_lib  # noqa: E402
-from istanas_tf.training import evaluate, one_stage, restore, retrain, run_dir, steps, two_stage  # noqa: E402  # noqa: E402
+from istanas_tf.training import evaluate, one_stage, restore, retrain, state, steps, two_stage  # noqa: E402
 
 _DESCRIBE_DATASETS = {
     "cifar10": ("cifar", 10),
@@ -30,27 +30,24 @@ _DESCRIBE_DATASETS = {
 EVAL_BATCH_SIZE = 256
 
 
-def _start(FLAGS, config):
-    """Checks the config, then records the effective flags in the run directory."""
+def _checked(FLAGS, config):
+    """``config`` once its run directory is given and its settings are valid."""
     if not config.model_dir:
         raise ValueError(f"--model_dir is required for --mode={FLAGS.mode} (the run directory)")
     config.validate()
-    os.makedirs(config.model_dir, exist_ok=True)
-    FLAGS.append_flags_into_file(run_dir.path(config.model_dir, run_dir.FLAGS))
     return config
 
 
 def run_search(FLAGS):
-    config = _start(FLAGS, cli_flags.search_config(FLAGS))
-    if isinstance(config, config_lib.OneStageConfig):
-        return one_stage.run_one_stage(config)
-    return two_stage.run_two_stage(config)
+    config = _checked(FLAGS, cli_flags.search_config(FLAGS))
+    one = isinstance(config, config_lib.OneStageConfig)
+    run = one_stage.run_one_stage if one else two_stage.run_two_stage
+    return run(config, flags_text=cli_flags.flags_text(FLAGS))
 
 
 def run_train(FLAGS):
-    return retrain.run_training(
-        _start(FLAGS, cli_flags.build_config(config_lib.TrainConfig, FLAGS))
-    )
+    config = _checked(FLAGS, cli_flags.build_config(config_lib.TrainConfig, FLAGS))
+    return retrain.run_training(config, flags_text=cli_flags.flags_text(FLAGS))
 
 
 def run_eval(FLAGS):
@@ -125,7 +122,13 @@ def main(argv):
     FLAGS = absl_flags.FLAGS
     try:
         result = MODES[FLAGS.mode](FLAGS)
-    except (ValueError, FileNotFoundError, FileExistsError, steps.NonFiniteLossError) as error:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        steps.NonFiniteLossError,
+        state.DivergedError,
+    ) as error:
         # Library errors name the flag, file or value: show them without a stack trace.
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)

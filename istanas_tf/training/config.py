@@ -1,6 +1,6 @@
 """What a run is: the typed settings of each mode, one ``LoopConfig`` nested in each.
 
-Config flows one way (DESIGN.md decision 8): flags (``train/flags.py``) -> these frozen
+Config flows one way (DESIGN.md decision 8): flags (``train/cli_flags.py``) -> these frozen
 dataclasses -> the runs. Every default lives here, in the dataclasses: each mode's
 config carries its own default ``LoopConfig`` (50 search epochs at batch 256 for the
 two-stage search, 600 at batch 96 for the one-stage run and retraining), and the flag
@@ -28,10 +28,15 @@ LR_SCHEDULES = ("cosine", "warmup_linear")
 DEFAULT_MAX_PARAMS = 3_700_000
 
 # Settings (dotted paths into a config) that may differ when a run resumes: they do not
-# change what the run has computed so far (more epochs extend it).
+# change what the run has computed so far (more epochs extend it; a lower learning rate
+# continues a run that diverged from its last good checkpoint). run_config.json keeps
+# each change in its history.
 RESUMABLE = frozenset(
     {
         "loop.epochs",
+        "loop.learning_rate",
+        "loop.learning_rate_min",
+        "arch.learning_rate",
         "loop.strategy",
         "loop.eval_steps",
         "search_epochs",
@@ -128,6 +133,10 @@ class LoopConfig:
                     f"--batch_size must be >= 1, got {self.batch_size!r}",
                 ),
                 (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
+                (
+                    _is_int(self.seed) and self.seed >= 0,
+                    f"--seed must be an integer >= 0, got {self.seed!r}",
+                ),
                 (
                     0 <= self.learning_rate_min <= self.learning_rate,
                     f"--learning_rate_min must be in [0, --learning_rate], got "

@@ -78,8 +78,8 @@ class OneStageRun(search_run.SearchRun):
     (``state.OneStageProgress``).
     """
 
-    def __init__(self, config: config_lib.OneStageConfig):
-        super().__init__(config, check_data=_cifar_sized)
+    def __init__(self, config: config_lib.OneStageConfig, **start_options):
+        super().__init__(config, check_data=_cifar_sized, **start_options)
 
     def _extra_state(self) -> dict[str, list]:
         self.progress = state_lib.OneStageProgress()
@@ -281,6 +281,11 @@ class OneStageRun(search_run.SearchRun):
         return result
 
 
-def run_one_stage(config: config_lib.OneStageConfig) -> dict[str, Any]:
-    """Runs (or resumes) a one-stage search and training; returns the final metrics."""
-    return OneStageRun(config).run()
+def run_one_stage(
+    config: config_lib.OneStageConfig, flags_text: str | None = None
+) -> dict[str, Any]:
+    """Runs (or resumes) a one-stage search and training; returns the final metrics.
+
+    ``flags_text`` (the command line's flags) is written to the run's ``flags.txt``.
+    """
+    return runtime.run_guarded(config, OneStageRun, flags_text)

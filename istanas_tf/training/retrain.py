@@ -37,10 +37,12 @@ def learning_rate_at(config: config_lib.TrainConfig, epoch: int) -> float:
 class TrainRun:
     """Builds (or restores) the retraining of ``config``; ``run()`` runs the rest."""
 
-    def __init__(self, config: config_lib.TrainConfig):
+    def __init__(self, config: config_lib.TrainConfig, **start_options):
         self.config = config
         self.genotype = config_lib.resolve_genotype(config)
-        setup = runtime.start(config, genotype=genotypes.to_json_dict(self.genotype))
+        setup = runtime.start(
+            config, genotype=genotypes.to_json_dict(self.genotype), **start_options
+        )
         self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
         self.model, self.optimizer = builders.build_train_model(
             config, self.strategy, self.genotype, self.info
@@ -50,6 +52,7 @@ class TrainRun:
                 config.model_dir,
                 self.strategy,
                 {"model": self.model.variables, "optimizer": self.optimizer.variables},
+                num_classes=self.info.num_classes,
             )
         self.state.restore()
         self.train_fn = self._step_fn(self.model.train_step)
@@ -142,6 +145,9 @@ class TrainRun:
         return row
 
 
-def run_training(config: config_lib.TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) a retraining; returns the final test metrics."""
-    return TrainRun(config).run()
+def run_training(config: config_lib.TrainConfig, flags_text: str | None = None) -> dict[str, Any]:
+    """Runs (or resumes) a retraining; returns the final test metrics.
+
+    ``flags_text`` (the command line's flags) is written to the run's ``flags.txt``.
+    """
+    return runtime.run_guarded(config, TrainRun, flags_text)

@@ -2,7 +2,8 @@
 
 Layout of ``--model_dir``::
 
-  run_config.json        the run's kind and settings (compared on resume)
+  run_config.json        the run's kind and settings (compared on resume), the history
+                         of the settings changed on resume
   flags.txt              the effective command-line flags (written by train/main.py)
   checkpoints/           tf.train.CheckpointManager checkpoints, one per epoch
   metrics.jsonl          one JSON object per finished epoch
@@ -26,6 +27,8 @@ import json
 import os
 from typing import Any
 
+import tensorflow as tf
+
 from istanas_tf import genotypes
 from istanas_tf.training import config as config_lib
 
@@ -42,6 +45,8 @@ DATASET = "dataset.json"
 SEARCH_SUMMARY = "search_summary.json"
 FINAL_METRICS = "final_metrics.json"
 EXPORT = "export"
+# run_config.json: the resumable settings changed on each resume, oldest first.
+HISTORY = "history"
 
 # What each kind of run holds, for messages about a directory of another kind.
 KIND_DESCRIPTIONS = {
@@ -65,12 +70,18 @@ def epoch_file(folder: str, epoch: int, extension: str) -> str:
     return os.path.join(folder, f"epoch_{epoch:03d}.{extension}")
 
 
-def atomic_write_text(file: str, text: str) -> None:
-    """Writes ``text`` to ``file`` through a temporary file, so a crash leaves no half file."""
+def atomic_write_bytes(file: str, content: bytes) -> None:
+    """Writes ``content`` to ``file`` through a temporary file, so a crash leaves no half
+    file (a left ``*.tmp`` is removed by the next start, see ``run_guard``)."""
     tmp = f"{file}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(content)
     os.replace(tmp, file)
+
+
+def atomic_write_text(file: str, text: str) -> None:
+    """Writes ``text`` to ``file`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(file, text.encode())
 
 
 def write_json(file: str, content: Any) -> None:
@@ -112,12 +123,10 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
             f"--model_dir={model_dir} holds {KIND_DESCRIPTIONS[kind]}, not "
             f"{KIND_DESCRIPTIONS[settings['kind']]}; use a new --model_dir"
         )
+    history = recorded.pop(HISTORY, [])
     old, new = config_lib.flatten(recorded), config_lib.flatten(settings)
-    differing = sorted(
-        key
-        for key in set(old) | set(new)
-        if key not in config_lib.RESUMABLE and old.get(key) != new.get(key)
-    )
+    changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    differing = [key for key in changed if key not in config_lib.RESUMABLE]
     if differing:
         details = "; ".join(
             f"--{config_lib.flag_name(key) or key}: recorded {old.get(key)!r}, now {new.get(key)!r}"
@@ -127,9 +136,26 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
             f"--model_dir={model_dir} holds a run with different settings ({details}). "
             "Use a new --model_dir, or rerun with the recorded values to resume."
         )
-    # Settings that may change (e.g. more epochs) are recorded at their latest value.
-    write_json(file, settings)
+    # Settings that may change (more epochs, a lower learning rate after a divergence)
+    # are recorded at their latest value, and the change in the run's history.
+    if changed:
+        history.append(
+            {
+                "resumed_after_epoch": _latest_checkpoint_epoch(model_dir),
+                "changed": {
+                    f"--{config_lib.flag_name(key) or key}": [old.get(key), new.get(key)]
+                    for key in changed
+                },
+            }
+        )
+    write_json(file, {**settings, HISTORY: history} if history else settings)
     return True
+
+
+def _latest_checkpoint_epoch(model_dir: str) -> int:
+    """The epoch of the run's latest checkpoint (``ckpt-N`` holds epoch N), 0 if none."""
+    latest = tf.train.latest_checkpoint(path(model_dir, CHECKPOINTS))
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
 
 
 def read_run_config(model_dir: str) -> dict[str, Any]:

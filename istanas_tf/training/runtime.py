@@ -14,10 +14,11 @@ import os
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from istanas_tf import data
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir
+from istanas_tf.training import run_dir, run_guard
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -108,13 +109,22 @@ class Runtime:
     info: data.DatasetInfo
 
 
-def start(config: config_lib.RunConfig, check_data=None, **resolved) -> Runtime:
+def start(
+    config: config_lib.RunConfig,
+    check_data=None,
+    guard: run_guard.RunGuard | None = None,
+    flags_text: str | None = None,
+    **resolved,
+) -> Runtime:
     """Checks ``config``, seeds, makes the strategy, loads the data, records the run.
 
     Args:
       config: any mode's config.
       check_data: optional ``info -> None`` raising ValueError for data the run cannot
         use; called before anything is written to the run directory.
+      guard: the run's ``RunGuard`` (entered); on the chief it takes the run directory's
+        lock and removes stale temporaries. None: no lock (a run object built directly).
+      flags_text: written to ``flags.txt`` (the command-line flags that replay the run).
       **resolved: recorded instead of the config's value (see
         ``config.recorded_settings``).
 
@@ -133,6 +143,26 @@ def start(config: config_lib.RunConfig, check_data=None, **resolved) -> Runtime:
     # Only the chief records the settings: workers share the run directory, and two
     # writers would race on run_config.json's temporary file.
     if chief:
+        if guard is not None:
+            guard.acquire()
         run_dir.check_run_config(config.model_dir, config_lib.recorded_settings(config, **resolved))
+        if guard is not None:
+            for stale in guard.remove_stale_temporaries():
+                logging.info("Removed %s, left half-written by a stopped run", stale)
         run_dir.write_dataset_info(config.model_dir, info)
+        if flags_text is not None:
+            run_dir.atomic_write_text(run_dir.path(config.model_dir, run_dir.FLAGS), flags_text)
     return Runtime(strategy=strategy, chief=chief, info=info)
+
+
+def guard_run_dir(config: config_lib.RunConfig) -> run_guard.RunGuard:
+    """The ``RunGuard`` of ``config``'s run directory (and its ``--export_dir``)."""
+    export_dir = getattr(config, "export_dir", None)
+    return run_guard.RunGuard(config.model_dir, (export_dir,) if export_dir else ())
+
+
+def run_guarded(config: config_lib.RunConfig, run_class, flags_text: str | None = None):
+    """``run_class(config, guard=..., flags_text=...).run()`` inside the run directory's
+    guard (:func:`guard_run_dir`): how every kind of run is started."""
+    with guard_run_dir(config) as guard:
+        return run_class(config, guard=guard, flags_text=flags_text).run()

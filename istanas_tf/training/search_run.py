@@ -19,17 +19,21 @@ class SearchRun:
 
     Attributes:
       config: the run's config.
-      strategy, chief, info: as ``runtime.start`` set them up.
+      strategy, chief, info: as ``runtime.start`` set them up (``start_options``: its
+        ``guard`` and ``flags_text``).
       model: the super-net (``search_model.SearchNetwork``), compiled.
       weight_optimizer, arch_optimizer: its two optimizers.
       state: the run directory's checkpoints, metrics and summaries.
     """
 
     def __init__(
-        self, config: config_lib.TwoStageConfig | config_lib.OneStageConfig, check_data=None
+        self,
+        config: config_lib.TwoStageConfig | config_lib.OneStageConfig,
+        check_data=None,
+        **start_options,
     ):
         self.config = config
-        setup = runtime.start(config, check_data=check_data)
+        setup = runtime.start(config, check_data=check_data, **start_options)
         self.strategy, self.chief, self.info = setup.strategy, setup.chief, setup.info
         self.model, self.weight_optimizer, self.arch_optimizer = builders.build_search_model(
             config, self.strategy, self.info
@@ -44,6 +48,7 @@ class SearchRun:
                     "arch_optimizer": self.arch_optimizer.variables,
                     **self._extra_state(),
                 },
+                num_classes=self.info.num_classes,
             )
         if self.state.restore():
             self.model.sync_supports()

@@ -7,6 +7,7 @@ its search progress. Rerunning the same command restores it and carries on.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from typing import Any
 
@@ -37,6 +38,45 @@ def variables_by_path(variables) -> dict[str, Any]:
     return mapping
 
 
+# A loss above this many times that of a uniform guess (ln of the number of classes)
+# has diverged: no network that learned anything is that wrong on average.
+DIVERGENCE_FACTOR = 100.0
+
+
+class DivergedError(RuntimeError):
+    """An epoch's loss became non-finite or exploded; nothing of it was saved."""
+
+
+def divergence_limit(num_classes: int) -> float:
+    """The largest epoch loss a run accepts: ``DIVERGENCE_FACTOR * ln(num_classes)``
+    (230 for 10 classes, 691 for 1000)."""
+    return DIVERGENCE_FACTOR * math.log(max(num_classes, 2))
+
+
+def check_divergence(row: dict[str, Any], limit: float, model_dir: str) -> None:
+    """Raises DivergedError when a loss of the epoch's ``row`` (training, architecture,
+    validation or test) is non-finite or above ``limit``.
+
+    Every worker sees the same (globally reduced) row, so all stop together, before the
+    epoch's checkpoint, metrics row and genotype are written.
+    """
+    bad = {
+        key: value
+        for key, value in row.items()
+        if key.endswith("loss")
+        and isinstance(value, float)
+        and not (math.isfinite(value) and value <= limit)
+    }
+    if bad:
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in sorted(bad.items()))
+        raise DivergedError(
+            f"the run diverged at epoch {row['epoch']} ({shown}; the limit is "
+            f"{limit:.4g}, {DIVERGENCE_FACTOR:g} x ln(classes)): stopping before its "
+            f"checkpoint. {model_dir} keeps the last good epoch; resume it with a lower "
+            "--learning_rate (or --arch_learning_rate), or start a new --model_dir."
+        )
+
+
 class RunState:
     """What a run keeps in its directory: checkpoints, metrics.jsonl, TensorBoard.
 
@@ -51,9 +91,14 @@ class RunState:
     """
 
     def __init__(
-        self, model_dir: str, strategy: tf.distribute.Strategy, variables: dict[str, list]
+        self,
+        model_dir: str,
+        strategy: tf.distribute.Strategy,
+        variables: dict[str, list],
+        num_classes: int,
     ):
         self.model_dir = model_dir
+        self.loss_limit = divergence_limit(num_classes)
         self.chief = runtime.is_chief(strategy)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.checkpoint = tf.train.Checkpoint(
@@ -80,13 +125,14 @@ class RunState:
     def restore(self) -> bool:
         """Restores the latest checkpoint of the run directory, if any; True if it did."""
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-        if not latest:
-            return False
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        logging.info("Resumed %s at epoch %d", latest, self.epochs_done)
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info("Resumed %s at epoch %d", latest, self.epochs_done)
         if self.chief:
+            # Rows of epochs past the checkpoint (a run stopped between writing its row
+            # and its checkpoint; with no checkpoint, every row) are computed again.
             self.metrics_log.truncate_after(self.epochs_done)
-        return True
+        return bool(latest)
 
     def save(self, epoch: int) -> None:
         self.epoch.assign(epoch)
@@ -102,6 +148,7 @@ class RunState:
         every worker (saving is collective), the checkpoint of epoch ``row["epoch"]``.
         """
         epoch = row["epoch"]
+        check_divergence(row, self.loss_limit, self.model_dir)
         if self.chief:
             self.metrics_log.append(row)
             if genotype is not None:

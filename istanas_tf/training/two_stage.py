@@ -29,8 +29,8 @@ class TwoStageRun(search_run.SearchRun):
       strategy, chief, info: as ``runtime.start`` set them up.
     """
 
-    def __init__(self, config: config_lib.TwoStageConfig):
-        super().__init__(config)
+    def __init__(self, config: config_lib.TwoStageConfig, **start_options):
+        super().__init__(config, **start_options)
 
     def _train_step(self, weights_batch, arch_batch):
         return self.model.train_step((weights_batch, arch_batch))
@@ -132,6 +132,11 @@ class TwoStageRun(search_run.SearchRun):
         return row
 
 
-def run_two_stage(config: config_lib.TwoStageConfig) -> dict[str, Any]:
-    """Runs (or resumes) a two-stage search; returns the final metrics and genotype."""
-    return TwoStageRun(config).run()
+def run_two_stage(
+    config: config_lib.TwoStageConfig, flags_text: str | None = None
+) -> dict[str, Any]:
+    """Runs (or resumes) a two-stage search; returns the final metrics and genotype.
+
+    ``flags_text`` (the command line's flags) is written to the run's ``flags.txt``.
+    """
+    return runtime.run_guarded(config, TwoStageRun, flags_text)
