@@ -39,7 +39,9 @@ def finished_run(cifar10_folder, tmp_path_factory):
 
 def test_search_writes_every_artifact(finished_run):
     model_dir, result = finished_run
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # stdout is the JSON result and nothing else; the log has no progress-bar redraws.
+    summary = json.loads(result.stdout)
+    assert "\x1b[" not in result.stderr and "\r" not in result.stderr
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     for key in (

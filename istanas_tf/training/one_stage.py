@@ -118,6 +118,8 @@ class OneStageRun(search_run.SearchRun):
         while not self.progress.search_ended:
             self.search_epoch(self.state.epochs_done, steps)
         search_epochs = self.progress.search_length
+        # The search's length is decided as it runs; the training phase's is known.
+        self.clock = steps_lib.EpochClock(self.state.epochs_done, search_epochs + loop.epochs)
         for epoch in range(self.state.epochs_done, search_epochs + loop.epochs):
             self._training_epoch(epoch, epoch - search_epochs, steps)
         final = self.state.final_metrics()
@@ -243,6 +245,7 @@ class OneStageRun(search_run.SearchRun):
             f"train epoch {phase_epoch + 1}/{loop.epochs}",
             row,
             ("lr", "drop_path_rate", "loss", "accuracy", "test_accuracy", "train_time_s"),
+            self.clock,
         )
 
     def _finish(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class TrainRun:
                 num_classes=self.info.num_classes,
             )
         self.state.restore()
+        self.clock = steps_lib.EpochClock(self.state.epochs_done, config.loop.epochs)
         self.train_fn = self._step_fn(self.model.train_step)
         self.eval_fn = self._step_fn(self.model.test_step)
 
@@ -141,6 +142,7 @@ class TrainRun:
             f"epoch {epoch + 1}/{loop.epochs}",
             row,
             ("lr", "loss", "top1", "test_top1", "train_time_s"),
+            self.clock,
         )
         return row
 

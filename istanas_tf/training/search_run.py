@@ -52,6 +52,7 @@ class SearchRun:
             )
         if self.state.restore():
             self.model.sync_supports()
+        self.clock = steps_lib.EpochClock(self.state.epochs_done, config.loop.epochs)
         self.trace_steps()
 
     def _extra_state(self) -> dict[str, list]:

@@ -8,7 +8,9 @@ step, :func:`run_train_steps` and :func:`run_eval_steps` run an epoch of them.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -68,15 +70,71 @@ def steps_per_epoch(
     return min(steps, cap) if cap else steps
 
 
-class _Progress:
-    """A Keras progress bar within the epoch, only on the chief and when verbose."""
+# Without a terminal, a long epoch reports its progress this often (a log line).
+PROGRESS_LINE_SECONDS = 60.0
 
-    def __init__(self, steps: int, enabled: bool):
-        self.bar = keras.utils.Progbar(steps, stateful_metrics=None) if enabled else None
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class _Progress:
+    """Progress within an epoch, on the chief and when verbose, never on stdout (which
+    carries a run's JSON result): a Keras progress bar on stderr when stderr is a
+    terminal; otherwise (a log file) a log line every :data:`PROGRESS_LINE_SECONDS`
+    with the step, the elapsed time and the epoch's ETA."""
+
+    def __init__(self, steps: int, enabled: bool, epoch: int):
+        self.steps, self.enabled, self.epoch = steps, enabled, epoch
+        interactive = enabled and sys.stderr.isatty()
+        self.bar = keras.utils.Progbar(steps, stateful_metrics=None) if interactive else None
+        self.start = self.last_line = time.perf_counter()
 
     def update(self, step: int, logs: dict[str, float]) -> None:
         if self.bar is not None:
-            self.bar.update(step, [(k, v) for k, v in logs.items()], finalize=False)
+            # Keras' bar writes to sys.stdout at each update.
+            with contextlib.redirect_stdout(sys.stderr):
+                self.bar.update(step, [(k, v) for k, v in logs.items()], finalize=False)
+            return
+        now = time.perf_counter()
+        if not self.enabled or now - self.last_line < PROGRESS_LINE_SECONDS:
+            return
+        self.last_line = now
+        elapsed = now - self.start
+        eta = elapsed / step * (self.steps - step)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in logs.items())
+        logging.info(
+            "  epoch %d step %d/%d  %s  elapsed %s  eta %s",
+            self.epoch + 1,
+            step,
+            self.steps,
+            values,
+            _duration(elapsed),
+            _duration(eta),
+        )
+
+
+class EpochClock:
+    """Elapsed time and ETA of a run's epochs, for the per-epoch log line.
+
+    Args:
+      first_epoch: epochs already done when this process started (a resume).
+      epochs: the epochs the run will have done at its end.
+    """
+
+    def __init__(self, first_epoch: int, epochs: int):
+        self.first_epoch, self.epochs = first_epoch, epochs
+        self.start = time.perf_counter()
+
+    def describe(self, epochs_done: int) -> str:
+        """``elapsed ...  eta ...`` after ``epochs_done`` epochs (the ETA from this
+        process's mean epoch time)."""
+        elapsed = time.perf_counter() - self.start
+        ran = max(epochs_done - self.first_epoch, 1)
+        eta = elapsed / ran * max(self.epochs - epochs_done, 0)
+        return f"elapsed {_duration(elapsed)}  eta {_duration(eta)}"
 
 
 def _to_floats(logs) -> dict[str, float]:
@@ -93,15 +151,18 @@ def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str)
         )
 
 
-def log_epoch(title: str, row: dict, keys: Iterable[str]) -> None:
+def log_epoch(title: str, row: dict, keys: Iterable[str], clock: EpochClock | None = None) -> None:
     """One log line for an epoch: ``title``, then ``key value`` for each of ``keys`` in
-    the metrics ``row`` (floats to 4 significant digits, a missing key as ``-``), so
-    every run reports its progress alike."""
+    the metrics ``row`` (floats to 4 significant digits, a missing key as ``-``), then the
+    ``clock``'s elapsed time and ETA, so every run reports its progress alike."""
 
     def shown(value) -> str:
         return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    logging.info("  ".join([title, *(f"{key} {shown(row.get(key))}" for key in keys)]))
+    parts = [title, *(f"{key} {shown(row.get(key))}" for key in keys)]
+    if clock is not None:
+        parts.append(clock.describe(row["epoch"]))
+    logging.info("  ".join(parts))
 
 
 def training_dataset(run, split: str, epoch: int, cutout: bool = False):
@@ -123,8 +184,8 @@ def run_train_steps(
 ) -> tuple[dict[str, float], float, float]:
     """One epoch of training steps, shared by every run.
 
-    Resets the model's metrics, runs ``step_fn(batch)`` on up to ``steps`` batches with a
-    progress bar (when ``verbose``) and stops on a non-finite value.
+    Resets the model's metrics, runs ``step_fn(batch)`` on up to ``steps`` batches with
+    progress reports on stderr (when ``verbose``) and stops on a non-finite value.
 
     Returns:
       ``(logs, train_time_s, step_time_s)``: the last step's metrics, the epoch's wall
@@ -132,7 +193,7 @@ def run_train_steps(
     """
     for metric in model.metrics:
         metric.reset_state()
-    progress = _Progress(steps, verbose)
+    progress = _Progress(steps, verbose, epoch)
     start = first_step_end = time.perf_counter()
     logs = {}
     for step, batch in enumerate(batches):

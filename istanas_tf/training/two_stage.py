@@ -126,6 +126,7 @@ class TwoStageRun(search_run.SearchRun):
                 "recovery_time_s",
                 "support_changed",
             ),
+            self.clock,
         )
         if changed:
             self.trace_steps()
