@@ -1,5 +1,6 @@
 """The run directory's run_config.json: recorded once, compared on resume, kind explicit."""
 
+import dataclasses
 import json
 
 import pytest
@@ -76,3 +77,31 @@ def test_resumable_changes_are_kept_in_the_history(tmp_path):
         {"resumed_after_epoch": 1, "changed": {"--learning_rate": [0.05, 0.01]}},
         {"resumed_after_epoch": 1, "changed": {"--epochs": [1, 4]}},
     ]
+
+
+def test_the_same_folder_spelled_another_way_resumes(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = config_lib.TwoStageConfig(
+        model_dir="unused", data=config_lib.DataConfig(dataset="folder:images")
+    )
+    run_dir.check_run_config(str(tmp_path / "run"), config_lib.recorded_settings(config))
+    recorded = json.loads((tmp_path / "run" / run_dir.RUN_CONFIG).read_text())
+    assert recorded["data"]["dataset"] == f"folder:{tmp_path / 'images'}"  # resolved
+    for spelling in (f"folder:{tmp_path}/images", "folder:./images/", "folder:images"):
+        again = dataclasses.replace(config, data=config_lib.DataConfig(dataset=spelling))
+        assert run_dir.check_run_config(str(tmp_path / "run"), config_lib.recorded_settings(again))
+    other = dataclasses.replace(config, data=config_lib.DataConfig(dataset="folder:elsewhere"))
+    with pytest.raises(run_dir.RunDirError, match="--dataset: recorded"):
+        run_dir.check_run_config(str(tmp_path / "run"), config_lib.recorded_settings(other))
+
+
+def test_another_kind_is_told_what_to_run_instead(tmp_path):
+    run_dir.check_run_config(str(tmp_path), _settings())
+    train = config_lib.recorded_settings(config_lib.TrainConfig(model_dir="unused"))
+    with pytest.raises(run_dir.RunDirError) as error:
+        run_dir.check_run_config(str(tmp_path), train)
+    message = str(error.value)
+    assert f"--flagfile={tmp_path}/flags.txt" in message
+    assert f"--genotype={tmp_path}/genotype.json" in message
+    assert len(message.replace(str(tmp_path), "RUN")) < 250 and ". " not in message  # a sentence

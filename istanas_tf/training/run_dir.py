@@ -113,6 +113,12 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
     """
     os.makedirs(model_dir, exist_ok=True)
     file = path(model_dir, RUN_CONFIG)
+    dataset = settings.get("data", {}).get("dataset")
+    if isinstance(dataset, str) and dataset.startswith("folder:"):
+        # Recorded resolved: a resume or an export from another working directory
+        # finds the same folder.
+        folder = "folder:" + os.path.realpath(dataset.removeprefix("folder:"))
+        settings = {**settings, "data": {**settings["data"], "dataset": folder}}
     recorded = read_json(file)
     if recorded is None:
         write_json(file, settings)
@@ -121,10 +127,11 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
     if kind != settings["kind"]:
         raise RunDirError(
             f"--model_dir={model_dir} holds {KIND_DESCRIPTIONS[kind]}, not "
-            f"{KIND_DESCRIPTIONS[settings['kind']]}; use a new --model_dir"
+            f"{KIND_DESCRIPTIONS[settings['kind']]}: {_what_to_run(kind, model_dir)}, or "
+            "pass a new --model_dir for this run"
         )
     history = recorded.pop(HISTORY, [])
-    old, new = config_lib.flatten(recorded), config_lib.flatten(settings)
+    old, new = _comparable(config_lib.flatten(recorded)), _comparable(config_lib.flatten(settings))
     changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
     differing = [key for key in changed if key not in config_lib.RESUMABLE]
     if differing:
@@ -150,6 +157,24 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
         )
     write_json(file, {**settings, HISTORY: history} if history else settings)
     return True
+
+
+def _what_to_run(kind: str, model_dir: str) -> str:
+    """What a user can run with a directory of ``kind`` (for a refusal message)."""
+    resume = f"resume it with --flagfile={path(model_dir, FLAGS)}"
+    if kind == "two_stage":
+        return f"{resume}, or retrain its genotype with --genotype={path(model_dir, GENOTYPE)}"
+    return f"{resume}, or evaluate or export its network with --mode=eval or --mode=export"
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Flat settings with an image folder's path resolved (``folder:../data`` and
+    ``folder:/home/me/data`` are the same dataset)."""
+    dataset = settings.get("data.dataset")
+    if isinstance(dataset, str) and dataset.startswith("folder:"):
+        folder = dataset.removeprefix("folder:")
+        settings = {**settings, "data.dataset": "folder:" + os.path.realpath(folder)}
+    return settings
 
 
 def _latest_checkpoint_epoch(model_dir: str) -> int:
