@@ -24,7 +24,7 @@ from PIL import Image
 from testing import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
 from istanas_tf import data
-from istanas_tf.data import augment
+from istanas_tf.data import augment, sources
 
 PER_CLASS = 20  # train and test examples per class in the default subset
 
@@ -618,6 +618,7 @@ def test_no_local_copy_and_no_download_says_how_to_supply(tmp_path, monkeypatch,
     def offline(self, *args, **kwargs):
         raise OSError("network is unreachable")
 
+    monkeypatch.setattr(sources, "check_reachable", lambda urls: None)  # tfds decides
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     config = data.DataConfig(
         dataset=name, data_dir=str(tmp_path), manual_dir=str(tmp_path / "manual")
@@ -644,3 +645,40 @@ def test_batch_errors_name_batch_size(subset_config, subset_info):
         data.make_dataset(
             subset_config, subset_info, "test", training=False, batch_size=8, cutout=True
         )
+
+
+def test_unreachable_download_fails_at_once_and_leaves_nothing(tmp_path, monkeypatch):
+    def refused(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    def download_and_prepare(self, *args, **kwargs):
+        raise AssertionError("tfds would retry an unreachable download for minutes")
+
+    monkeypatch.setattr(sources.socket, "create_connection", refused)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(data.DataError) as error:
+        data.get_dataset_info(data.DataConfig(dataset="cifar100", data_dir=str(tmp_path)))
+    message = str(error.value)
+    assert "--dataset=cifar100: no prepared copy" in message
+    assert "www.cs.toronto.edu: [Errno 101] Network is unreachable" in message
+    assert "--dataset=folder:PATH" in message
+    assert not [p for p in tmp_path.rglob("*") if ".tmp." in p.name or "incomplete" in p.name]
+
+
+def test_a_failed_download_removes_its_partial_files(tmp_path, monkeypatch):
+    old = tmp_path / "downloads" / "kept.tmp.older"  # not this attempt's: kept
+    old.parent.mkdir()
+    old.write_text("x")
+
+    def download_and_prepare(self, *args, **kwargs):
+        (tmp_path / "downloads" / "cifar-100.tar.gz.tmp.1a2b").write_bytes(b"half")
+        (tmp_path / "cifar100" / "3.0.2.incompleteABC").mkdir(parents=True)
+        raise ConnectionError("connection reset mid-download")
+
+    monkeypatch.setattr(sources, "check_reachable", lambda urls: None)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
+    with pytest.raises(data.DataError, match="connection reset mid-download"):
+        data.get_dataset_info(data.DataConfig(dataset="cifar100", data_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cifar100", "downloads", old.name]

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import socket
+import urllib.parse
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,7 +94,10 @@ def _prepared_builder(config: DataConfig):
     if builder.is_prepared():
         return builder
     data_dir = config.data_dir or tfds.core.constants.DATA_DIR
+    leftovers = _PartialDownloads(data_dir, name)
     try:
+        if name != "imagenet2012":  # ImageNet is prepared from local tars, not downloaded
+            check_reachable(builder.url_infos or {})
         if name == "imagenet2012":
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir)
@@ -99,6 +105,7 @@ def _prepared_builder(config: DataConfig):
         else:
             builder.download_and_prepare()
     except Exception as error:  # tfds raises many types; all mean "no usable copy"
+        leftovers.remove()
         if name == "imagenet2012":
             manual_dir = config.manual_dir or os.path.join(data_dir, "downloads", "manual")
             how = (
@@ -121,6 +128,55 @@ def _prepared_builder(config: DataConfig):
             f"To supply the data, {how}."
         ) from error
     return builder
+
+
+# Seconds to wait for a download source's TCP handshake before calling it unreachable.
+REACHABLE_TIMEOUT_S = 5.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def check_reachable(urls) -> None:
+    """Raises ConnectionError unless one of ``urls``' hosts accepts a TCP connection.
+
+    tfds retries an unreachable download for minutes before it gives up; this check
+    answers in seconds. Behind a proxy (``HTTPS_PROXY`` / ``HTTP_PROXY`` set) a direct
+    connection proves nothing, so the check is skipped and tfds decides.
+    """
+    if not urls or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return
+    errors = []
+    for url in urls:
+        parsed = urllib.parse.urlparse(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=REACHABLE_TIMEOUT_S).close()
+            return
+        except OSError as error:
+            errors.append(f"{parsed.hostname}: {error}")
+    raise ConnectionError(f"the download source is unreachable ({'; '.join(errors)})")
+
+
+class _PartialDownloads:
+    """What a failed tfds download leaves: ``downloads/*.tmp.*`` files and
+    ``<name>/<version>.incomplete*`` folders that were not there before it."""
+
+    def __init__(self, data_dir: str, name: str):
+        self.folders = [os.path.join(data_dir, "downloads"), os.path.join(data_dir, name)]
+        self.before = {folder: set(_listing(folder)) for folder in self.folders}
+
+    def remove(self) -> None:
+        for folder in self.folders:
+            for entry in set(_listing(folder)) - self.before[folder]:
+                if ".tmp." in entry or "incomplete" in entry:
+                    target = os.path.join(folder, entry)
+                    if os.path.isdir(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        os.remove(target)
+
+
+def _listing(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def _tfds_split_size(builder, split: str) -> int:
