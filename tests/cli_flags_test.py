@@ -132,3 +132,18 @@ def test_flags_text_holds_only_this_projects_flags_that_were_given(cli):
         line.split("=")[0].lstrip("-").removeprefix("no") in {*module.project_flag_names()}
         for line in lines
     )
+
+
+@pytest.mark.parametrize("flagfile", sorted(p.name for p in (REPO / "train/configs").glob("*.cfg")))
+def test_every_shipped_flagfile_makes_a_valid_config(cli, flagfile):
+    module, values = _parse(
+        cli, f"--flagfile={REPO / 'train/configs' / flagfile}", "--model_dir=/tmp/x"
+    )
+    config = (
+        module.build_config(config_lib.TrainConfig, values)
+        if values.mode == "train"
+        else module.search_config(values)
+    )
+    config.validate()
+    if flagfile == "imagenet_train.cfg":  # sized for the 8 GPUs of one machine
+        assert config.loop.strategy == "mirrored" and config.loop.batch_size == 1024

@@ -62,7 +62,7 @@ class RunDirError(ValueError):
 
 def path(model_dir: str, *names: str) -> str:
     """A file or folder of the run directory: ``path(model_dir, METRICS)``."""
-    return os.path.join(model_dir, *names)
+    return os.path.join(model_dir, *names)  # also "gs://bucket/run" or "ram://run"
 
 
 def epoch_file(folder: str, epoch: int, extension: str) -> str:
@@ -72,11 +72,13 @@ def epoch_file(folder: str, epoch: int, extension: str) -> str:
 
 def atomic_write_bytes(file: str, content: bytes) -> None:
     """Writes ``content`` to ``file`` through a temporary file, so a crash leaves no half
-    file (a left ``*.tmp`` is removed by the next start, see ``run_guard``)."""
+    file (a left ``*.tmp`` is removed by the next start, see ``run_guard``). Any
+    ``tf.io.gfile`` filesystem (on object stores the rename is a copy: the file
+    appears whole, but not in one step)."""
     tmp = f"{file}.tmp"
-    with open(tmp, "wb") as f:
+    with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(content)
-    os.replace(tmp, file)
+    tf.io.gfile.rename(tmp, file, overwrite=True)
 
 
 def atomic_write_text(file: str, text: str) -> None:
@@ -91,9 +93,9 @@ def write_json(file: str, content: Any) -> None:
 
 def read_json(file: str) -> Any | None:
     """The JSON content of ``file``, or None if it does not exist."""
-    if not os.path.exists(file):
+    if not tf.io.gfile.exists(file):
         return None
-    with open(file) as f:
+    with tf.io.gfile.GFile(file) as f:
         return json.load(f)
 
 
@@ -111,7 +113,7 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
       RunDirError: the directory holds a run of another kind, or one whose settings
         differ; the message names every differing flag.
     """
-    os.makedirs(model_dir, exist_ok=True)
+    tf.io.gfile.makedirs(model_dir)
     file = path(model_dir, RUN_CONFIG)
     dataset = settings.get("data", {}).get("dataset")
     if isinstance(dataset, str) and dataset.startswith("folder:"):
@@ -219,9 +221,9 @@ class MetricsLog:
         self.path = path(model_dir, METRICS)
 
     def read(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
+        if not tf.io.gfile.exists(self.path):
             return []
-        with open(self.path) as f:
+        with tf.io.gfile.GFile(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
     def truncate_after(self, epoch: int) -> None:
@@ -230,17 +232,18 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Adds ``row``, rewriting the file atomically: a crash leaves the old rows or
+        the new ones, never half a line (and object stores cannot append)."""
+        rows = "".join(json.dumps(old) + "\n" for old in self.read())
+        atomic_write_text(self.path, rows + json.dumps(row) + "\n")
 
 
 def write_genotype(model_dir: str, genotype: genotypes.Genotype, epoch: int) -> None:
     """Writes ``genotype.json`` (latest) and ``genotypes/epoch_NNN.json``."""
-    os.makedirs(path(model_dir, GENOTYPES), exist_ok=True)
-    genotypes.save_json(genotype, epoch_file(path(model_dir, GENOTYPES), epoch, "json"))
-    genotypes.save_json(genotype, path(model_dir, GENOTYPE))
+    tf.io.gfile.makedirs(path(model_dir, GENOTYPES))
+    text = json.dumps(genotypes.to_json_dict(genotype), indent=2) + "\n"
+    atomic_write_text(epoch_file(path(model_dir, GENOTYPES), epoch, "json"), text)
+    atomic_write_text(path(model_dir, GENOTYPE), text)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,9 @@ fails leaves the directory as it found it.
 Only the chief of a multi-worker run writes the run directory, so only the chief guards
 it: ``runtime.start`` calls :meth:`RunGuard.acquire` there, once the chief is known (the
 other workers share the directory and must neither lock it nor undo the chief's files).
-The lock is advisory and local: on filesystems without ``flock`` (some network mounts)
-the guard still cleans and rolls back.
+All of it goes through ``tf.io.gfile`` (a run directory may be ``gs://...``), except the
+lock: it is advisory and local. On a remote filesystem, or one without ``flock`` (some
+network mounts), the guard still cleans and rolls back but does not lock.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
+
+import tensorflow as tf
+from absl import logging
 
 from istanas_tf import export
 from istanas_tf.training import run_dir
@@ -49,11 +52,22 @@ class RunDirBusyError(run_dir.RunDirError):
 def _files(root: str) -> set[str]:
     """Every file and folder under ``root``, as paths relative to it."""
     found = set()
-    for folder, dirs, files in os.walk(root):
-        relative = os.path.relpath(folder, root)
+    for folder, dirs, files in tf.io.gfile.walk(root):
+        relative = folder[len(root) :].strip("/")
         for name in dirs + files:
-            found.add(os.path.normpath(os.path.join(relative, name)))
+            found.add(f"{relative}/{name.rstrip('/')}" if relative else name.rstrip("/"))
     return found
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _remove(path: str) -> None:
+    if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
 
 
 class RunGuard:
@@ -76,7 +90,7 @@ class RunGuard:
         self._guarding = False
 
     def __enter__(self) -> RunGuard:
-        if os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
+        if tf.io.gfile.exists(self.model_dir) and not tf.io.gfile.isdir(self.model_dir):
             raise run_dir.RunDirError(
                 f"--model_dir={self.model_dir} is a file; pass a directory (new or a run's)"
             )
@@ -98,15 +112,17 @@ class RunGuard:
         Raises:
           RunDirBusyError: another live process holds the directory.
         """
-        self._existed = os.path.isdir(self.model_dir)
+        self._existed = tf.io.gfile.isdir(self.model_dir)
         if self._existed:
             self._before = _files(self.model_dir)
-            for name in os.listdir(self.model_dir):
-                file = os.path.join(self.model_dir, name)
-                if os.path.isfile(file) and os.path.getsize(file) <= _RESTORED_FILE_BYTES:
+            for name in tf.io.gfile.listdir(self.model_dir):
+                file = os.path.join(self.model_dir, name.rstrip("/"))
+                if tf.io.gfile.isdir(file):
+                    continue
+                if tf.io.gfile.stat(file).length <= _RESTORED_FILE_BYTES:
                     self._contents[name] = _read(file)
         self._checkpoint = self._latest_checkpoint()
-        os.makedirs(self.model_dir, exist_ok=True)
+        tf.io.gfile.makedirs(self.model_dir)
         self._lock()
         # Only now: a refused lock must not "restore" files the live process writes.
         self._guarding = True
@@ -118,36 +134,36 @@ class RunGuard:
         """
         stale = []
         checkpoints = run_dir.path(self.model_dir, run_dir.CHECKPOINTS)
-        if os.path.isdir(checkpoints):
+        if tf.io.gfile.isdir(checkpoints):
             stale += [
-                os.path.join(checkpoints, name)
-                for name in os.listdir(checkpoints)
-                if name.endswith("_temp")
+                os.path.join(checkpoints, name.rstrip("/"))
+                for name in tf.io.gfile.listdir(checkpoints)
+                if name.rstrip("/").endswith("_temp")
             ]
         for export_dir in self.export_dirs:
-            if os.path.isdir(export_dir):
+            # Exports are local (they need an atomic rename), so is their cleanup.
+            if _is_local(export_dir) and os.path.isdir(export_dir):
                 for model_name in os.listdir(export_dir):
                     stale += export.stale_temporaries(os.path.join(export_dir, model_name))
         stale += [
             os.path.join(self.model_dir, name)
-            for name in os.listdir(self.model_dir)
+            for name in tf.io.gfile.listdir(self.model_dir)
             if name.endswith(".tmp")
         ]
         for path in stale:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
+            _remove(path)
         return stale
 
     def _latest_checkpoint(self) -> str | None:
         index = run_dir.path(self.model_dir, run_dir.CHECKPOINTS, "checkpoint")
-        if not os.path.exists(index):
+        if not tf.io.gfile.exists(index):
             return None
-        with open(index) as f:
-            return f.read()
+        return _read(index)
 
     def _lock(self) -> None:
+        if not _is_local(self.model_dir):
+            logging.info("%s is not a local path: the run directory is not locked", self.model_dir)
+            return
         self._lock_file = open(run_dir.path(self.model_dir, LOCK), "a")  # noqa: SIM115
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,24 +186,20 @@ class RunGuard:
 
     def _rollback(self) -> None:
         """Puts the run directory back as :meth:`__enter__` found it."""
-        if not os.path.isdir(self.model_dir):
+        if not tf.io.gfile.isdir(self.model_dir):
             return
         if not self._existed:
-            shutil.rmtree(self.model_dir, ignore_errors=True)
+            tf.io.gfile.rmtree(self.model_dir)
             return
         # Deepest first, so a new folder is emptied before it is removed.
         for relative in sorted(_files(self.model_dir) - self._before, key=len, reverse=True):
-            path = os.path.join(self.model_dir, relative)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.remove(path)
+            _remove(os.path.join(self.model_dir, relative))
         for name, content in self._contents.items():
             file = os.path.join(self.model_dir, name)
-            if not os.path.isfile(file) or _read(file) != content:
+            if not tf.io.gfile.exists(file) or _read(file) != content:
                 run_dir.atomic_write_bytes(file, content)
 
 
 def _read(file: str) -> bytes:
-    with open(file, "rb") as f:
+    with tf.io.gfile.GFile(file, "rb") as f:
         return f.read()

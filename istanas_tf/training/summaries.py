@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 from typing import Any
 
 import numpy as np
@@ -63,12 +62,11 @@ def write_genotype(model_dir: str, writer, genotype: genotypes.Genotype, epoch: 
     ``cells/epoch_NNN.png`` and ``cells.png`` (latest), and the TensorBoard image."""
     run_dir.write_genotype(model_dir, genotype, epoch)
     cells_dir = run_dir.path(model_dir, run_dir.CELLS_BY_EPOCH)
-    os.makedirs(cells_dir, exist_ok=True)
+    tf.io.gfile.makedirs(cells_dir)
     title = f"epoch {epoch}"
-    diagram.save_genotype_diagram(
-        genotype, run_dir.epoch_file(cells_dir, epoch, "png"), title=title
-    )
-    diagram.save_genotype_diagram(genotype, run_dir.path(model_dir, run_dir.CELLS), title=title)
+    png = diagram.render_genotype(genotype, title)
+    run_dir.atomic_write_bytes(run_dir.epoch_file(cells_dir, epoch, "png"), png)
+    run_dir.atomic_write_bytes(run_dir.path(model_dir, run_dir.CELLS), png)
     with writer.as_default(step=epoch):
         image = diagram.render_genotype_array(genotype, title=title)
         tf.summary.image("genotype/cells", image[None, ..., :3])
