@@ -66,21 +66,26 @@ def test_search_writes_every_artifact(finished_run):
     assert (model_dir / "cells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "--epochs=3" in (model_dir / "flags.txt").read_text()
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-3")
-    events = list((model_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert events
-    tags = {
-        v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value
-    }
+    # TensorBoard as Keras lays it out: a run per split, the same tags in each.
+    tags = {}
+    for run in ("train", "validation"):
+        events = (model_dir / "tensorboard" / run).glob("events.out.tfevents.*")
+        tags[run] = {
+            value.tag
+            for file in events
+            for event in tf.compat.v1.train.summary_iterator(str(file))
+            for value in event.summary.value
+        }
+    assert {"epoch_loss", "epoch_accuracy"} <= tags["train"] & tags["validation"]
     assert {
-        "loss",
-        "accuracy",
-        "val_accuracy",
-        "lr",
+        "epoch_learning_rate",
         "recovery_time_s",
         "genotype",
         "genotype/cells",
-        "abs_z/normal",
-    } <= tags
+        "architecture/normal",
+        "architecture/reduce/node0/c_{k-1}/sep_conv_3x3",
+        "abs_z/normal/node0",
+    } <= tags["train"]
     # The summary line per epoch is on the log (stderr through absl).
     assert result.stderr.count("epoch ") >= 3
 

@@ -111,11 +111,10 @@ class RunState:
         )
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=3)
         self.metrics_log = run_dir.MetricsLog(model_dir)
-        self.writer = (
-            tf.summary.create_file_writer(run_dir.path(model_dir, run_dir.TENSORBOARD))
-            if self.chief
-            else tf.summary.create_noop_writer()
-        )
+        self.writers = summaries.Writers(run_dir.path(model_dir, run_dir.TENSORBOARD), self.chief)
+        settings = run_dir.read_json(run_dir.path(model_dir, run_dir.RUN_CONFIG))
+        if self.chief and settings is not None:
+            summaries.write_hparams(self.writers, settings)
 
     @property
     def epochs_done(self) -> int:
@@ -152,8 +151,8 @@ class RunState:
         if self.chief:
             self.metrics_log.append(row)
             if genotype is not None:
-                summaries.write_genotype(self.model_dir, self.writer, genotype, epoch)
-            summaries.write_epoch(self.writer, row, epoch, model)
+                summaries.write_genotype(self.model_dir, self.writers, genotype, epoch)
+            summaries.write_epoch(self.writers, row, epoch, model)
         self.save(epoch)
 
     def final_metrics(self) -> dict[str, Any] | None:
