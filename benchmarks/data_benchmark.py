@@ -1,8 +1,8 @@
-"""Input pipeline throughput on the CIFAR-10 image folder (../shared/data/cifar10).
+"""Input pipeline throughput on a CIFAR-10 image folder (``--folder``).
 
 Measures, on this machine's CPUs:
 
-* the first pass: listing, decoding and validating every JPEG of both splits into
+* the first pass: listing, decoding and validating every image of both splits into
   memory and computing the normalisation statistics (``get_dataset_info``), with an
   empty statistics cache;
 * steady-state images/s, after a warm-up, of the training pipelines at the paper's
@@ -12,7 +12,10 @@ Measures, on this machine's CPUs:
 
 Command (from the repository root; about 1 minute on 2 cores):
 
-    python benchmarks/data_benchmark.py
+    python benchmarks/data_benchmark.py --folder PATH/TO/cifar10
+
+where ``PATH/TO/cifar10`` holds ``train/<class>/*.png`` and ``test/<class>/*.png``
+(JPEG works too).
 
 Options: ``--max_examples_per_class N`` for a subset, ``--batch_size``, ``--steps``.
 Prints a markdown table.
@@ -20,17 +23,12 @@ Prints a markdown table.
 
 import argparse
 import os
-import pathlib
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 from istanas_tf import data  # noqa: E402
-
-CIFAR10_FOLDER = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 
 
 def _images_per_second(dataset, steps: int, warmup: int) -> tuple[float, int]:
@@ -48,7 +46,9 @@ def _images_per_second(dataset, steps: int, warmup: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--folder", default=str(CIFAR10_FOLDER))
+    parser.add_argument(
+        "--folder", required=True, help="CIFAR-10 image folder: train/<class>/, test/<class>/"
+    )
     parser.add_argument("--max_examples_per_class", type=int, default=0)
     parser.add_argument(
         "--batch_size", type=int, default=0, help="override every row's batch size (0: the paper's)"
@@ -81,7 +81,7 @@ def main() -> None:
         )
 
         # The paper's settings: two-stage search batches of 256 from the weight half
-        # (no cutout); evaluation training batches of 96 with cutout 16 (METHOD.md 3-5).
+        # (no cutout); evaluation training batches of 96 with cutout 16 (docs/method.md 3-5).
         for name, split, training, batch_size, cutout in (
             ("search_weights: pad-crop, flip, normalise", "search_weights", True, 256, False),
             ("train: pad-crop, flip, normalise, cutout 16", "train", True, 96, True),

@@ -1,6 +1,6 @@
 """BN absorption: the one-stage super-net becomes the evaluation network of its genotype.
 
-Every op of the one-stage super-net ends in an affine BN (METHOD.md section 4), so the
+Every op of the one-stage super-net ends in an affine BN (docs/method.md section 4), so the
 architecture weight of a selected op folds into that BN. In inference mode
 
     alpha * BN(x) = alpha * (gamma * (x - mu) / sqrt(var + eps) + beta)
@@ -52,7 +52,7 @@ def absorb(
     genotype position ``2 * j + i``, picks ordered as ``support_tuple()``: by
     descending |z|), the classifier and the auxiliary head, and folds each selected
     op's alpha into its last BN: ``gamma' = alpha * gamma``, ``beta' = alpha * beta``
-    (see the module docstring; METHOD.md section 4).
+    (see the module docstring; docs/method.md section 4).
 
     Args:
       super_net: a built ``SearchNetwork`` with ``config.one_stage``.

@@ -1,7 +1,7 @@
 """The architecture state of a super-net cell type: ISTA-NAS codes or DARTS logits.
 
-:class:`ArchitectureEncoding` holds ISTA-NAS' state for one cell type (METHOD.md section
-2): per node a fixed random matrix ``A_j``, a trainable code ``b_j``, and the last
+:class:`ArchitectureEncoding` holds ISTA-NAS' state for one cell type (docs/method.md
+section 2): per node a fixed random matrix ``A_j``, a trainable code ``b_j``, and the last
 committed recovery ``z`` and support. Recovery is two steps, so that a caller can decide
 what to keep: :func:`solve_jointly` solves every node of several encodings in one batched
 exact LASSO (:mod:`istanas_tf.lasso`) and returns :class:`Recovery` values; ``commit``
@@ -41,7 +41,7 @@ class Recovery(NamedTuple):
       z: float64 [steps, n_max]; node j's code in z[j, :n_j], exact zeros after.
       support: int32 [steps, sparseness] flat indices per node, by descending |z|.
       distances: float64 [steps], ||z_new - z_last||_2 per node (the one-stage method's
-        freezing criterion, METHOD.md section 4).
+        freezing criterion, docs/method.md section 4).
     """
 
     z: tf.Tensor
@@ -65,7 +65,7 @@ def _check_int_at_least(name: str, value, low: int) -> None:
 
 @_register
 class ArchitectureEncoding(keras.layers.Layer):
-    """The sparse-coding architecture state of one cell type (METHOD.md section 2).
+    """The sparse-coding architecture state of one cell type (docs/method.md section 2).
 
     For each intermediate node j (n_j = num_ops * (j + 2) candidates):
       A_j: [proj_dims, n_j] float32, Uniform[0, 1) from ``seed``, never changed.

@@ -3,14 +3,14 @@
 A cell reads the outputs of the two previous cells, ``s0`` and ``s1``, preprocesses them
 to C channels (FactorizedReduce for ``s0`` when the previous cell reduced, else
 ReLU-Conv1x1-BN), computes ``genotypes.STEPS`` intermediate nodes, and concatenates them
-along channels (METHOD.md section 1). Both networks stack cells on one channel schedule
+along channels (docs/method.md section 1). Both networks stack cells on one channel schedule
 (:func:`cell_schedule`): reductions at cells ``layers // 3`` and ``2 * layers // 3``,
 where C doubles.
 
 - :class:`Cell` (evaluation networks) builds only the genotype's picks, two per node.
 - :class:`SearchCell` (the super-net) builds every candidate op of every edge, since any
   op may be selected later, but its ``call`` runs only the ops on the support it is
-  given (METHOD.md sections 2-3): that is where the sparse search saves its time.
+  given (docs/method.md sections 2-3): that is where the sparse search saves its time.
 """
 
 from __future__ import annotations

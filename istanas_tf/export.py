@@ -1,4 +1,4 @@
-"""A servable SavedModel of an evaluation network (DESIGN.md decision 7).
+"""A servable SavedModel of an evaluation network (docs/design.md decision 7).
 
 :func:`export_saved_model` writes ``<export_dir>/<model_name>/<version>/``, the layout
 TF Serving polls, through ``keras.export.ExportArchive``. The signature takes raw pixels

@@ -2,7 +2,7 @@
 
 A genotype lists, for each of the 4 intermediate nodes of a cell, two picks
 ``(op_name, input_index)``: input 0 is ``s0`` (the cell before the previous one), 1 is
-``s1`` (the previous cell), 2..5 are the intermediate nodes (METHOD.md section 7).
+``s1`` (the previous cell), 2..5 are the intermediate nodes (docs/method.md section 7).
 ``genotype.json`` files written by searches use the format of :func:`to_json_dict`.
 """
 
@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-# METHOD.md section 1. The order fixes the flat candidate index predecessor * 7 + op.
+# docs/method.md section 1. The order fixes the flat candidate index predecessor * 7 + op.
 # There is deliberately no `none` op in ISTA-NAS.
 PRIMITIVES: tuple[str, ...] = (
     "max_pool_3x3",
@@ -109,7 +109,7 @@ class Genotype:
 
 
 def _picks(text: str) -> tuple[Pick, ...]:
-    """Parses METHOD.md's ``(op,input) (op,input) ...`` notation."""
+    """Parses the ``(op,input) (op,input) ...`` notation of docs/method.md section 7."""
     picks = []
     for item in text.split(")"):
         item = item.strip().lstrip("(")
@@ -126,7 +126,7 @@ def _genotype(normal: str, reduce: str) -> Genotype:
     return Genotype(_picks(normal), _CONCAT, _picks(reduce), _CONCAT)
 
 
-# METHOD.md section 7, transcribed verbatim.
+# The genotypes published with the paper and its code (docs/method.md section 7).
 ISTA_twostage = _genotype(
     "(skip_connect,0) (dil_conv_3x3,1) (sep_conv_5x5,0) (dil_conv_3x3,2) "
     "(dil_conv_3x3,1) (sep_conv_3x3,0) (sep_conv_3x3,2) (skip_connect,0)",

@@ -2,7 +2,7 @@
 
     z = argmin_z 1/2 ||A z - b||^2 + lam ||z||_1
 
-is solved exactly (DESIGN.md decision 2) by the homotopy / LARS-lasso path
+is solved exactly (docs/design.md decision 2) by the homotopy / LARS-lasso path
 (Osborne, Presnell & Turlach 2000; Efron et al. 2004): starting from lam_max =
 ||A^T b||_inf, where z = 0, the solution is piecewise affine in lam, and each breakpoint
 adds a column to the active set or drops one. With m = 7 rows the active set never holds

@@ -1,9 +1,9 @@
 """Evaluation networks built from a genotype: NetworkCIFAR and NetworkImageNet.
 
 The structure, channel counts and parameter conventions follow the DARTS evaluation
-networks (METHOD.md sections 1 and 5). With ``bn_after_param_free_ops`` the cells carry
+networks (docs/method.md sections 1 and 5). With ``bn_after_param_free_ops`` the cells carry
 the one-stage method's extra BNs after pooling and identity ops, which is the network
-that BN absorption produces (METHOD.md section 4).
+that BN absorption produces (docs/method.md section 4).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class _Network(keras.Model):
     def compile(
         self, optimizer, auxiliary_weight: float = 0.4, label_smoothing: float = 0.0, **kwargs
     ):
-        """Sets the optimizer and the loss recipe (METHOD.md section 5), builds the slots.
+        """Sets the optimizer and the loss recipe (docs/method.md section 5), builds the slots.
 
         Args:
           optimizer: e.g. ``optimizers.TorchSGD``; under mixed precision wrap it in

@@ -1,6 +1,6 @@
 """The candidate operations of the DARTS search space (NHWC), as Keras layers.
 
-Numerics follow the published PyTorch code (METHOD.md section 1), not Keras defaults
+Numerics follow the published PyTorch code (docs/method.md section 1), not Keras defaults
 (the convolutions and BNs are :mod:`istanas_tf.blocks`'):
 
 - avg-pool divides by the number of valid (non-pad) pixels; max-pool never returns a pad.
@@ -298,7 +298,7 @@ OPS: dict[str, OpFactory] = {
     "dil_conv_3x3": lambda c, stride, o, name: DilConv(c, 3, stride, 2, o.affine, name=name),
     "dil_conv_5x5": lambda c, stride, o, name: DilConv(c, 5, stride, 2, o.affine, name=name),
 }
-assert tuple(OPS) == genotypes.PRIMITIVES, "OPS must list the primitives in METHOD.md order"
+assert tuple(OPS) == genotypes.PRIMITIVES, "OPS must list genotypes.PRIMITIVES, in order"
 
 
 def make_op(

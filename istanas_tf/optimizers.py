@@ -1,4 +1,4 @@
-"""Optimizers with the published PyTorch code's update rules (METHOD.md section 7b).
+"""Optimizers with the published PyTorch code's update rules (docs/method.md section 8).
 
 Keras' built-in SGD folds the learning rate into the momentum buffer and its
 ``weight_decay`` is decoupled; the paper's runs used PyTorch, where

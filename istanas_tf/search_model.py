@@ -1,10 +1,11 @@
 """The search super-net: sparse ISTA-NAS cells and the dense DARTS baseline.
 
 Every candidate op of every edge exists (any op may be selected later), but a cell's
-``call`` runs only the ops on the current support (METHOD.md sections 2-3, DESIGN.md
-decision 1). The support is Python data: when recovery changes it, the training loop
-traces its step functions again. The architecture weights on the support are tensors
-computed from the trainable codes ``b`` inside the step, so gradients reach ``b``.
+``call`` runs only the ops on the current support (docs/method.md sections 2-3,
+docs/design.md decision 1). The support is Python data: when recovery changes it, the
+training loop traces its step functions again. The architecture weights on the support
+are tensors computed from the trainable codes ``b`` inside the step, so gradients reach
+``b``.
 
 Recovery has one path for both methods: ``recover()`` solves every node of both cell
 types in one batched LASSO and returns the recoveries; ``commit(recoveries, nodes)``
@@ -14,13 +15,13 @@ a genotype through ``sparse_coding.genotype_from_supports``.
 ``method="darts"`` is DARTS' first-order super-net in the same code: every edge runs all
 seven ops, weighted by a softmax over the edge's architecture parameters.
 
-``one_stage=True`` is the one-stage ISTA-NAS super-net (METHOD.md section 4), again the
+``one_stage=True`` is the one-stage ISTA-NAS super-net (docs/method.md section 4), again the
 same code: affine BN everywhere, a BN after every pooling op and after the stride-1
 identity, an auxiliary head, drop path, and the gamma/beta of the BNs inside candidate
 ops frozen (not trained, batch statistics still used) until their node stops searching.
 Freezing is bookkeeping, not ``Variable.trainable``: the frozen variables are left out
 of the lists the train step differentiates, so the weight optimizer is built over all of
-them up front (DESIGN.md decision 5) and a node can be unfrozen between epochs. The
+them up front (docs/design.md decision 5) and a node can be unfrozen between epochs. The
 network it converges to is absorbed into an evaluation network by ``absorption.absorb``.
 """
 
@@ -42,7 +43,7 @@ Supports = dict[str, tuple[tuple[int, ...], ...]]
 
 @dataclasses.dataclass(frozen=True)
 class SearchNetworkConfig:
-    """Settings of the super-net (METHOD.md sections 2-3).
+    """Settings of the super-net (docs/method.md sections 2-3).
 
     Attributes:
       num_classes: classifier outputs (a run takes it from the dataset).
@@ -56,7 +57,7 @@ class SearchNetworkConfig:
       seed: seed of A, of the initial b and of the drop path noise.
       sync_batch_norm: BN statistics over the global batch under tf.distribute, so that
         a multi-replica search computes what one device would.
-      one_stage: the one-stage super-net of METHOD.md section 4 (``method="ista"`` only):
+      one_stage: the one-stage super-net of docs/method.md section 4 (``method="ista"`` only):
         affine BN, BN after pooling and identity ops, frozen gamma/beta inside candidate
         ops, auxiliary head, drop path, one batch per step.
       auxiliary_weight: weight of the auxiliary cross-entropy (one-stage; 0.4).
@@ -105,7 +106,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
     """The super-net: stem, ``layers`` search cells, global pool and classifier.
 
     The two-stage net uses affine-free BN in all cells and a BN after each pooling op;
-    the stem BN keeps its affine parameters (METHOD.md section 3). The one-stage net
+    the stem BN keeps its affine parameters (docs/method.md section 3). The one-stage net
     (``config.one_stage``) is described in the module docstring. Call ``build_all``
     before use: it creates every candidate op's weights and recovers the first
     architecture. Its ``compile``, ``train_step`` and ``test_step`` are
@@ -304,7 +305,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         self._set_flag("bn_trainable", cell_type, node)
 
     def freeze_node(self, cell_type: str, node: int) -> None:
-        """Stops the search of one node (METHOD.md section 4): its b is no longer
+        """Stops the search of one node (docs/method.md section 4): its b is no longer
         trained, and the BN gamma/beta inside its candidate ops become trainable."""
         self._set_flag("frozen", cell_type, node)
         self.unfreeze_node(cell_type, node)

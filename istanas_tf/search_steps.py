@@ -5,10 +5,10 @@ forward pass and the variable lists) and holds its ``compile``, ``train_step`` a
 ``test_step``, in the shape every step of this project has: unpack, tape, one loss,
 gradients on explicit variable lists, apply, update the metric trackers.
 
-- Two-stage (METHOD.md section 3): an architecture step on an architecture batch (Adam
+- Two-stage (docs/method.md section 3): an architecture step on an architecture batch (Adam
   on b), then a weight step on a weight batch (SGD on the weights the support uses),
   each in training mode.
-- One-stage (METHOD.md section 4): one forward/backward pass of CE + 0.4 CE_aux on one
+- One-stage (docs/method.md section 4): one forward/backward pass of CE + 0.4 CE_aux on one
   batch serves both optimizers, on the b of the nodes still searching and the active,
   unfrozen weights.
 """
@@ -105,7 +105,7 @@ class SearchSteps:
         return [v for v in self.weight_variables if id(v) not in inactive]
 
     def compile(self, weight_optimizer, arch_optimizer, **kwargs):
-        """Sets both optimizers and builds their slots up front (DESIGN.md decision 5)."""
+        """Sets both optimizers and builds their slots up front (docs/design.md decision 5)."""
         super().compile(optimizer=weight_optimizer, **kwargs)
         self.arch_optimizer = arch_optimizer
         weight_optimizer.build(self.weight_variables)
@@ -126,7 +126,7 @@ class SearchSteps:
         return per_example, tf.nn.compute_average_loss(per_example)
 
     def train_step(self, data):
-        """One architecture step then one weight step (METHOD.md section 3).
+        """One architecture step then one weight step (docs/method.md section 3).
 
         Args:
           data: ``((weight_images, weight_labels), (arch_images, arch_labels))``;
@@ -160,7 +160,7 @@ class SearchSteps:
     def _one_stage_train_step(self, data):
         """One forward/backward of CE + auxiliary_weight * CE_aux on one batch, then an
         architecture step on the b of unfrozen nodes and a weight step on the active,
-        unfrozen weights (METHOD.md section 4)."""
+        unfrozen weights (docs/method.md section 4)."""
         images, labels = data
         arch_vars = self.active_architecture_variables()
         weight_vars = self.active_weight_variables()

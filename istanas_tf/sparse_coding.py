@@ -10,7 +10,7 @@ LASSO (:mod:`istanas_tf.lasso`) has recovered ``z_j`` from ``b_j``:
 * the supports of the normal and the reduction cell are the genotype
   (:func:`genotype_from_supports`, the one route from supports to a genotype).
 
-Flat candidate index: ``predecessor * num_ops + op`` (METHOD.md section 2). Every function
+Flat candidate index: ``predecessor * num_ops + op`` (docs/method.md section 2). Every function
 here takes tensors or Python data and returns them; nothing holds state.
 """
 
@@ -26,7 +26,7 @@ NUM_OPS = genotypes.NUM_OPS
 
 
 def select_support(z, k: int, num_ops: int = NUM_OPS, distinct_inputs: bool = False) -> tf.Tensor:
-    """The support S_j of one node: its k entries of largest |z| (METHOD.md section 2).
+    """The support S_j of one node: its k entries of largest |z| (docs/method.md section 2).
 
     Args:
       z: [n] recovered code of the node, n = num_inputs * num_ops, flat index
@@ -65,7 +65,7 @@ def select_support(z, k: int, num_ops: int = NUM_OPS, distinct_inputs: bool = Fa
 
 
 def alpha_from_b(A_S, z_S, b) -> tf.Tensor:
-    """Architecture weights of a node's support (METHOD.md section 2).
+    """Architecture weights of a node's support (docs/method.md section 2).
 
     alpha[S] = z[S] - A[:, S]^T (A[:, S] z[S] - b): one ISTA step (step size 1, no
     shrinkage) from the recovered sparse z. Affine in b, so gradients of a loss reach b

@@ -1,4 +1,4 @@
-"""The one-stage stopping rule (METHOD.md section 4), as a pure decision.
+"""The one-stage stopping rule (docs/method.md section 4), as a pure decision.
 
 After each search epoch the one-stage method recovers every node and, for the nodes
 still searching:

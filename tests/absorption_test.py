@@ -1,4 +1,4 @@
-"""BN absorption (METHOD.md section 4) and the one-stage super-net's frozen BN affines."""
+"""BN absorption (docs/method.md section 4) and the one-stage super-net's frozen BN affines."""
 
 import numpy as np
 import pytest
@@ -222,7 +222,7 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     for a, b in zip(after[2:], before[2:]):
         np.testing.assert_array_equal(a, b)
 
-    # freeze_node (METHOD.md's node freeze): b stops training, BN affines unfreeze.
+    # freeze_node (docs/method.md section 4): b stops training, BN affines unfreeze.
     network.freeze_node("reduce", 2)
     assert network.frozen_nodes["reduce"] == (False, False, True, False)
     assert network.frozen_nodes["normal"] == (False,) * 4
@@ -236,7 +236,7 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
     np.testing.assert_array_equal(reduce_b[2].numpy(), before[2])
     assert not np.array_equal(reduce_b[0].numpy(), before[0])
 
-    # The flags are checkpointed state (DESIGN.md decision 3): a network restored from
+    # The flags are checkpointed state (docs/design.md decision 3): a network restored from
     # the variables a checkpoint holds (by path) re-syncs to the same frozen nodes.
     saved = state.variables_by_path(network.variables)
     flags = ("normal_frozen", "normal_bn_trainable", "reduce_frozen", "reduce_bn_trainable")

@@ -1,4 +1,4 @@
-"""The search under tf.distribute strategies (DESIGN.md decision 4).
+"""The search under tf.distribute strategies (docs/design.md decision 4).
 
 Logical devices and TF_CONFIG must be set before TensorFlow initialises, so every search
 here runs in a fresh subprocess (a small helper script written next to the runs).

@@ -8,7 +8,7 @@ from istanas_tf import genotypes
 
 
 def test_primitives_in_method_order_without_none():
-    # METHOD.md section 1's order, which fixes the flat index predecessor * 7 + op.
+    # docs/method.md section 1's order, which fixes the flat index predecessor * 7 + op.
     expected = "max_pool_3x3 avg_pool_3x3 skip_connect sep_conv_3x3 sep_conv_5x5 dil_conv_3x3"
     assert genotypes.PRIMITIVES == (*expected.split(), "dil_conv_5x5")
 

@@ -1,4 +1,4 @@
-"""The one-stage run (METHOD.md section 4): the stopping rule with scripted recoveries,
+"""The one-stage run (docs/method.md section 4): the stopping rule with scripted recoveries,
 then the whole run through train/main.py (resume, export, bad input)."""
 
 import json

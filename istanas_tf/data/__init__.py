@@ -20,7 +20,7 @@ Datasets (``--dataset``):
   names. Images up to 64 pixels a side are decoded once into memory and get the CIFAR
   augmentation; larger ones are decoded per epoch and get the ImageNet augmentation.
 
-Splits (METHOD.md sections 3-5): ``train`` and ``test``; the two-stage search cuts
+Splits (docs/method.md sections 3-5): ``train`` and ``test``; the two-stage search cuts
 ``train`` into ``search_weights`` (its first ``floor(train_portion * N)`` examples)
 and ``search_arch`` (the rest). Example order is the tfds order for tfds datasets and,
 for folders, the sorted file paths of each class taken round-robin over the classes

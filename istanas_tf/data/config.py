@@ -15,7 +15,7 @@ SPLITS: tuple[str, ...] = ("train", "test", "search_weights", "search_arch")
 FOLDER_PREFIX = "folder:"
 
 # Normalisation statistics of the tfds datasets, in [0, 1] pixel units
-# (METHOD.md sections 3-5; the DARTS code uses the same values).
+# (the values of the DARTS code, on which the published ISTA-NAS code is built).
 TFDS_DATASETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(
         mean=(0.4914, 0.4822, 0.4465),

@@ -1,7 +1,7 @@
 """The networks and optimizers each kind of run builds, from its config.
 
 Built in the strategy's scope under the run's precision policy; every optimizer is
-built over its variables up front (DESIGN.md decision 5: a lazily built second
+built over its variables up front (docs/design.md decision 5: a lazily built second
 optimizer crashes under MirroredStrategy in Keras 3.15) and wrapped in a
 ``LossScaleOptimizer`` under ``mixed_float16``.
 """

@@ -1,6 +1,6 @@
 """What a run is: the typed settings of each mode, one ``LoopConfig`` nested in each.
 
-Config flows one way (DESIGN.md decision 8): flags (``train/cli_flags.py``) -> these frozen
+Config flows one way (docs/design.md decision 8): flags (``train/cli_flags.py``) -> these frozen
 dataclasses -> the runs. Every default lives here, in the dataclasses: each mode's
 config carries its own default ``LoopConfig`` (50 search epochs at batch 256 for the
 two-stage search, 600 at batch 96 for the one-stage run and retraining), and the flag
@@ -215,7 +215,7 @@ class _RunSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TwoStageConfig(_RunSettings):
-    """A two-stage search (METHOD.md section 3), ISTA-NAS or the DARTS baseline.
+    """A two-stage search (docs/method.md section 3), ISTA-NAS or the DARTS baseline.
 
     Attributes:
       model_dir: run directory (checkpoints, logs, genotypes); rerun to resume.
@@ -236,7 +236,7 @@ class TwoStageConfig(_RunSettings):
 
 @dataclasses.dataclass(frozen=True)
 class OneStageConfig(_RunSettings):
-    """A one-stage run (METHOD.md section 4): search, then train, absorb and export.
+    """A one-stage run (docs/method.md section 4): search, then train, absorb and export.
 
     Attributes:
       model_dir: run directory; rerun the same command to resume (in either phase).
@@ -296,7 +296,7 @@ class OneStageConfig(_RunSettings):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_RunSettings):
-    """Retraining a genotype from scratch (METHOD.md section 5), then exporting it.
+    """Retraining a genotype from scratch (docs/method.md section 5), then exporting it.
 
     Attributes:
       model_dir: run directory; rerun the same command to resume.

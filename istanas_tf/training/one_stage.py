@@ -1,4 +1,4 @@
-"""The one-stage search and evaluation (METHOD.md section 4) as one run.
+"""The one-stage search and evaluation (docs/method.md section 4) as one run.
 
 The super-net is the target network (``SearchNetworkConfig(one_stage=True)``: 20 cells,
 C = 36, auxiliary head, affine BN after every op). A run has two phases in one run

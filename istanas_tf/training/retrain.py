@@ -1,4 +1,4 @@
-"""Training a genotype's evaluation network from scratch (METHOD.md section 5).
+"""Training a genotype's evaluation network from scratch (docs/method.md section 5).
 
 NetworkCIFAR (C = 36, 20 cells) or NetworkImageNet (C = 48, 14 cells) with the auxiliary
 head (weight 0.4), drop path ramped linearly from 0, cutout (CIFAR) or label smoothing

@@ -1,6 +1,6 @@
 """What a run keeps between processes: checkpoints by variable path, metrics, summaries.
 
-All run state is checkpointed state (DESIGN.md decision 3): weights, both optimizers,
+All run state is checkpointed state (docs/design.md decision 3): weights, both optimizers,
 the architecture (b, z, support, A, freeze flags), the epoch and, for the one-stage run,
 its search progress. Rerunning the same command restores it and carries on.
 """

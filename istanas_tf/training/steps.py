@@ -1,4 +1,4 @@
-"""The steps of an epoch, for every tf.distribute strategy (DESIGN.md decision 4).
+"""The steps of an epoch, for every tf.distribute strategy (docs/design.md decision 4).
 
 Keras 3 ``fit()`` fails under MultiWorkerMirroredStrategy, so the runs drive
 ``strategy.run(model.train_step, ...)`` inside a ``tf.function`` themselves (like TF

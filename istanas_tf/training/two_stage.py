@@ -1,4 +1,4 @@
-"""The two-stage search (METHOD.md section 3): ISTA-NAS, or the DARTS baseline.
+"""The two-stage search (docs/method.md section 3): ISTA-NAS, or the DARTS baseline.
 
 Each epoch: train (per batch an architecture step on a ``search_arch`` batch, then a
 weight step on a ``search_weights`` batch), evaluate the super-net on the architecture
