@@ -16,7 +16,9 @@ def test_a_non_finite_step_stops_the_epoch_at_that_step():
         return {"loss": next(values), "accuracy": 0.1}
 
     model = types.SimpleNamespace(metrics=[])
-    with pytest.raises(steps.NonFiniteLossError, match="epoch 4, step 3.*RUN/checkpoints"):
+    with pytest.raises(
+        steps.NonFiniteLossError, match="epoch 4, step 3.*RUN keeps its last checkpoint"
+    ):
         steps.run_train_steps(step_fn, model, range(10), 5, epoch=3, model_dir="RUN", verbose=False)
     assert calls == [0, 1, 2]  # nothing ran after the bad step
 

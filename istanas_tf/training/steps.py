@@ -145,9 +145,10 @@ def _check_finite(logs: dict[str, float], epoch: int, step: int, model_dir: str)
     bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteLossError(
-            f"non-finite training values {bad} at epoch {epoch + 1}, step {step}: stopping. "
-            f"The last good checkpoint in {model_dir}/checkpoints is left intact; lower "
-            "--learning_rate or --arch_learning_rate and resume or start a new --model_dir."
+            f"non-finite training values {bad} at epoch {epoch + 1}, step {step}: stopping "
+            f"before anything of the epoch is saved ({model_dir} keeps its last checkpoint, if "
+            "any); lower --learning_rate or --arch_learning_rate and resume, or start a new "
+            "--model_dir."
         )
 
 
