@@ -1,9 +1,9 @@
 """A servable SavedModel of an evaluation network (DESIGN.md decision 7).
 
 :func:`export_saved_model` writes ``<export_dir>/<model_name>/<version>/``, the layout
-TF Serving polls, through ``keras.export.ExportArchive``. The signature takes raw pixels
-and does the normalisation itself, so a client needs no knowledge of the training
-statistics:
+TF Serving polls, through ``keras.export.ExportArchive``. The signatures take raw pixels
+or encoded images and do the normalisation themselves, so a client needs no knowledge
+of the training statistics (``serving`` describes them; docs/serving.md shows requests):
 
   ``serving_default`` / ``serve``
     input  ``images``: float32 ``[N, H, W, 3]``, raw 0-255 pixel values
@@ -11,6 +11,9 @@ statistics:
            ``probabilities``: float32 ``[N, classes]``, softmax of the logits
            ``classes``: int64 ``[N]``, argmax of the logits
            ``class_names``: string ``[N]``, only when class names are given
+  ``serving_uint8``: input ``images`` uint8 ``[N, H, W, 3]``; the same outputs
+  ``serving_bytes``: input ``image_bytes`` string ``[N]``, encoded JPEG / PNG images
+    prepared as evaluation images are; the same outputs
 
 The batch size is dynamic. The class names are a constant in the graph (behind the
 ``class_names`` output) and a plain text file, one name a line, in
@@ -33,10 +36,9 @@ import uuid
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
 from absl import logging
 
-from istanas_tf import data
+from istanas_tf import serving
 
 ENDPOINT = "serve"
 CLASS_NAMES_FILE = os.path.join("assets.extra", "class_names.txt")
@@ -61,76 +63,6 @@ def next_version(model_dir: str) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def input_description(image_size: tuple[int, int]) -> str:
-    """The message a client gets when its images do not match the signature."""
-    height, width = image_size
-    return f"images must be float32 [N, {height}, {width}, 3] raw 0-255 pixels"
-
-
-def make_serving_fn(
-    model: keras.Model,
-    *,
-    image_size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    class_names: Sequence[str] | None = None,
-):
-    """The serving function: raw pixels in, a dict of named outputs out.
-
-    Args:
-      model: a network whose ``call(images, training=False)`` returns logits
-        ``[N, classes]`` for normalised images.
-      image_size: ``(H, W)``, the spatial size the network was trained on.
-      mean, std: 3 floats each, the normalisation statistics in [0, 1] pixel units.
-      class_names: optional label names; ``class_names[i]`` names class ``i``.
-
-    Returns:
-      ``serve(images) -> dict``, with ``images`` float32 ``[N, H, W, 3]`` in [0, 255].
-    """
-    height, width = image_size
-    message = input_description(image_size)
-
-    def serve(images):
-        # A loaded signature does not enforce the placeholder's static shape, so check
-        # at run time, and make the network depend on the check: unordered, a wrong rank
-        # can reach the convolutions first and abort the process (a oneDNN CHECK
-        # failure) instead of raising.
-        shape = tf.shape(images)
-        # Padded to 4 entries so that any rank compares without a shape error.
-        head = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)[:4]
-        shape_ok = tf.logical_and(
-            tf.equal(tf.size(shape), 4), tf.reduce_all(tf.equal(head[1:], [height, width, 3]))
-        )
-        check = tf.debugging.Assert(shape_ok, [message + "; got shape", shape], summarize=8)
-        with tf.control_dependencies([check]):
-            images = tf.identity(images)
-        # An empty batch gets empty outputs. The network itself cannot take one (the
-        # inference BN's fused kernels fail on [0, H, W, C]), so it sees one zero image
-        # whose row is then cut away.
-        count = shape[0]
-        images = tf.cond(
-            count > 0, lambda: images, lambda: tf.zeros([1, height, width, 3], images.dtype)
-        )
-        logits = model(data.normalize(images / 255.0, mean, std), training=False)[:count]
-        logits = tf.cast(logits, tf.float32)
-        classes = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        outputs = {
-            "logits": logits,
-            "probabilities": tf.nn.softmax(logits, axis=-1),
-            "classes": classes,
-        }
-        if class_names is not None:
-            if logits.shape[-1] != len(class_names):
-                raise ValueError(
-                    f"{len(class_names)} class names given for a model with "
-                    f"{logits.shape[-1]} classes"
-                )
-            outputs["class_names"] = tf.gather(tf.constant(list(class_names), tf.string), classes)
-        return outputs
-
-    return serve
-
-
 def export_saved_model(
     model: keras.Model,
     export_dir: str,
@@ -142,6 +74,7 @@ def export_saved_model(
     std: Sequence[float],
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    preprocessing: str | None = None,
 ) -> str:
     """Writes a servable SavedModel to ``<export_dir>/<model_name>/<version>/``.
 
@@ -155,15 +88,21 @@ def export_saved_model(
       mean, std: per-channel normalisation in [0, 1] units (``DatasetInfo.mean/std``).
       class_names: optional label names, exported as the ``class_names`` output.
       overwrite: replace an existing version directory instead of refusing.
+      preprocessing: how ``serving_bytes`` prepares a decoded image, ``"cifar"`` or
+        ``"imagenet"`` (the data's ``augmentation``); default: ``"imagenet"`` for a
+        ``NetworkImageNet``, else ``"cifar"``.
 
     Returns:
       The version directory.
 
     Raises:
       FileExistsError: the version exists and ``overwrite`` is False.
-      ValueError: an invalid name, version, size or normalisation.
+      ValueError: an invalid name, version, size, normalisation or preprocessing.
     """
     image_size = _check_arguments(model_name, version, image_size, mean, std, class_names)
+    if preprocessing is None:
+        preprocessing = "imagenet" if getattr(model, "imagenet", False) else "cifar"
+    serving.check_preprocessing(preprocessing, image_size)
     model_dir = os.path.join(export_dir, model_name)
     os.makedirs(model_dir, exist_ok=True)
     if version is None:
@@ -179,14 +118,15 @@ def export_saved_model(
     try:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        endpoint = archive.add_endpoint(
-            ENDPOINT,
-            make_serving_fn(
+        serving.add_endpoints(
+            archive,
+            serving.make_serving_fn(
                 model, image_size=image_size, mean=mean, std=std, class_names=class_names
             ),
-            input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32, name="images")],
+            endpoint=ENDPOINT,
+            image_size=image_size,
+            preprocessing=preprocessing,
         )
-        endpoint.get_concrete_function()  # trace now: a mismatch raises before writing
         archive.write_out(temp_dir, verbose=False)
         if class_names is not None:
             _write_class_names(os.path.join(temp_dir, CLASS_NAMES_FILE), class_names)
@@ -195,7 +135,8 @@ def export_saved_model(
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     logging.info(
-        "Exported SavedModel (signature serving_default, input images [N, %d, %d, 3]) to %s",
+        "Exported SavedModel (signatures serving_default, serving_uint8 on images "
+        "[N, %d, %d, 3], serving_bytes on encoded images) to %s",
         image_size[0],
         image_size[1],
         version_dir,
@@ -261,6 +202,7 @@ def export_for_dataset(
         std=info.std,
         class_names=info.class_names,
         overwrite=overwrite,
+        preprocessing=info.augmentation,
     )
 
 

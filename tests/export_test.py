@@ -2,7 +2,8 @@
 
 The oracle is the network itself, called as the training code calls it:
 ``network(normalize(images / 255, mean, std), training=False)``; the SavedModel is read
-back in a fresh process, by ``tf.saved_model.load`` and by ``saved_model_cli``.
+back in a fresh process, by ``tf.saved_model.load`` and by ``saved_model_cli``. The
+uint8 and encoded-image signatures are checked against the float32 one.
 """
 
 import os
@@ -18,7 +19,8 @@ import pytest
 import tensorflow as tf
 from testing import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
-from istanas_tf import data, export, networks
+from istanas_tf import data, export, networks, serving
+from istanas_tf.data.augment import imagenet_eval_image
 
 IMAGE_SIZE = (32, 32)
 MEAN, STD, CLASS_NAMES = CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES
@@ -33,6 +35,11 @@ def _read_images(folder: pathlib.Path, classes, per_class: int) -> np.ndarray:
         for path in sorted((folder / "test" / name).glob("*.jpg"))[:per_class]:
             images.append(tf.io.decode_jpeg(tf.io.read_file(str(path)), channels=3))
     return tf.cast(tf.stack(images), tf.float32).numpy()
+
+
+def _png(image) -> bytes:
+    """One [H, W, 3] image of 0-255 values as PNG bytes (lossless)."""
+    return tf.io.encode_png(tf.cast(image, tf.uint8)).numpy()
 
 
 def _in_memory_logits(network, images, training=False) -> np.ndarray:
@@ -135,26 +142,33 @@ def test_fresh_process_load_matches_in_memory_network(network, images, version_d
     assert np.abs(training_logits - expected).max() > 1e-3 * scale
 
 
-def test_saved_model_cli_show_lists_the_serving_signature(version_dir):
+def _signature_section(shown: str, name: str) -> str:
+    start = shown.index(f"signature_def['{name}']:")
+    return shown[start : shown.find("signature_def[", start + 1)]
+
+
+def test_saved_model_cli_show_lists_the_serving_signatures(version_dir):
     shown = _run([*CLI, "show", "--all", "--dir", version_dir]).stdout
-    start = shown.index("signature_def['serving_default']:")
-    signature = shown[start : shown.find("signature_def[", start + 1)]
-    assert re.search(
-        r"inputs\['images'\] tensor_info:\s+dtype: DT_FLOAT\s+"
-        r"shape: \(-1, 32, 32, 3\)",
-        signature,
-    ), signature
-    for name, dtype, shape in [
-        ("logits", "DT_FLOAT", r"\(-1, 10\)"),
-        ("probabilities", "DT_FLOAT", r"\(-1, 10\)"),
-        ("classes", "DT_INT64", r"\(-1\)"),
-        ("class_names", "DT_STRING", r"\(-1\)"),
+    for name, input_name, dtype, shape in [
+        ("serving_default", "images", "DT_FLOAT", r"\(-1, 32, 32, 3\)"),
+        ("serving_uint8", "images", "DT_UINT8", r"\(-1, 32, 32, 3\)"),
+        ("serving_bytes", "image_bytes", "DT_STRING", r"\(-1\)"),
     ]:
+        signature = _signature_section(shown, name)
         assert re.search(
-            rf"outputs\['{name}'\] tensor_info:\s+dtype: {dtype}\s+"
-            rf"shape: {shape}",
-            signature,
-        ), (name, signature)
+            rf"inputs\['{input_name}'\] tensor_info:\s+dtype: {dtype}\s+shape: {shape}", signature
+        ), signature
+        for output, dtype, shape in [
+            ("logits", "DT_FLOAT", r"\(-1, 10\)"),
+            ("probabilities", "DT_FLOAT", r"\(-1, 10\)"),
+            ("classes", "DT_INT64", r"\(-1\)"),
+            ("class_names", "DT_STRING", r"\(-1\)"),
+        ]:
+            assert re.search(
+                rf"outputs\['{output}'\] tensor_info:\s+dtype: {dtype}\s+"
+                rf"shape: {shape}",
+                signature,
+            ), (name, output, signature)
     assert pathlib.Path(version_dir, export.CLASS_NAMES_FILE).read_text().split() == list(
         CLASS_NAMES
     )
@@ -188,17 +202,47 @@ def test_saved_model_cli_run_gives_in_memory_classes(network, images, version_di
     )
 
 
-@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 28, 28, 3), (32, 32, 3), (1, 2, 32, 32, 3)])
+@pytest.mark.parametrize(
+    "shape", [(2, 32, 32, 1), (2, 28, 28, 3), (32, 32, 3), (1, 2, 32, 32, 3), (2, 32, 32, 3, 1)]
+)
 def test_wrong_shape_fails_with_expected_input(loaded, shape):
     with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(EXPECTED_INPUT)):
         loaded.signatures["serving_default"](images=tf.zeros(shape, tf.float32))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=re.escape("images must be uint8 [N, 32, 32, 3] pixels; got shape"),
+    ):
+        loaded.signatures["serving_uint8"](images=tf.zeros(shape, tf.uint8))
 
 
-def test_an_empty_batch_gets_empty_outputs(loaded):
-    outputs = loaded.signatures["serving_default"](images=tf.zeros([0, 32, 32, 3]))
+@pytest.mark.parametrize("shape", [(), (2, 1)])
+def test_encoded_images_of_wrong_shape_fail_with_expected_input(loaded, shape):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=re.escape("image_bytes must be string [N], one encoded JPEG, PNG, GIF or BMP"),
+    ):
+        loaded.signatures["serving_bytes"](image_bytes=tf.fill(shape, _png(np.zeros([32, 32, 3]))))
+
+
+def test_undecodable_bytes_fail_naming_the_formats(loaded):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format"):
+        loaded.signatures["serving_bytes"](image_bytes=tf.constant([b"not an image"]))
+
+
+@pytest.mark.parametrize(
+    "signature, name, shape, dtype",
+    [
+        ("serving_default", "images", [0, 32, 32, 3], tf.float32),
+        ("serving_uint8", "images", [0, 32, 32, 3], tf.uint8),
+        ("serving_bytes", "image_bytes", [0], tf.string),
+    ],
+)
+def test_an_empty_batch_gets_empty_outputs(loaded, signature, name, shape, dtype):
+    outputs = loaded.signatures[signature](**{name: tf.zeros(shape, dtype)})
     assert outputs["logits"].shape == (0, len(CLASS_NAMES))
     assert outputs["probabilities"].shape == (0, len(CLASS_NAMES))
     assert outputs["classes"].shape == (0,)
+    assert outputs["class_names"].shape == (0,)
 
 
 def test_wrong_dtype_fails_naming_the_expected_dtype(loaded):
@@ -314,3 +358,45 @@ def test_invalid_arguments(network, tmp_path, fake_write_out, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         export.export_saved_model(network, str(tmp_path), **arguments)
     assert not (tmp_path / "net" / "1").exists()
+
+
+def _three_signatures(loaded, images: np.ndarray) -> list[dict]:
+    """The outputs of float32, uint8 and PNG-encoded ``images`` through the signatures."""
+    return [
+        loaded.signatures["serving_default"](images=tf.constant(images)),
+        loaded.signatures["serving_uint8"](images=tf.constant(images.astype(np.uint8))),
+        loaded.signatures["serving_bytes"](image_bytes=tf.constant([_png(i) for i in images])),
+    ]
+
+
+def test_the_three_signatures_agree(network, images, loaded):
+    default, uint8, encoded = _three_signatures(loaded, images)
+    expected = _in_memory_logits(network, images)
+    np.testing.assert_allclose(
+        default["logits"].numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+    )
+    for outputs in (uint8, encoded):
+        assert sorted(outputs) == sorted(default)
+        for name in default:
+            np.testing.assert_array_equal(outputs[name].numpy(), default[name].numpy(), name)
+
+
+def test_encoded_images_of_another_size_are_resized(loaded, images):
+    # CIFAR-style: an image of another size is resized to 32 x 32 (antialiased
+    # bilinear), one of the right size is used as decoded (the test above).
+    large = tf.image.resize(images[:2], [48, 40], antialias=True).numpy().round()
+    resized = tf.image.resize(large.astype(np.uint8), [32, 32], antialias=True)
+    encoded = loaded.signatures["serving_bytes"](image_bytes=tf.constant([_png(i) for i in large]))
+    direct = loaded.signatures["serving_default"](images=tf.clip_by_value(resized, 0.0, 255.0))
+    np.testing.assert_allclose(encoded["logits"], direct["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_preprocessing_is_the_evaluation_pipelines(images):
+    # A 300 x 260 PNG: shorter side to 256, centre crop 224, as evaluation images.
+    large = tf.image.resize(images[:1], [300, 260]).numpy()[0].round()
+    decoded = serving.decode_image(tf.constant(_png(large)), (224, 224), "imagenet")
+    expected = imagenet_eval_image(tf.constant(_png(large))) * 255.0
+    assert decoded.shape == (224, 224, 3)
+    np.testing.assert_array_equal(decoded.numpy(), expected.numpy())
+    with pytest.raises(ValueError, match="crops 224x224 images"):
+        serving.check_preprocessing("imagenet", (32, 32))
