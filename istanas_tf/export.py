@@ -19,6 +19,13 @@ The batch size is dynamic. The class names are a constant in the graph (behind t
 ``class_names`` output) and a plain text file, one name a line, in
 ``assets.extra/class_names.txt`` for clients that only want the label map.
 
+For fine-tuning, the version also holds the network as Keras knows it, in
+``assets.extra/keras/``: ``network.weights.h5`` (``model.save_weights``) and
+``network.json`` (what ``networks.build_network`` needs, and the normalisation);
+:func:`load_for_finetuning` rebuilds it. Inside the version directory, the files appear
+and disappear with the SavedModel they belong to; TF Serving does not read them
+(``assets.extra`` holds only its optional warmup requests).
+
 A version directory appears in one ``os.rename``: the archive is written into a hidden
 sibling (``.tmp-<version>-<host>-<pid>-<random>``, a name TF Serving ignores; its process
 named, so that a later run can tell a killed export's folder from a live one) and renamed
@@ -28,6 +35,7 @@ supported (an object store has no atomic directory rename).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -38,10 +46,25 @@ from collections.abc import Sequence
 import keras
 from absl import logging
 
-from istanas_tf import serving
+from istanas_tf import networks, serving
 
 ENDPOINT = "serve"
 CLASS_NAMES_FILE = os.path.join("assets.extra", "class_names.txt")
+KERAS_DIR = os.path.join("assets.extra", "keras")  # the fine-tuning artifact
+KERAS_SPEC = "network.json"
+KERAS_WEIGHTS = "network.weights.h5"
+KERAS_FORMAT = 1  # version of network.json
+# The network arguments network.json records (networks._Network.get_config's keys).
+_NETWORK_ARGUMENTS = (
+    "genotype",
+    "channels",
+    "num_cells",
+    "num_classes",
+    "auxiliary",
+    "drop_path_rate",
+    "bn_after_param_free_ops",
+    "seed",
+)
 
 _VERSION_DIR = re.compile(r"[0-9]+")
 
@@ -93,7 +116,8 @@ def export_saved_model(
         ``NetworkImageNet``, else ``"cifar"``.
 
     Returns:
-      The version directory.
+      The version directory, which also holds the fine-tuning artifact (for a
+      ``networks`` evaluation network; another model gets none, with a warning).
 
     Raises:
       FileExistsError: the version exists and ``overwrite`` is False.
@@ -130,6 +154,14 @@ def export_saved_model(
         archive.write_out(temp_dir, verbose=False)
         if class_names is not None:
             _write_class_names(os.path.join(temp_dir, CLASS_NAMES_FILE), class_names)
+        spec = dict(
+            image_size=list(image_size),
+            mean=list(mean),
+            std=list(std),
+            class_names=None if class_names is None else list(class_names),
+            preprocessing=preprocessing,
+        )
+        _write_keras_artifact(os.path.join(temp_dir, KERAS_DIR), model, spec)
         _move_into_place(temp_dir, version_dir, overwrite)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -204,6 +236,84 @@ def export_for_dataset(
         overwrite=overwrite,
         preprocessing=info.augmentation,
     )
+
+
+def _write_keras_artifact(directory: str, model: keras.Model, spec: dict) -> None:
+    """``network.weights.h5`` and ``network.json`` (see :func:`load_for_finetuning`)."""
+    if not isinstance(model, tuple(networks.NETWORKS.values())):
+        logging.warning(
+            "%s is not a networks evaluation network: no fine-tuning artifact exported",
+            type(model).__name__,
+        )
+        return
+    os.makedirs(directory)
+    model.save_weights(os.path.join(directory, KERAS_WEIGHTS))
+    config = model.get_config()
+    content = {
+        "format": KERAS_FORMAT,
+        "kind": "imagenet" if model.imagenet else "cifar",
+        "network": {name: config[name] for name in _NETWORK_ARGUMENTS},
+        **spec,
+        "weights": KERAS_WEIGHTS,
+    }
+    with open(os.path.join(directory, KERAS_SPEC), "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+
+
+def finetuning_spec(path: str) -> dict:
+    """The ``network.json`` of an export: the network's kind and arguments, its input
+    ``image_size``, ``mean`` / ``std`` and ``class_names``.
+
+    Args:
+      path: a version directory, its ``assets.extra/keras`` folder or the JSON file.
+    """
+    if os.path.isdir(os.path.join(path, KERAS_DIR)):
+        path = os.path.join(path, KERAS_DIR)
+    if os.path.isdir(path):
+        path = os.path.join(path, KERAS_SPEC)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no fine-tuning artifact (exports before it existed have none; "
+            "export the run again with --mode=export)"
+        )
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    if spec.get("format") != KERAS_FORMAT:
+        raise ValueError(f"{path}: format {spec.get('format')!r}, expected {KERAS_FORMAT}")
+    spec["path"] = path
+    return spec
+
+
+def load_for_finetuning(path: str) -> keras.Model:
+    """The exported evaluation network as a Keras model, its weights loaded, to train on.
+
+    The network is rebuilt from ``network.json`` by ``networks.build_network`` and
+    takes normalised images: ``data.normalize(pixels / 255, mean, std)`` with the
+    ``mean`` and ``std`` of :func:`finetuning_spec`. It is not compiled; its
+    ``compile(optimizer)`` sets the training recipe (auxiliary head, label smoothing).
+    The drop path rate is a weight, exported as it was; ``network.drop_path_rate.assign``
+    changes it.
+
+    Args:
+      path: a version directory, its ``assets.extra/keras`` folder or ``network.json``.
+
+    Returns:
+      A ``networks.NetworkCIFAR`` or ``NetworkImageNet`` with the exported weights.
+    """
+    spec = finetuning_spec(path)
+    arguments = dict(spec["network"])
+    network = networks.build_network(
+        spec["kind"],
+        arguments.pop("genotype"),
+        arguments.pop("channels"),
+        arguments.pop("num_cells"),
+        arguments.pop("num_classes"),
+        spec["image_size"][0],  # as the training builds it
+        **arguments,
+    )
+    network.load_weights(os.path.join(os.path.dirname(spec["path"]), spec["weights"]))
+    return network
 
 
 def _check_arguments(model_name, version, image_size, mean, std, class_names):

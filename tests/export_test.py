@@ -3,7 +3,8 @@
 The oracle is the network itself, called as the training code calls it:
 ``network(normalize(images / 255, mean, std), training=False)``; the SavedModel is read
 back in a fresh process, by ``tf.saved_model.load`` and by ``saved_model_cli``. The
-uint8 and encoded-image signatures are checked against the float32 one.
+uint8 and encoded-image signatures are checked against the float32 one, and the
+fine-tuning artifact against the SavedModel.
 """
 
 import os
@@ -319,7 +320,7 @@ def test_existing_version_refused_unless_overwrite(network, tmp_path, fake_write
         network, str(tmp_path), "net", 2, image_size=IMAGE_SIZE, mean=MEAN, std=STD, overwrite=True
     )
     assert path == str(version_dir)
-    assert [p.name for p in version_dir.iterdir()] == ["saved_model.pb"]
+    assert sorted(p.name for p in version_dir.iterdir()) == ["assets.extra", "saved_model.pb"]
     assert _hidden(tmp_path / "net") == []
 
 
@@ -400,3 +401,43 @@ def test_imagenet_preprocessing_is_the_evaluation_pipelines(images):
     np.testing.assert_array_equal(decoded.numpy(), expected.numpy())
     with pytest.raises(ValueError, match="crops 224x224 images"):
         serving.check_preprocessing("imagenet", (32, 32))
+
+
+def test_finetuning_network_matches_the_saved_model_and_trains(loaded, version_dir, images):
+    network = export.load_for_finetuning(version_dir)
+    spec = export.finetuning_spec(version_dir)
+    assert spec["image_size"] == [32, 32] and spec["class_names"] == list(CLASS_NAMES)
+    assert spec["preprocessing"] == "cifar"
+    normalised = data.normalize(images / 255.0, spec["mean"], spec["std"])
+    served = loaded.signatures["serving_default"](images=tf.constant(images))["logits"]
+    rebuilt = network(normalised, training=False).numpy()
+    np.testing.assert_allclose(rebuilt, served, rtol=1e-5, atol=1e-5 * np.abs(rebuilt).max())
+
+    network.compile(keras.optimizers.SGD(0.1))
+    before = [w.numpy() for w in network.trainable_weights]
+    # As docs/serving.md: fit on (images, labels) batches (the network's train_step
+    # takes pairs, so not train_on_batch, which adds sample weights).
+    labels = tf.range(len(images)) % 10
+    network.fit(tf.data.Dataset.from_tensors((normalised, labels)), shuffle=False, verbose=0)
+    changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, network.trainable_weights)]
+    assert all(changed), sum(changed)
+
+
+def test_finetuning_artifact_keeps_the_auxiliary_head(tmp_path, fake_write_out):
+    network = networks.build_network(
+        "cifar", "ISTA_twostage", 8, 5, 10, 32, auxiliary=True, drop_path_rate=0.2
+    )
+    path = export.export_saved_model(
+        network, str(tmp_path), "net", 1, image_size=IMAGE_SIZE, mean=MEAN, std=STD
+    )
+    rebuilt = export.load_for_finetuning(os.path.join(path, export.KERAS_DIR))
+    assert rebuilt.auxiliary_head is not None
+    assert float(rebuilt.drop_path_rate.numpy()) == pytest.approx(0.2)
+    assert len(rebuilt.weights) == len(network.weights)
+    for original, loaded_weight in zip(network.weights, rebuilt.weights):
+        np.testing.assert_array_equal(original.numpy(), loaded_weight.numpy(), original.path)
+
+
+def test_finetuning_spec_of_an_export_without_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fine-tuning artifact"):
+        export.finetuning_spec(str(tmp_path))
