@@ -3,10 +3,13 @@
 The oracle is the network itself, called as the training code calls it:
 ``network(normalize(images / 255, mean, std), training=False)``; the SavedModel is read
 back in a fresh process, by ``tf.saved_model.load`` and by ``saved_model_cli``. The
-uint8 and encoded-image signatures are checked against the float32 one, and the
-fine-tuning artifact against the SavedModel.
+uint8 and encoded-image signatures are checked against the float32 one, the request
+bodies of docs/serving.md against direct calls, and the fine-tuning artifact against
+the SavedModel.
 """
 
+import base64
+import json
 import os
 import pathlib
 import re
@@ -27,6 +30,7 @@ IMAGE_SIZE = (32, 32)
 MEAN, STD, CLASS_NAMES = CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES
 EXPECTED_INPUT = "images must be float32 [N, 32, 32, 3] raw 0-255 pixels"
 CLI = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+SERVING_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 
 
 def _read_images(folder: pathlib.Path, classes, per_class: int) -> np.ndarray:
@@ -401,6 +405,66 @@ def test_imagenet_preprocessing_is_the_evaluation_pipelines(images):
     np.testing.assert_array_equal(decoded.numpy(), expected.numpy())
     with pytest.raises(ValueError, match="crops 224x224 images"):
         serving.check_preprocessing("imagenet", (32, 32))
+
+
+def _code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", SERVING_DOC.read_text(), re.M | re.S)
+
+
+def _as_tf_serving_decodes(body: dict, signature) -> dict:
+    """The tensors TF Serving feeds ``signature`` for a row-format JSON ``body``:
+    ``{"b64": ...}`` values base64-decoded, each named input stacked over the instances."""
+    body = json.loads(json.dumps(body))  # what travels is JSON
+
+    def decode(value):
+        if isinstance(value, dict):
+            assert list(value) == ["b64"], value
+            return base64.b64decode(value["b64"])
+        return [decode(v) for v in value] if isinstance(value, list) else value
+
+    specs = signature.structured_input_signature[1]
+    instances = body["instances"]
+    assert all(sorted(instance) == sorted(specs) for instance in instances), instances
+    return {
+        name: tf.constant([decode(instance[name]) for instance in instances], spec.dtype)
+        for name, spec in specs.items()
+    }
+
+
+def test_documented_json_request_gets_the_direct_answer(loaded):
+    (request,) = _code_blocks("json")
+    body = json.loads(request)
+    signature = loaded.signatures[body["signature_name"]]
+    served = signature(**_as_tf_serving_decodes(body, signature))
+    # The direct call: the PNG decoded and resized here, through the float32 signature.
+    png = base64.b64decode(body["instances"][0]["image_bytes"]["b64"])
+    pixels = tf.image.resize(
+        tf.io.decode_png(png, channels=3)[tf.newaxis], [32, 32], antialias=True
+    )
+    direct = loaded.signatures["serving_default"](images=tf.clip_by_value(pixels, 0.0, 255.0))
+    assert body["signature_name"] == "serving_bytes"
+    np.testing.assert_allclose(served["logits"], direct["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(served["class_names"], direct["class_names"])
+
+
+@pytest.mark.parametrize("signature_name", ["serving_default", "serving_uint8", "serving_bytes"])
+def test_documented_request_builder_gets_the_direct_answer(
+    loaded, images, tmp_path, signature_name
+):
+    (builder,) = [code for code in _code_blocks("python") if "def predict_request" in code]
+    namespace = {}
+    exec(builder, namespace)  # noqa: S102 - the documentation's own code
+    paths = []
+    for i, image in enumerate(images[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(_png(image))
+    body = namespace["predict_request"]([str(p) for p in paths], signature_name)
+    assert body["signature_name"] == signature_name
+    signature = loaded.signatures[signature_name]
+    served = signature(**_as_tf_serving_decodes(body, signature))
+    direct = loaded.signatures["serving_default"](images=tf.constant(images[:3]))
+    for name in direct:
+        np.testing.assert_array_equal(served[name].numpy(), direct[name].numpy(), name)
 
 
 def test_finetuning_network_matches_the_saved_model_and_trains(loaded, version_dir, images):
