@@ -1,9 +1,9 @@
 """A servable SavedModel of an evaluation network (docs/design.md decision 7).
 
 :func:`export_saved_model` writes ``<export_dir>/<model_name>/<version>/``, the layout
-TF Serving polls, through ``keras.export.ExportArchive``. The signature takes raw pixels
-and does the normalisation itself, so a client needs no knowledge of the training
-statistics:
+TF Serving polls, through ``keras.export.ExportArchive``. The signatures take raw pixels
+or encoded images and do the normalisation themselves, so a client needs no knowledge
+of the training statistics (``serving`` describes them; docs/serving.md shows requests):
 
   ``serving_default`` / ``serve``
     input  ``images``: float32 ``[N, H, W, 3]``, raw 0-255 pixel values
@@ -11,10 +11,20 @@ statistics:
            ``probabilities``: float32 ``[N, classes]``, softmax of the logits
            ``classes``: int64 ``[N]``, argmax of the logits
            ``class_names``: string ``[N]``, only when class names are given
+  ``serving_uint8``: input ``images`` uint8 ``[N, H, W, 3]``; the same outputs
+  ``serving_bytes``: input ``image_bytes`` string ``[N]``, encoded JPEG / PNG images
+    prepared as evaluation images are; the same outputs
 
 The batch size is dynamic. The class names are a constant in the graph (behind the
 ``class_names`` output) and a plain text file, one name a line, in
 ``assets.extra/class_names.txt`` for clients that only want the label map.
+
+For fine-tuning, the version also holds the network as Keras knows it, in
+``assets.extra/keras/``: ``network.weights.h5`` (``model.save_weights``) and
+``network.json`` (what ``networks.build_network`` needs, and the normalisation);
+:func:`load_for_finetuning` rebuilds it. Inside the version directory, the files appear
+and disappear with the SavedModel they belong to; TF Serving does not read them
+(``assets.extra`` holds only its optional warmup requests).
 
 A version directory appears in one ``os.rename``: the archive is written into a hidden
 sibling (``.tmp-<version>-<host>-<pid>-<random>``, a name TF Serving ignores; its process
@@ -25,6 +35,7 @@ supported (an object store has no atomic directory rename).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,13 +44,27 @@ import uuid
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
 from absl import logging
 
-from istanas_tf import data
+from istanas_tf import networks, serving
 
 ENDPOINT = "serve"
 CLASS_NAMES_FILE = os.path.join("assets.extra", "class_names.txt")
+KERAS_DIR = os.path.join("assets.extra", "keras")  # the fine-tuning artifact
+KERAS_SPEC = "network.json"
+KERAS_WEIGHTS = "network.weights.h5"
+KERAS_FORMAT = 1  # version of network.json
+# The network arguments network.json records (networks._Network.get_config's keys).
+_NETWORK_ARGUMENTS = (
+    "genotype",
+    "channels",
+    "num_cells",
+    "num_classes",
+    "auxiliary",
+    "drop_path_rate",
+    "bn_after_param_free_ops",
+    "seed",
+)
 
 _VERSION_DIR = re.compile(r"[0-9]+")
 
@@ -61,76 +86,6 @@ def next_version(model_dir: str) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def input_description(image_size: tuple[int, int]) -> str:
-    """The message a client gets when its images do not match the signature."""
-    height, width = image_size
-    return f"images must be float32 [N, {height}, {width}, 3] raw 0-255 pixels"
-
-
-def make_serving_fn(
-    model: keras.Model,
-    *,
-    image_size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    class_names: Sequence[str] | None = None,
-):
-    """The serving function: raw pixels in, a dict of named outputs out.
-
-    Args:
-      model: a network whose ``call(images, training=False)`` returns logits
-        ``[N, classes]`` for normalised images.
-      image_size: ``(H, W)``, the spatial size the network was trained on.
-      mean, std: 3 floats each, the normalisation statistics in [0, 1] pixel units.
-      class_names: optional label names; ``class_names[i]`` names class ``i``.
-
-    Returns:
-      ``serve(images) -> dict``, with ``images`` float32 ``[N, H, W, 3]`` in [0, 255].
-    """
-    height, width = image_size
-    message = input_description(image_size)
-
-    def serve(images):
-        # A loaded signature does not enforce the placeholder's static shape, so check
-        # at run time, and make the network depend on the check: unordered, a wrong rank
-        # can reach the convolutions first and abort the process (a oneDNN CHECK
-        # failure) instead of raising.
-        shape = tf.shape(images)
-        # Padded to 4 entries so that any rank compares without a shape error.
-        head = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)[:4]
-        shape_ok = tf.logical_and(
-            tf.equal(tf.size(shape), 4), tf.reduce_all(tf.equal(head[1:], [height, width, 3]))
-        )
-        check = tf.debugging.Assert(shape_ok, [message + "; got shape", shape], summarize=8)
-        with tf.control_dependencies([check]):
-            images = tf.identity(images)
-        # An empty batch gets empty outputs. The network itself cannot take one (the
-        # inference BN's fused kernels fail on [0, H, W, C]), so it sees one zero image
-        # whose row is then cut away.
-        count = shape[0]
-        images = tf.cond(
-            count > 0, lambda: images, lambda: tf.zeros([1, height, width, 3], images.dtype)
-        )
-        logits = model(data.normalize(images / 255.0, mean, std), training=False)[:count]
-        logits = tf.cast(logits, tf.float32)
-        classes = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        outputs = {
-            "logits": logits,
-            "probabilities": tf.nn.softmax(logits, axis=-1),
-            "classes": classes,
-        }
-        if class_names is not None:
-            if logits.shape[-1] != len(class_names):
-                raise ValueError(
-                    f"{len(class_names)} class names given for a model with "
-                    f"{logits.shape[-1]} classes"
-                )
-            outputs["class_names"] = tf.gather(tf.constant(list(class_names), tf.string), classes)
-        return outputs
-
-    return serve
-
-
 def export_saved_model(
     model: keras.Model,
     export_dir: str,
@@ -142,6 +97,7 @@ def export_saved_model(
     std: Sequence[float],
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    preprocessing: str | None = None,
 ) -> str:
     """Writes a servable SavedModel to ``<export_dir>/<model_name>/<version>/``.
 
@@ -155,15 +111,22 @@ def export_saved_model(
       mean, std: per-channel normalisation in [0, 1] units (``DatasetInfo.mean/std``).
       class_names: optional label names, exported as the ``class_names`` output.
       overwrite: replace an existing version directory instead of refusing.
+      preprocessing: how ``serving_bytes`` prepares a decoded image, ``"cifar"`` or
+        ``"imagenet"`` (the data's ``augmentation``); default: ``"imagenet"`` for a
+        ``NetworkImageNet``, else ``"cifar"``.
 
     Returns:
-      The version directory.
+      The version directory, which also holds the fine-tuning artifact (for a
+      ``networks`` evaluation network; another model gets none, with a warning).
 
     Raises:
       FileExistsError: the version exists and ``overwrite`` is False.
-      ValueError: an invalid name, version, size or normalisation.
+      ValueError: an invalid name, version, size, normalisation or preprocessing.
     """
     image_size = _check_arguments(model_name, version, image_size, mean, std, class_names)
+    if preprocessing is None:
+        preprocessing = "imagenet" if getattr(model, "imagenet", False) else "cifar"
+    serving.check_preprocessing(preprocessing, image_size)
     model_dir = os.path.join(export_dir, model_name)
     os.makedirs(model_dir, exist_ok=True)
     if version is None:
@@ -179,23 +142,33 @@ def export_saved_model(
     try:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        endpoint = archive.add_endpoint(
-            ENDPOINT,
-            make_serving_fn(
+        serving.add_endpoints(
+            archive,
+            serving.make_serving_fn(
                 model, image_size=image_size, mean=mean, std=std, class_names=class_names
             ),
-            input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32, name="images")],
+            endpoint=ENDPOINT,
+            image_size=image_size,
+            preprocessing=preprocessing,
         )
-        endpoint.get_concrete_function()  # trace now: a mismatch raises before writing
         archive.write_out(temp_dir, verbose=False)
         if class_names is not None:
             _write_class_names(os.path.join(temp_dir, CLASS_NAMES_FILE), class_names)
+        spec = dict(
+            image_size=list(image_size),
+            mean=list(mean),
+            std=list(std),
+            class_names=None if class_names is None else list(class_names),
+            preprocessing=preprocessing,
+        )
+        _write_keras_artifact(os.path.join(temp_dir, KERAS_DIR), model, spec)
         _move_into_place(temp_dir, version_dir, overwrite)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     logging.info(
-        "Exported SavedModel (signature serving_default, input images [N, %d, %d, 3]) to %s",
+        "Exported SavedModel (signatures serving_default, serving_uint8 on images "
+        "[N, %d, %d, 3], serving_bytes on encoded images) to %s",
         image_size[0],
         image_size[1],
         version_dir,
@@ -261,7 +234,86 @@ def export_for_dataset(
         std=info.std,
         class_names=info.class_names,
         overwrite=overwrite,
+        preprocessing=info.augmentation,
     )
+
+
+def _write_keras_artifact(directory: str, model: keras.Model, spec: dict) -> None:
+    """``network.weights.h5`` and ``network.json`` (see :func:`load_for_finetuning`)."""
+    if not isinstance(model, tuple(networks.NETWORKS.values())):
+        logging.warning(
+            "%s is not a networks evaluation network: no fine-tuning artifact exported",
+            type(model).__name__,
+        )
+        return
+    os.makedirs(directory)
+    model.save_weights(os.path.join(directory, KERAS_WEIGHTS))
+    config = model.get_config()
+    content = {
+        "format": KERAS_FORMAT,
+        "kind": "imagenet" if model.imagenet else "cifar",
+        "network": {name: config[name] for name in _NETWORK_ARGUMENTS},
+        **spec,
+        "weights": KERAS_WEIGHTS,
+    }
+    with open(os.path.join(directory, KERAS_SPEC), "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+
+
+def finetuning_spec(path: str) -> dict:
+    """The ``network.json`` of an export: the network's kind and arguments, its input
+    ``image_size``, ``mean`` / ``std`` and ``class_names``.
+
+    Args:
+      path: a version directory, its ``assets.extra/keras`` folder or the JSON file.
+    """
+    if os.path.isdir(os.path.join(path, KERAS_DIR)):
+        path = os.path.join(path, KERAS_DIR)
+    if os.path.isdir(path):
+        path = os.path.join(path, KERAS_SPEC)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no fine-tuning artifact (exports before it existed have none; "
+            "export the run again with --mode=export)"
+        )
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    if spec.get("format") != KERAS_FORMAT:
+        raise ValueError(f"{path}: format {spec.get('format')!r}, expected {KERAS_FORMAT}")
+    spec["path"] = path
+    return spec
+
+
+def load_for_finetuning(path: str) -> keras.Model:
+    """The exported evaluation network as a Keras model, its weights loaded, to train on.
+
+    The network is rebuilt from ``network.json`` by ``networks.build_network`` and
+    takes normalised images: ``data.normalize(pixels / 255, mean, std)`` with the
+    ``mean`` and ``std`` of :func:`finetuning_spec`. It is not compiled; its
+    ``compile(optimizer)`` sets the training recipe (auxiliary head, label smoothing).
+    The drop path rate is a weight, exported as it was; ``network.drop_path_rate.assign``
+    changes it.
+
+    Args:
+      path: a version directory, its ``assets.extra/keras`` folder or ``network.json``.
+
+    Returns:
+      A ``networks.NetworkCIFAR`` or ``NetworkImageNet`` with the exported weights.
+    """
+    spec = finetuning_spec(path)
+    arguments = dict(spec["network"])
+    network = networks.build_network(
+        spec["kind"],
+        arguments.pop("genotype"),
+        arguments.pop("channels"),
+        arguments.pop("num_cells"),
+        arguments.pop("num_classes"),
+        spec["image_size"][0],  # as the training builds it
+        **arguments,
+    )
+    network.load_weights(os.path.join(os.path.dirname(spec["path"]), spec["weights"]))
+    return network
 
 
 def _check_arguments(model_name, version, image_size, mean, std, class_names):

@@ -46,6 +46,7 @@ FLOORS = [
     "istanas_tf.darts",
     "istanas_tf.networks",
     "istanas_tf.network_size",
+    "istanas_tf.serving",
     "istanas_tf.export",
     "istanas_tf.search_steps",
     "istanas_tf.search_model",
