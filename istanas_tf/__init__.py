@@ -8,7 +8,8 @@ The public API, for notebooks and scripts (the command line is ``train/main.py``
   ``export_run`` for a finished run directory;
 * networks: ``build_network`` (an evaluation network from a ``Genotype``),
   ``SearchNetwork`` (the super-net), ``absorb`` (one-stage super-net -> evaluation
-  network), ``describe`` (sizes), ``export_saved_model``;
+  network), ``describe`` (sizes), ``export_saved_model``, ``load_for_finetuning`` (an
+  exported version's network, rebuilt with its weights, ready to train);
 * genotypes: ``Genotype``, ``get_genotype`` (a name or a JSON file), ``GENOTYPES``.
 
 The modules, from the bottom floor up: ``genotypes``; ``operations``, ``lasso``,
@@ -19,7 +20,7 @@ The modules, from the bottom floor up: ``genotypes``; ``operations``, ``lasso``,
 
 from istanas_tf.absorption import absorb
 from istanas_tf.data import DataConfig
-from istanas_tf.export import export_saved_model
+from istanas_tf.export import export_saved_model, load_for_finetuning
 from istanas_tf.genotypes import GENOTYPES, Genotype, get_genotype
 from istanas_tf.network_size import describe
 from istanas_tf.networks import build_network
@@ -48,6 +49,7 @@ __all__ = [
     "describe",
     "evaluate",
     "export_run",
+    "load_for_finetuning",
     "export_saved_model",
     "get_genotype",
     "run_one_stage",
