@@ -30,6 +30,7 @@ from typing import Any
 import tensorflow as tf
 
 from istanas_tf import genotypes
+from istanas_tf.data.config import FOLDER_PREFIX
 from istanas_tf.training import config as config_lib
 
 RUN_CONFIG = "run_config.json"
@@ -115,12 +116,11 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
     """
     tf.io.gfile.makedirs(model_dir)
     file = path(model_dir, RUN_CONFIG)
-    dataset = settings.get("data", {}).get("dataset")
-    if isinstance(dataset, str) and dataset.startswith("folder:"):
+    if "data" in settings:
         # Recorded resolved: a resume or an export from another working directory
         # finds the same folder.
-        folder = "folder:" + os.path.realpath(dataset.removeprefix("folder:"))
-        settings = {**settings, "data": {**settings["data"], "dataset": folder}}
+        dataset = resolved_dataset(settings["data"].get("dataset"))
+        settings = {**settings, "data": {**settings["data"], "dataset": dataset}}
     recorded = read_json(file)
     if recorded is None:
         write_json(file, settings)
@@ -133,7 +133,10 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
             "pass a new --model_dir for this run"
         )
     history = recorded.pop(HISTORY, [])
-    old, new = _comparable(config_lib.flatten(recorded)), _comparable(config_lib.flatten(settings))
+    # Older records may hold a folder as it was spelled then.
+    if "data" in recorded:
+        recorded["data"]["dataset"] = resolved_dataset(recorded["data"].get("dataset"))
+    old, new = config_lib.flatten(recorded), config_lib.flatten(settings)
     changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
     differing = [key for key in changed if key not in config_lib.RESUMABLE]
     if differing:
@@ -169,14 +172,12 @@ def _what_to_run(kind: str, model_dir: str) -> str:
     return f"{resume}, or evaluate or export its network with --mode=eval or --mode=export"
 
 
-def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Flat settings with an image folder's path resolved (``folder:../data`` and
-    ``folder:/home/me/data`` are the same dataset)."""
-    dataset = settings.get("data.dataset")
-    if isinstance(dataset, str) and dataset.startswith("folder:"):
-        folder = dataset.removeprefix("folder:")
-        settings = {**settings, "data.dataset": "folder:" + os.path.realpath(folder)}
-    return settings
+def resolved_dataset(dataset):
+    """``--dataset`` with an image folder's path resolved (``folder:../data`` and
+    ``folder:/home/me/data`` name the same dataset); other values unchanged."""
+    if isinstance(dataset, str) and dataset.startswith(FOLDER_PREFIX):
+        return FOLDER_PREFIX + os.path.realpath(dataset.removeprefix(FOLDER_PREFIX))
+    return dataset
 
 
 def _latest_checkpoint_epoch(model_dir: str) -> int:
