@@ -115,6 +115,7 @@ def make_dataset(
     repeat: bool = False,
     input_context: tf.distribute.InputContext | None = None,
     epoch_seed: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
     """The input pipeline of one split.
 
@@ -141,6 +142,10 @@ def make_dataset(
         depend only on (config.seed, e), so a run resumed at epoch e passes e here.
         (Streamed ImageNet training uses a seeded tf.data shuffle buffer keyed on
         (seed, epoch_seed) instead: reproducible from a given start, not across resumes.)
+      steps_per_epoch: training: each epoch holds at most this many batches, the first
+        ones of its shuffle (None: every whole batch). A repeated stream cut this way
+        gives ``model.fit(steps_per_epoch=...)`` epoch e's batches at its epoch e, as a
+        loop that builds epoch e's pipeline and stops after that many steps.
 
     Returns:
       ``tf.data.Dataset`` of ``(images [b, H, W, 3] float32, labels [b] int32)``.
@@ -161,6 +166,8 @@ def make_dataset(
                 f"per input pipeline ({batching.pipelines}); use at most "
                 f"{(stop - start) // batching.pipelines * batching.pipelines}"
             )
+        if steps_per_epoch:
+            steps = min(steps, steps_per_epoch)
         epoch_size = steps * batching.pipeline  # per pipeline, whole steps only
     else:
         epoch_size = None
