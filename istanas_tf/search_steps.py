@@ -105,7 +105,13 @@ class SearchSteps:
         return [v for v in self.weight_variables if id(v) not in inactive]
 
     def compile(self, weight_optimizer, arch_optimizer, **kwargs):
-        """Sets both optimizers and builds their slots up front (docs/design.md decision 5)."""
+        """Sets both optimizers and builds their slots up front (docs/design.md decision 5).
+
+        ``model.fit`` runs the step uncompiled by XLA unless ``jit_compile=True`` is
+        passed, as the command line's loop does: the step is traced again whenever the
+        support changes, and Keras' ``"auto"`` would compile every new trace on a GPU.
+        """
+        kwargs.setdefault("jit_compile", False)
         super().compile(optimizer=weight_optimizer, **kwargs)
         self.arch_optimizer = arch_optimizer
         weight_optimizer.build(self.weight_variables)

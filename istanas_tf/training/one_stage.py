@@ -60,6 +60,18 @@ def stopping_step(
     return decision
 
 
+def freeze_searching_nodes(model: search_model.SearchNetwork) -> dict[str, list[int]]:
+    """Stops the nodes still searching at their last z (the ``--search_epochs`` cap);
+    returns them per cell type."""
+    forced = {cell_type: [] for cell_type in CELL_TYPES}
+    for cell_type, flags in model.frozen_nodes.items():
+        for node, frozen in enumerate(flags):
+            if not frozen:
+                model.freeze_node(cell_type, node)
+                forced[cell_type].append(node)
+    return forced
+
+
 def _cifar_sized(info) -> None:
     if info.augmentation != "cifar":
         raise ValueError(
@@ -207,14 +219,11 @@ class OneStageRun(search_run.SearchRun):
     def _force_stop(self, epoch: int) -> None:
         """Ends the search at the --search_epochs cap, freezing the nodes still searching
         at their last z."""
-        forced = False
-        for cell_type, flags in self.model.frozen_nodes.items():
-            for node, frozen in enumerate(flags):
-                if not frozen:
-                    self.model.freeze_node(cell_type, node)
-                    self.progress.stop_node(cell_type, node, epoch, forced=True)
-                    forced = True
-        if forced:
+        forced = freeze_searching_nodes(self.model)
+        for cell_type, nodes in forced.items():
+            for node in nodes:
+                self.progress.stop_node(cell_type, node, epoch, forced=True)
+        if any(forced.values()):
             logging.warning(
                 "--search_epochs=%d reached with nodes still searching: froze "
                 "them at their last z (forced stops %s)",

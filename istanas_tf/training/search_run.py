@@ -4,14 +4,56 @@ A search run builds the super-net and its two optimizers (``builders``), restore
 and its bookkeeping from the run directory's latest checkpoint (re-reading the supports
 into Python data), and traces its step functions again whenever the architecture
 changes: the support and the frozen nodes are baked into the traces.
+
+:func:`recover_and_commit` is the two-stage search's end-of-epoch recovery, shared by
+the command line's loop and ``callbacks.SparseRecovery`` (``model.fit``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
+from istanas_tf import architecture, genotypes, search_model
 from istanas_tf.training import builders, runtime
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import state as state_lib
 from istanas_tf.training import steps as steps_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class CommittedRecovery:
+    """One end-of-epoch recovery of the two-stage search, committed to the super-net.
+
+    Attributes:
+      recoveries: per cell type, the ``architecture.Recovery`` committed ({} for DARTS).
+      changed: the supports changed, so traced steps are stale.
+      seconds: wall time of the solve and the commit.
+      distances: per cell type, ``||z_new - z_last||_2`` of each node (0 for DARTS).
+      genotype: the genotype after the commit.
+    """
+
+    recoveries: dict[str, architecture.Recovery]
+    changed: bool
+    seconds: float
+    distances: dict[str, list[float]]
+    genotype: genotypes.Genotype
+
+
+def recover_and_commit(model: search_model.SearchNetwork) -> CommittedRecovery:
+    """Algorithm 1's end of an epoch: recovers every node from the trained b (one batched
+    exact LASSO) and makes the result the architecture (docs/method.md section 3)."""
+    start = time.perf_counter()
+    recoveries = model.recover()
+    changed = model.commit(recoveries)
+    seconds = time.perf_counter() - start
+    distances = {
+        t: [float(d) for d in recoveries[t].distances]
+        if t in recoveries
+        else [0.0] * genotypes.STEPS
+        for t in genotypes.CELL_TYPES
+    }
+    return CommittedRecovery(recoveries, changed, seconds, distances, model.genotype())
 
 
 class SearchRun:

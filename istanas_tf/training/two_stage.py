@@ -9,7 +9,6 @@ genotype is then retrained from scratch (``retrain.run_training``).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from absl import logging
@@ -88,17 +87,8 @@ class TwoStageRun(search_run.SearchRun):
             keys=("loss", "accuracy"),
         )
 
-        recovery_start = time.perf_counter()
-        recoveries = self.model.recover()
-        changed = self.model.commit(recoveries)
-        recovery_time = time.perf_counter() - recovery_start
-        genotype = self.model.genotype()
-        distances = {
-            t: [float(d) for d in recoveries[t].distances]
-            if t in recoveries
-            else [0.0] * genotypes.STEPS
-            for t in genotypes.CELL_TYPES
-        }
+        recovery = search_run.recover_and_commit(self.model)
+        changed, genotype = recovery.changed, recovery.genotype
 
         row = {
             "epoch": epoch + 1,
@@ -107,9 +97,9 @@ class TwoStageRun(search_run.SearchRun):
             **eval_logs,
             "train_time_s": train_time,
             "step_time_s": step_time,
-            "recovery_time_s": recovery_time,
+            "recovery_time_s": recovery.seconds,
             "support_changed": changed,
-            "z_distance": distances,
+            "z_distance": recovery.distances,
             "genotype": genotypes.to_json_dict(genotype),
         }
         self.state.end_epoch(row, genotype, self.model)
