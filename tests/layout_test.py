@@ -39,6 +39,7 @@ FLOORS = [
     "istanas_tf.data.sources",
     "istanas_tf.data.pipeline",
     "istanas_tf.data",
+    "istanas_tf.search_data",
     "istanas_tf.sparse_coding",
     "istanas_tf.diagram",
     "istanas_tf.cells",
@@ -67,6 +68,7 @@ FLOORS = [
     "istanas_tf.training.one_stage",
     "istanas_tf.training.retrain",
     "istanas_tf.training",
+    "istanas_tf.callbacks",
     "istanas_tf",
 ]
 MAX_MODULE_LINES = 450
