@@ -176,7 +176,9 @@ class OneStageStopping(_ArchitectureCallback):
     ``rejected`` (0/1), ``params`` (of the evaluation network) and ``recovery_time_s``.
 
     List it before ``BackupAndRestore``, so that each backup holds the epoch's decision
-    (the rule is not idempotent: it cannot be replayed on a resume).
+    (the rule is not idempotent: it cannot be replayed on a resume). Once the search has
+    ended it does nothing: the training phase (``fit`` again, e.g. with
+    ``cosine_learning_rate_schedule`` and ``model.drop_path_rate`` ramped) may keep it.
 
     Args:
       freeze_tolerance, max_params, search_epochs: as ``OneStageConfig`` (the
@@ -214,6 +216,8 @@ class OneStageStopping(_ArchitectureCallback):
         self.forced_stops = {t: [] for t in genotypes.CELL_TYPES}
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.search_ended:
+            return  # a later fit (the training phase) with this callback still listed
         model = self.model
         before = (model.supports, model.frozen_nodes)
         row = dict(recovery_time_s=0.0, newly_frozen=0.0, rejected=0.0)

@@ -229,6 +229,9 @@ def test_one_stage_fit_stops_every_node_and_the_export_predicts_as_the_super_net
     assert stopping.search_ended == 2
     assert stopping.stop_epochs == {t: [1] * genotypes.STEPS for t in genotypes.CELL_TYPES}
     assert all(all(flags) for flags in model.frozen_nodes.values())
+    # The training phase: fit again with the callback still listed; it stays out of it.
+    history = model.fit(**fit_data.fit_arguments(), epochs=2, verbose=0, callbacks=[stopping])
+    assert len(history.history["loss"]) == 2 and "frozen_nodes" not in history.history
 
     network = absorption.absorb(model, info.image_size[0], auxiliary=False)
     version = export.export_for_dataset(network, info, str(tmp_path / "export"), "istanas")
