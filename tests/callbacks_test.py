@@ -244,6 +244,28 @@ def test_one_stage_fit_stops_every_node_and_the_export_predicts_as_the_super_net
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_search_datasets_give_fit_epoch_e_the_loops_epoch_e_batches(cifar10_folder):
+    """Epoch e of the repeated stream is the first ``steps`` batches of the pipeline the
+    loop builds for epoch e, for each search split (the loop zips and stops them)."""
+    data_config = data.DataConfig(
+        dataset=f"folder:{cifar10_folder}", max_examples_per_class=4, deterministic=True
+    )
+    info = data.get_dataset_info(data_config)  # 20 images per search split: 5 batches
+    steps, epochs = 2, 3
+    stream = search_data.search_datasets(data_config, info, 4, steps_per_epoch=steps)
+    assert stream.steps_per_epoch == steps
+    batches = list(stream.train.take(steps * epochs))
+    for epoch in range(epochs):
+        for index, split in enumerate(("search_weights", "search_arch")):
+            loop = data.make_dataset(
+                data_config, info, split, training=True, batch_size=4, epoch_seed=epoch
+            )
+            for step, (images, labels) in enumerate(loop.take(steps)):
+                fit_images, fit_labels = batches[epoch * steps + step][index]
+                np.testing.assert_array_equal(fit_images.numpy(), images.numpy())
+                np.testing.assert_array_equal(fit_labels.numpy(), labels.numpy())
+
+
 def test_callbacks_refuse_the_other_search(cifar10_folder):
     model = search_model.SearchNetwork(search_model.SearchNetworkConfig(channels=4, layers=3))
     with pytest.raises(ValueError, match="use callbacks.SparseRecovery"):
