@@ -76,6 +76,7 @@ class _ArchitectureCallback(keras.callbacks.Callback):
         super().__init__()
         self.genotype_dir = genotype_dir
         self.genotypes: list[genotypes.Genotype] = []
+        self._epochs_begun = 0  # in this fit; reset by on_train_begin
 
     def set_model(self, model):
         wanted = "OneStageStopping" if not self.one_stage else "SparseRecovery"
