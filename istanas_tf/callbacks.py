@@ -15,9 +15,9 @@ epoch, with the same code:
 
 The support and the frozen nodes are Python data baked into the traced steps
 (docs/design.md decision 1): when they change, the callbacks make Keras trace its train,
-test and predict functions again (``make_*_function(force=True)``; ``fit`` reads
-``model.train_function`` afresh at every step and ``evaluate`` builds nothing it
-already has). They also re-read the architecture at each epoch's start, so a
+test and predict functions again (``make_*_function(force=True)``: ``fit`` reads
+``model.train_function`` at every step, while ``evaluate`` and ``predict`` would keep
+the functions they already have). They also re-read the architecture at each epoch's start, so a
 ``BackupAndRestore`` that restored the variables is picked up whatever the callback
 order. They add numbers only to the epoch's ``logs`` (``support_changed``,
 ``recovery_time_s``, ...): list them before ``CSVLogger`` and ``TensorBoard``, which
