@@ -14,7 +14,7 @@ from typing import Any
 
 from absl import logging
 
-from istanas_tf import genotypes
+from istanas_tf import architecture, genotypes
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import runtime, search_run
 from istanas_tf.training import steps as steps_lib
@@ -93,12 +93,6 @@ class TwoStageRun(search_run.SearchRun):
         changed = self.model.commit(recoveries)
         recovery_time = time.perf_counter() - recovery_start
         genotype = self.model.genotype()
-        distances = {
-            t: [float(d) for d in recoveries[t].distances]
-            if t in recoveries
-            else [0.0] * genotypes.STEPS
-            for t in genotypes.CELL_TYPES
-        }
 
         row = {
             "epoch": epoch + 1,
@@ -109,13 +103,13 @@ class TwoStageRun(search_run.SearchRun):
             "step_time_s": step_time,
             "recovery_time_s": recovery_time,
             "support_changed": changed,
-            "z_distance": distances,
+            **architecture.recovery_report(recoveries),
             "genotype": genotypes.to_json_dict(genotype),
         }
         self.state.end_epoch(row, genotype, self.model)
         steps_lib.log_epoch(
             f"epoch {epoch + 1}/{loop.epochs}",
-            row,
+            steps_lib.with_recovery_summary(row),
             (
                 "lr",
                 "loss",
@@ -125,6 +119,8 @@ class TwoStageRun(search_run.SearchRun):
                 "step_time_s",
                 "recovery_time_s",
                 "support_changed",
+                "kkt_violation_max",
+                "certified_nodes",
             ),
             self.clock,
         )
