@@ -82,7 +82,7 @@ def test_recover_changes_support_when_b_moves_and_genotype_has_two_picks_per_nod
 
 
 def test_fista_recovery_gives_a_genotype_and_reports_how_close_it_came():
-    network = _network(recovery_solver="fista", recovery_iterations=20000)
+    network = _network(recovery_solver="fista", recovery_iterations=5000)
     recoveries = network.recover()
     for recovery in recoveries.values():
         assert recovery.kkt_violation.shape == (4,) and recovery.certified.shape == (4,)
