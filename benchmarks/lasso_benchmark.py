@@ -31,7 +31,7 @@ started cold (z = 0) and warm (from the exact optimum of a b 10 % away, as after
 epoch of architecture steps); and the median time of one 8-node solve, and of a whole
 ``solve_jointly`` recovery (solve, selection, KKT report and certificate), per solver.
 The regimes: b ~ 1e-3 N(0, 1) (initialisation) and b ~ s N(0, 1) with s log-uniform in
-[1e-2, 1e-1] per node (a trained b). About 10 minutes on 2 CPU cores:
+[1e-2, 1e-1] per node (a trained b). About 6 minutes on 2 CPU cores:
 
     python benchmarks/lasso_benchmark.py --iterative
 """
