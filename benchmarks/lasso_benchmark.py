@@ -22,6 +22,18 @@ Command (from the repository root; about 20 seconds on 2 CPU cores):
     python benchmarks/lasso_benchmark.py
 
 Options: ``--seeds N``, ``--repeats N``. Prints a markdown table.
+
+``--iterative`` compares ISTA and FISTA (``lasso.solve_lasso_iterative``) with the exact
+homotopy instead: over ``--problem_sets`` random recoveries per regime (8 nodes each),
+how often their top-2 per node equals the homotopy's and how often the certificate of
+``optimality`` proves it, at each of ``--iterations`` (default 1000, 10000, 100000),
+started cold (z = 0) and warm (from the exact optimum of a b 10 % away, as after an
+epoch of architecture steps); and the median time of one 8-node solve, and of a whole
+``solve_jointly`` recovery (solve, selection, KKT report and certificate), per solver.
+The regimes: b ~ 1e-3 N(0, 1) (initialisation) and b ~ s N(0, 1) with s log-uniform in
+[1e-2, 1e-1] per node (a trained b). About 6 minutes on 2 CPU cores:
+
+    python benchmarks/lasso_benchmark.py --iterative
 """
 
 import argparse
@@ -39,7 +51,7 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from istanas_tf import architecture, lasso  # noqa: E402
+from istanas_tf import architecture, lasso, optimality, sparse_coding  # noqa: E402
 
 # The independent oracle is test code (scipy is a test-only dependency).
 sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -75,11 +87,106 @@ def top2(z):
     return set(np.argsort(-np.abs(z), kind="stable")[:2])
 
 
+def trained_problems(seed: int):
+    """A recovery after training: b ~ s N(0, 1), s log-uniform in [1e-2, 1e-1] per node."""
+    A, b = recovery_problems(1.0, seed)
+    scales = 10.0 ** np.random.default_rng([seed, 1]).uniform(-2.0, -1.0, size=(len(b), 1))
+    return A, scales * b
+
+
+def picks_and_certificates(A, b, z):
+    """Per node: the top-2 picks of z (as sets), whether the certificate proves them, and
+    the KKT violation in units of lam."""
+    lower, upper = optimality.magnitude_bounds(A, b, z, LAM)
+    picks, certified = [], []
+    for i, n in enumerate(NODE_WIDTHS):
+        support = sparse_coding.select_support(z[i, :n], 2)
+        picks.append(set(support.numpy()))
+        certified.append(
+            bool(optimality.support_certified(lower[i, :n], upper[i, :n], support, 7, False))
+        )
+    return picks, certified, optimality.kkt_violation(A, b, z, LAM).numpy()
+
+
+def iterative_comparison(args) -> None:
+    """The --iterative tables (module docstring)."""
+    iterations = [int(i) for i in args.iterations.split(",")]
+    print(f"load average before: {open('/proc/loadavg').read().strip()}")
+    print(f"{args.problem_sets} problem sets of 8 nodes per regime; lam = {LAM}\n")
+    print(
+        "| regime | solver | iterations | start | same top-2 as homotopy | certified "
+        "| KKT violation / lam, median (max) |"
+    )
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
+    regimes = (
+        ("b ~ 1e-3 N(0,1)", lambda seed: recovery_problems(1e-3, seed)),
+        ("b ~ [1e-2, 1e-1] N(0,1)", trained_problems),
+    )
+    for regime, draw in regimes:
+        counts: dict = {}
+        for index in range(args.problem_sets):
+            A, b = (tf.constant(x) for x in draw(1000 + index))
+            exact = lasso.solve_lasso(A, b, LAM)
+            exact_picks, exact_certified, kkt = picks_and_certificates(A, b, exact)
+            counts.setdefault(("homotopy", "-", "-"), []).append((8, sum(exact_certified), kkt))
+            moved = b.numpy() * (1.0 + 0.1 * np.random.default_rng(index).standard_normal(b.shape))
+            warm = lasso.solve_lasso(A, moved, LAM)
+            for method in ("ista", "fista"):
+                for count in iterations:
+                    for start, z0 in (("cold", None), ("warm", warm)):
+                        z = lasso.solve_lasso_iterative(A, b, LAM, z0, method, count)
+                        picks, certified, kkt = picks_and_certificates(A, b, z)
+                        same = sum(p == q for p, q in zip(picks, exact_picks))
+                        counts.setdefault((method, count, start), []).append(
+                            (same, sum(certified), kkt)
+                        )
+        nodes = 8 * args.problem_sets
+        for (method, count, start), rows in counts.items():
+            same, certified = np.sum([row[:2] for row in rows], axis=0)
+            kkt = np.concatenate([row[2] for row in rows])
+            print(
+                f"| {regime} | {method} | {count} | {start} | {same}/{nodes} "
+                f"({100 * same / nodes:.1f} %) | {certified}/{nodes} "
+                f"| {np.median(kkt):.1e} ({kkt.max():.1e}) |"
+            )
+
+    # Time per 8-node recovery: the solver alone, then the whole solve_jointly.
+    A, b = (tf.constant(x) for x in trained_problems(0))
+    solvers = {"homotopy": lambda: lasso.solve_lasso(A, b, LAM).numpy()}
+    for method in ("ista", "fista"):
+        for count in iterations:
+            solvers[f"{method} {count}"] = lambda m=method, c=count: lasso.solve_lasso_iterative(
+                A, b, LAM, None, m, c
+            ).numpy()
+    normal = architecture.ArchitectureEncoding(seed=1, name="normal")
+    reduce = architecture.ArchitectureEncoding(seed=2, name="reduce")
+    print("\n| solver | solve ms (median) | solve_jointly + report ms (median) |")
+    print("| --- | ---: | ---: |")
+    for name, solve in solvers.items():
+        solver, _, count = name.partition(" ")
+        options = dict(solver=solver, iterations=int(count or 1))
+        solve()  # compiles
+        architecture.solve_jointly([normal, reduce], **options)
+        repeats = max(3, min(args.repeats, int(2e5 / int(count or 1000))))
+        (solve_ms,) = median_ms([solve], repeats)
+        (joint_ms,) = median_ms(
+            [lambda o=options: architecture.solve_jointly([normal, reduce], **o)], repeats
+        )
+        print(f"| {name} | {solve_ms:.2f} | {joint_ms:.2f} |")
+    print(f"\nload average after: {open('/proc/loadavg').read().strip()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--iterative", action="store_true", help="ISTA / FISTA vs homotopy")
+    parser.add_argument("--problem_sets", type=int, default=40)
+    parser.add_argument("--iterations", default="1000,10000,100000")
     args = parser.parse_args()
+    if args.iterative:
+        iterative_comparison(args)
+        return
 
     print(
         f"CPU cores: {os.cpu_count()}, {platform.processor() or platform.machine()}; "

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import genotypes, lasso, sparse_coding
+from istanas_tf import genotypes, lasso, optimality, sparse_coding
 
 NUM_OPS = genotypes.NUM_OPS
 NUM_CELL_INPUTS = genotypes.NUM_CELL_INPUTS
@@ -42,11 +42,17 @@ class Recovery(NamedTuple):
       support: int32 [steps, sparseness] flat indices per node, by descending |z|.
       distances: float64 [steps], ||z_new - z_last||_2 per node (the one-stage method's
         freezing criterion, docs/method.md section 4).
+      kkt_violation: float64 [steps], the largest miss of the LASSO's optimality
+        conditions per node, in units of lam (``optimality.kkt_violation``).
+      certified: bool [steps], whether the node's support is provably the one the exact
+        optimum gives (``optimality.support_certified``).
     """
 
     z: tf.Tensor
     support: tf.Tensor
     distances: tf.Tensor
+    kkt_violation: tf.Tensor
+    certified: tf.Tensor
 
 
 def _array_initializer(value: np.ndarray):
@@ -228,20 +234,20 @@ class ArchitectureEncoding(keras.layers.Layer):
         return (self.num_candidates, self.sparseness, self.num_ops, self.distinct_inputs)
 
     def recovery_of(self, z) -> Recovery:
-        """The support and distances a given code would have, without solving anything.
+        """The Recovery a given code would be (support, distances, report), without
+        solving anything. ``z``: float64 [steps, >= n_max], node j's code in row j."""
+        A, b = lasso.stack_problems([[a.value for a in self.A]], [[v.value for v in self.b]])
+        z = tf.convert_to_tensor(z, tf.float64)
+        return _recovery_of(z, A, b, self.lam, self.z, self._layout())
 
-        Args:
-          z: float64 [steps, >= n_max], node j's code in row j.
-        """
-        return _recovery_of(tf.convert_to_tensor(z, tf.float64), self.z, self._layout())
-
-    def solve(self, warm_start: bool = True) -> Recovery:
+    def solve(self, warm_start: bool = True, **options) -> Recovery:
         """Recovers every node from the current b without changing the state.
 
         Args:
-          warm_start: try the last committed z's support and signs first (same optimum).
+          warm_start: start from the last committed z (same optimum for the homotopy).
+          **options: ``solver`` and ``iterations`` of :func:`solve_jointly`.
         """
-        return solve_jointly([self], warm_start=warm_start)[0]
+        return solve_jointly([self], warm_start, **options)[0]
 
     def commit(self, recovery: Recovery, nodes=None) -> None:
         """Makes a recovery the current z and support.
@@ -299,20 +305,34 @@ class ArchitectureEncoding(keras.layers.Layer):
 
 
 def solve_jointly(
-    encodings: Sequence[ArchitectureEncoding], warm_start: bool = True
+    encodings: Sequence[ArchitectureEncoding],
+    warm_start: bool = True,
+    solver: str = "homotopy",
+    iterations: int = 10000,
 ) -> list[Recovery]:
-    """Recovers all nodes of several encodings in one batched ``lasso.solve_lasso`` call.
+    """Recovers all nodes of several encodings in one batched LASSO solve.
 
     The normal and the reduction encoding together make the 8 problems of a recovery,
-    zero-padded to the widest node. Nothing is committed.
+    zero-padded to the widest node. Each recovery carries its KKT report and support
+    certificate (:mod:`istanas_tf.optimality`), computed in the same graph. Nothing is
+    committed.
 
     Args:
       encodings: with equal proj_dims and lam.
-      warm_start: start from each encoding's last committed z (same optimum).
+      warm_start: start from each encoding's last committed z (the homotopy's optimum
+        does not depend on it; ISTA / FISTA continue from it).
+      solver: one of ``lasso.SOLVERS``: ``"homotopy"`` (exact, ``lasso.solve_lasso``),
+        ``"fista"`` or ``"ista"`` (``lasso.solve_lasso_iterative``).
+      iterations: ISTA / FISTA steps (>= 1); unused by the homotopy.
 
     Returns:
       One Recovery per encoding, in order.
     """
+    if solver not in lasso.SOLVERS:
+        raise ValueError(
+            f"--recovery_solver={solver!r} is not valid; valid: {', '.join(lasso.SOLVERS)}"
+        )
+    _check_int_at_least("--recovery_iterations", iterations, 1)
     if not encodings:
         return []
     for attr in ("proj_dims", "lam"):
@@ -332,14 +352,47 @@ def solve_jointly(
             tuple(e._layout() for e in encodings),
             encodings[0].lam,
             bool(warm_start),
+            solver,
+            tf.constant(int(iterations), tf.int32),
         )
     )
 
 
-def _recovery_of(z, z_last, layout) -> Recovery:
-    """The Recovery of a new z ([steps, >= n_max] float64) against z_last [steps, n_max]."""
+def recovery_report(
+    recoveries: dict[str, Recovery], searching: dict[str, Sequence[bool]] | None = None
+) -> dict:
+    """The JSON-able numbers of recoveries for an epoch's metrics row.
+
+    Args:
+      recoveries: per cell type, a Recovery (``SearchNetwork.recover()``).
+      searching: optional per cell type [steps] bools; the z distance of the other nodes
+        (frozen before this epoch, not committed) is reported as 0.
+
+    Returns:
+      ``z_distance``, ``kkt_violation``, ``certified``: per cell type, a list per node;
+      ``kkt_violation_max``, ``certified_nodes``: over all nodes. ``{}`` for ``{}``.
+    """
+    if not recoveries:
+        return {}
+    report = {"z_distance": {}, "kkt_violation": {}, "certified": {}}
+    for cell_type, recovery in recoveries.items():
+        distances = np.asarray(recovery.distances, np.float64)
+        if searching is not None:
+            distances = np.where(searching[cell_type], distances, 0.0)
+        report["z_distance"][cell_type] = [float(d) for d in distances]
+        report["kkt_violation"][cell_type] = [float(v) for v in recovery.kkt_violation]
+        report["certified"][cell_type] = [bool(c) for c in recovery.certified]
+    report["kkt_violation_max"] = max(max(v) for v in report["kkt_violation"].values())
+    report["certified_nodes"] = sum(sum(c) for c in report["certified"].values())
+    return report
+
+
+def _recovery_of(z, A, b, lam, z_last, layout) -> Recovery:
+    """The Recovery of z ([steps, >= n_max] float64) of problems A [steps, m, >= n_max],
+    b [steps, m], against z_last [steps, n_max]; with its KKT report and certificate."""
     num_candidates, sparseness, num_ops, distinct_inputs = layout
-    z = z[:, : z_last.shape[1]]
+    n_max = z_last.shape[1]
+    z, A = z[:, :n_max], A[:, :, :n_max]
     support = tf.stack(
         [
             sparse_coding.select_support(z[j, :n], sparseness, num_ops, distinct_inputs)
@@ -347,37 +400,49 @@ def _recovery_of(z, z_last, layout) -> Recovery:
         ]
     )
     distances = tf.norm(z - tf.cast(z_last, tf.float64), axis=-1)
-    return Recovery(z=z, support=support, distances=distances)
+    lam = tf.constant(lam, tf.float64)
+    lower, upper = optimality.magnitude_bounds(A, b, z, lam)
+    certified = tf.stack(
+        [
+            optimality.support_certified(
+                lower[j, :n], upper[j, :n], support[j], num_ops, distinct_inputs
+            )
+            for j, n in enumerate(num_candidates)
+        ]
+    )
+    return Recovery(
+        z=z,
+        support=support,
+        distances=distances,
+        kkt_violation=optimality.kkt_violation(A, b, z, lam),
+        certified=certified,
+    )
 
 
 @tf.function
-def _solve_stacked(A_parts, b_parts, z_parts, layouts, lam, warm_start):
-    """Stacks, solves and selects in one graph: run eagerly, these few dozen small ops
-    cost more than the solve itself.
+def _solve_stacked(A_parts, b_parts, z_parts, layouts, lam, warm_start, solver, iterations):
+    """Stacks, solves, selects and reports in one graph: run eagerly, these few dozen
+    small ops cost more than the solve itself.
 
     Args:
       A_parts, b_parts: per encoding, per node A_j [m, n_j] and b_j [m] (float32).
       z_parts: per encoding, the last z [steps, n_max_e].
       layouts: per encoding, ``ArchitectureEncoding._layout()`` (static).
+      lam, warm_start, solver: static. iterations: int32 scalar tensor (ISTA / FISTA).
     """
     n_max = max(layout[0][-1] for layout in layouts)
-    A = tf.concat(
-        [
-            tf.stack(
-                [tf.pad(tf.cast(a, tf.float64), [[0, 0], [0, n_max - a.shape[1]]]) for a in parts]
-            )
-            for parts in A_parts
-        ],
-        axis=0,
-    )
-    b = tf.concat([tf.stack([tf.cast(v, tf.float64) for v in parts]) for parts in b_parts], axis=0)
+    A, b = lasso.stack_problems(A_parts, b_parts, n_max)
     z0 = tf.concat(
         [tf.pad(tf.cast(z, tf.float64), [[0, 0], [0, n_max - z.shape[1]]]) for z in z_parts], axis=0
     )
-    z = lasso.solve_lasso(A, b, lam, z0 if warm_start else None)
+    z0 = z0 if warm_start else None
+    if solver == "homotopy":
+        z = lasso.solve_lasso(A, b, lam, z0)
+    else:
+        z = lasso.solve_lasso_iterative(A, b, lam, z0, solver, iterations)
     recoveries, start = [], 0
     for z_last, layout in zip(z_parts, layouts):
-        steps = len(layout[0])
-        recoveries.append(_recovery_of(z[start : start + steps], z_last, layout))
-        start += steps
+        part = slice(start, start + len(layout[0]))
+        recoveries.append(_recovery_of(z[part], A[part], b[part], lam, z_last, layout))
+        start = part.stop
     return tuple(recoveries)

@@ -35,7 +35,7 @@ import time
 import keras
 from absl import logging
 
-from istanas_tf import genotypes, search_model
+from istanas_tf import architecture, genotypes, search_model
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import one_stage, run_dir, runtime, search_run
 
@@ -59,6 +59,14 @@ def cosine_learning_rate_schedule(
     return keras.callbacks.LearningRateScheduler(
         lambda epoch: runtime.cosine_learning_rate(epoch, epochs, learning_rate, learning_rate_min)
     )
+
+
+def _report_scalars(report: dict) -> dict[str, float]:
+    """The numbers of an ``architecture.recovery_report`` that fit an epoch's logs: the
+    largest KKT violation (units of lam) and the count of certified nodes."""
+    return {
+        key: float(report[key]) for key in ("kkt_violation_max", "certified_nodes") if key in report
+    }
 
 
 class _ArchitectureCallback(keras.callbacks.Callback):
@@ -152,10 +160,14 @@ class SparseRecovery(_ArchitectureCallback):
         recovery = search_run.recover_and_commit(self.model)
         if recovery.changed:
             retrace(self.model)
-        self.z_distances.append(recovery.distances)
+        self.z_distances.append(recovery.report.get("z_distance", {}))
         self._record(epoch, recovery.genotype)
         if logs is not None:
-            logs.update(support_changed=float(recovery.changed), recovery_time_s=recovery.seconds)
+            logs.update(
+                support_changed=float(recovery.changed),
+                recovery_time_s=recovery.seconds,
+                **_report_scalars(recovery.report),
+            )
         logging.info(
             "epoch %d: recovery %.3f s, support changed %s, genotype %s",
             epoch + 1,
@@ -245,10 +257,15 @@ class OneStageStopping(_ArchitectureCallback):
     def _stopping_rule(self, epoch: int, row: dict) -> None:
         """One stopping step after epoch ``epoch`` (0-based), its result in ``row``."""
         start = time.perf_counter()
+        recoveries = self.model.recover()
         decision = one_stage.stopping_step(
-            self.model, freeze_tolerance=self.freeze_tolerance, max_params=self.max_params
+            self.model,
+            freeze_tolerance=self.freeze_tolerance,
+            max_params=self.max_params,
+            recoveries=recoveries,
         )
         row["recovery_time_s"] = time.perf_counter() - start
+        row.update(_report_scalars(architecture.recovery_report(recoveries, decision.searching)))
         for cell_type, nodes in decision.newly_frozen.items():
             for node in nodes:
                 self.stop_epochs[cell_type][node] = epoch + 1

@@ -18,6 +18,10 @@ lasso_benchmark.py) after the first call per problem shape, which compiles the p
 (2-3 seconds). This module is the entry point (arguments, one compiled program per
 problem shape, failed checks raised as errors); :mod:`istanas_tf.homotopy` is the
 algorithm. Neither depends on anything but TensorFlow and NumPy.
+
+:func:`solve_lasso_iterative` runs a fixed number of ISTA or FISTA steps instead
+(:mod:`istanas_tf.proximal`), for comparison with the exact path: they approach the
+optimum without reaching it, and :mod:`istanas_tf.optimality` says how close they came.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import homotopy
+from istanas_tf import homotopy, proximal
+
+# The recovery solvers a search can use (flag --recovery_solver): the exact path, or a
+# fixed number of proximal gradient steps.
+SOLVERS = ("homotopy", *proximal.METHODS)
 
 # Homotopy steps allowed before the solver gives up and raises. A path on a 7-row
 # problem has at most a few dozen breakpoints; the cap only stops a cycling path
@@ -175,3 +183,67 @@ def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Ten
         with tf.control_dependencies([check_ok]):
             z = tf.identity(z)
     return z[0] if single else z
+
+
+def solve_lasso_iterative(A, b, lam=1e-5, z0=None, method="fista", iterations=10000) -> tf.Tensor:
+    """``iterations`` steps of FISTA or ISTA on 1/2 ||A z - b||^2 + lam ||z||_1.
+
+    Float64, batched, one XLA-compiled loop per problem shape (the count is a tensor);
+    see :mod:`istanas_tf.proximal`. Not exact: check the result with
+    ``optimality.kkt_violation`` / ``optimality.magnitude_bounds``.
+
+    Args:
+      A: [m, n] or [k, m, n]; zero (padding) columns stay exactly zero in z.
+      b: [m] or [k, m].
+      lam: the l1 weight, > 0.
+      z0: optional warm start shaped like the result (default zeros).
+      method: ``"fista"`` or ``"ista"``.
+      iterations: proximal gradient steps, >= 1 (a number or an int32 scalar tensor).
+
+    Returns:
+      z: float64, [n] or [k, n].
+    """
+    if method not in proximal.METHODS:
+        raise ValueError(f"method={method!r} is not valid; valid: {', '.join(proximal.METHODS)}")
+    if not isinstance(iterations, tf.Tensor) and (
+        isinstance(iterations, bool)
+        or not isinstance(iterations, (int, np.integer))
+        or iterations < 1
+    ):
+        raise ValueError(f"iterations={iterations!r} out of range: must be an integer >= 1")
+    if isinstance(lam, (int, float)) and not lam > 0:
+        raise ValueError(f"lam={lam!r} out of range: must be > 0")
+    A, b = _as_float64(A), _as_float64(b)
+    if A.shape.rank not in (2, 3) or b.shape.rank != A.shape.rank - 1:
+        raise ValueError(
+            f"A must be [m, n] with b [m], or [k, m, n] with b [k, m]; got A {A.shape}, b {b.shape}"
+        )
+    single = A.shape.rank == 2
+    if single:
+        A, b = A[None], b[None]
+    z0 = tf.zeros_like(A[:, 0, :]) if z0 is None else _as_float64(z0)
+    if z0.shape.rank == 1:
+        z0 = z0[None]
+    lam = tf.cast(tf.convert_to_tensor(lam, dtype_hint=tf.float64), tf.float64)
+    run = proximal.fista if method == "fista" else proximal.ista
+    with tf.device("/CPU:0"):
+        z = run(A, b, lam, z0, tf.cast(iterations, tf.int32))
+    return z[0] if single else z
+
+
+def stack_problems(matrices, vectors, n_max: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Groups of problems -> one batch: A [k, m, n_max] with zero padding columns and
+    b [k, m], float64.
+
+    Args:
+      matrices: per group, per problem A_j [m, n_j]. vectors: likewise b_j [m].
+      n_max: the padded width (default: the widest A_j).
+    """
+    n_max = n_max or max(a.shape[1] for group in matrices for a in group)
+    A = [
+        tf.pad(tf.cast(a, tf.float64), [[0, 0], [0, n_max - a.shape[1]]])
+        for g in matrices
+        for a in g
+    ]
+    b = [tf.cast(v, tf.float64) for group in vectors for v in group]
+    return tf.stack(A), tf.stack(b)

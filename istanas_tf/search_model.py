@@ -33,7 +33,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import architecture, blocks, darts, genotypes, networks, search_steps, sparse_coding
+from istanas_tf import (
+    architecture,
+    blocks,
+    darts,
+    genotypes,
+    lasso,
+    networks,
+    search_steps,
+    sparse_coding,
+)
 from istanas_tf import cells as cell_lib
 
 METHODS = ("ista", "darts")
@@ -61,6 +70,9 @@ class SearchNetworkConfig:
         affine BN, BN after pooling and identity ops, frozen gamma/beta inside candidate
         ops, auxiliary head, drop path, one batch per step.
       auxiliary_weight: weight of the auxiliary cross-entropy (one-stage; 0.4).
+      recovery_solver: the LASSO solver of each recovery: ``homotopy`` (exact), ``fista``
+        or ``ista`` (a fixed number of steps, warm-started from the last z).
+      recovery_iterations: ISTA / FISTA steps per recovery (unused by the homotopy).
     """
 
     num_classes: int = 10
@@ -75,6 +87,8 @@ class SearchNetworkConfig:
     sync_batch_norm: bool = True
     one_stage: bool = False
     auxiliary_weight: float = 0.4
+    recovery_solver: str = "homotopy"
+    recovery_iterations: int = 10000
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
@@ -84,7 +98,13 @@ class SearchNetworkConfig:
             raise ValueError(
                 f"the one-stage search needs --method=ista, got --method={self.method!r}"
             )
+        if self.recovery_solver not in lasso.SOLVERS:
+            raise ValueError(
+                f"--recovery_solver={self.recovery_solver!r} is not valid; "
+                f"valid: {', '.join(lasso.SOLVERS)}"
+            )
         for flag, value, least in (
+            ("recovery_iterations", self.recovery_iterations, 1),
             ("layers", self.layers, 3),
             ("proj_dims", self.proj_dims, 1),
             ("sparseness", self.sparseness, 1),
@@ -237,14 +257,20 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         return self._read_flags("frozen") if self._frozen is None else self._frozen
 
     def recover(self) -> dict[str, architecture.Recovery]:
-        """Solves the LASSO of every node of both cell types in one batched call.
+        """Solves the LASSO of every node of both cell types in one batched call (with
+        ``config.recovery_solver``); each Recovery carries its KKT report and certificate.
 
         Nothing changes until ``commit``. DARTS has nothing to recover: ``{}``.
         """
         if self.config.method != "ista":
             return {}
         encodings = [self.architectures[cell_type] for cell_type in CELL_TYPES]
-        return dict(zip(CELL_TYPES, architecture.solve_jointly(encodings)))
+        recoveries = architecture.solve_jointly(
+            encodings,
+            solver=self.config.recovery_solver,
+            iterations=self.config.recovery_iterations,
+        )
+        return dict(zip(CELL_TYPES, recoveries))
 
     def commit(
         self,

@@ -201,3 +201,25 @@ def test_config_round_trip():
     np.testing.assert_array_equal(clone.A[2].numpy(), encoding.A[2].numpy())
     np.testing.assert_array_equal(clone.b[2].numpy(), encoding.b[2].numpy())
     assert clone.support_tuple() == encoding.support_tuple()
+
+
+def test_recovery_report_rows_and_the_report_of_a_scripted_z():
+    normal = _recovered(seed=21, name="normal")
+    reduce = _recovered(seed=22, name="reduce")
+    recoveries = dict(zip(("normal", "reduce"), arch.solve_jointly([normal, reduce])))
+    report = arch.recovery_report(recoveries, {"normal": [True] * 4, "reduce": [False] * 4})
+    assert report["z_distance"]["reduce"] == [0.0] * 4  # not searching: reported as 0
+    assert report["z_distance"]["normal"] == [float(d) for d in recoveries["normal"].distances]
+    assert all(v < 1e-6 for v in report["kkt_violation"]["normal"])  # the exact solver
+    assert report["kkt_violation_max"] == max(max(v) for v in report["kkt_violation"].values())
+    assert report["certified_nodes"] == sum(sum(c) for c in report["certified"].values())
+    assert arch.recovery_report({}) == {}
+    # recovery_of reports on any z: the exact one is certified, a far one is not.
+    exact = recoveries["normal"].z
+    assert np.all(normal.recovery_of(exact).certified.numpy() == recoveries["normal"].certified)
+    far = normal.recovery_of(exact.numpy() * 0.5)
+    assert not np.any(far.certified.numpy()) and np.all(far.kkt_violation.numpy() > 1.0)
+    with pytest.raises(ValueError, match="--recovery_solver='lars'"):
+        arch.solve_jointly([normal], solver="lars")
+    with pytest.raises(ValueError, match="--recovery_iterations=0"):
+        arch.solve_jointly([normal], solver="fista", iterations=0)

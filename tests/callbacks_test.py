@@ -137,6 +137,8 @@ def test_fit_with_sparse_recovery_matches_the_command_line_loop(searches):
         assert history["support_changed"][epoch] == float(row["support_changed"])
         assert genotypes.to_json_dict(recovery.genotypes[epoch]) == row["genotype"]
         assert recovery.z_distances[epoch] == row["z_distance"]
+        assert history["kkt_violation_max"][epoch] == row["kkt_violation_max"]
+        assert history["certified_nodes"][epoch] == row["certified_nodes"]
     # Not vacuous: the support moved, so the steps were traced again in both.
     assert any(row["support_changed"] for row in rows)
     assert rows[-1]["genotype"] != searches["initial"]
@@ -165,11 +167,17 @@ def test_csv_logger_and_tensorboard_record_the_recovery(searches):
     for row, history_loss in zip(logged, searches["history"]["loss"]):
         assert float(row["support_changed"]) in (0.0, 1.0)
         assert float(row["recovery_time_s"]) > 0
+        assert 0 <= float(row["kkt_violation_max"]) < 1e-3  # the exact solver: rounding
+        assert 0 <= float(row["certified_nodes"]) <= 2 * genotypes.STEPS
         assert float(row["loss"]) == pytest.approx(history_loss)
     train = _tags(root / "tensorboard" / "train")
-    assert {"epoch_loss", "epoch_arch_loss", "epoch_support_changed", "epoch_learning_rate"} <= (
-        train
-    )
+    assert {
+        "epoch_loss",
+        "epoch_arch_loss",
+        "epoch_support_changed",
+        "epoch_learning_rate",
+        "epoch_kkt_violation_max",
+    } <= train
     assert {"epoch_loss", "epoch_accuracy"} <= _tags(root / "tensorboard" / "validation")
 
 
@@ -226,6 +234,9 @@ def test_one_stage_fit_stops_every_node_and_the_export_predicts_as_the_super_net
     assert len(history.history["loss"]) == 2 and model.stop_training
     assert history.history["newly_frozen"] == [8.0, 0.0]
     assert history.history["frozen_nodes"] == [8.0, 8.0]
+    # The recovery report of the one epoch that ran the rule (the second only ended it).
+    (violation,) = history.history["kkt_violation_max"]
+    assert 0 <= violation < 1e-3
     assert stopping.search_ended == 2
     assert stopping.stop_epochs == {t: [1] * genotypes.STEPS for t in genotypes.CELL_TYPES}
     assert all(all(flags) for flags in model.frozen_nodes.values())

@@ -73,6 +73,19 @@ def test_search_config_follows_the_method(cli):
     assert isinstance(config, config_lib.OneStageConfig) and config.network.one_stage
 
 
+def test_recovery_solver_flags_reach_both_searches_and_a_bad_solver_is_named(cli):
+    module, values = _parse(
+        cli, "--model_dir=/tmp/x", "--recovery_solver=fista", "--recovery_iterations=500"
+    )
+    for cls in (config_lib.TwoStageConfig, config_lib.OneStageConfig):
+        network = module.build_config(cls, values).network
+        assert (network.recovery_solver, network.recovery_iterations) == ("fista", 500)
+    assert "(default: 'homotopy')" in values["recovery_solver"].help
+    module, values = _parse(cli, "--model_dir=/tmp/x", "--recovery_solver=lars")
+    with pytest.raises(ValueError, match="--recovery_solver='lars'.*homotopy, fista, ista"):
+        module.build_config(config_lib.TwoStageConfig, values).validate()
+
+
 def test_help_shows_the_dataclass_defaults_per_mode(cli):
     _, values = cli
     assert "train 600, one-stage 600, two-stage 50" in values["epochs"].help
@@ -106,8 +119,14 @@ _BAD_INTEGERS = {
         "steps_per_epoch": 0,
         "eval_steps": -1,
         "max_examples_per_class": -1,
+        "recovery_iterations": 0,
     },
-    config_lib.OneStageConfig: {"search_epochs": 0, "cutout_length": -1, "init_channels": 3},
+    config_lib.OneStageConfig: {
+        "search_epochs": 0,
+        "cutout_length": -1,
+        "init_channels": 3,
+        "recovery_iterations": 0,
+    },
     config_lib.TrainConfig: {"init_channels": 0, "layers": 2, "warmup_epochs": -1, "seed": -1},
 }
 

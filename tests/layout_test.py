@@ -28,6 +28,8 @@ PACKAGE = REPO / "istanas_tf"
 FLOORS = [
     "istanas_tf.genotypes",
     "istanas_tf.homotopy",
+    "istanas_tf.proximal",
+    "istanas_tf.optimality",
     "istanas_tf.lasso",
     "istanas_tf.optimizers",
     "istanas_tf.blocks",

@@ -305,6 +305,11 @@ def test_run_searches_trains_absorbs_and_exports(finished_run, cifar10_folder):
     assert all(1 <= e <= SEARCH_EPOCHS for t in ("normal", "reduce") for e in stops[t])
     assert json.loads((model_dir / "search_summary.json").read_text())["node_stop_epochs"] == stops
     assert rows[SEARCH_EPOCHS - 1]["search_ended"]
+    # The recovery report of every search epoch that recovered: the exact solver's.
+    assert "kkt_violation" in rows[0]
+    for row in (r for r in rows[:SEARCH_EPOCHS] if "kkt_violation" in r):
+        assert len(row["certified"]["reduce"]) == len(row["z_distance"]["normal"]) == 4
+        assert row["kkt_violation_max"] < 1e-6
     for name in (
         "genotype.json",
         "cells.png",

@@ -81,6 +81,25 @@ def test_recover_changes_support_when_b_moves_and_genotype_has_two_picks_per_nod
     assert target in network.supports["normal"][0]
 
 
+def test_fista_recovery_gives_a_genotype_and_reports_how_close_it_came():
+    network = _network(recovery_solver="fista", recovery_iterations=5000)
+    recoveries = network.recover()
+    for recovery in recoveries.values():
+        assert recovery.kkt_violation.shape == (4,) and recovery.certified.shape == (4,)
+        # Far from exact (a KKT miss of a few percent of lam), but never reported as
+        # certified unless the picks are provably the exact ones.
+        assert np.all(recovery.kkt_violation.numpy() < 1.0)
+    network.commit(recoveries)
+    genotype = network.genotype()
+    assert len(genotype.normal) == len(genotype.reduce) == 8
+    exact = network.architectures["normal"].solve()
+    for node, flag in enumerate(recoveries["normal"].certified.numpy()):
+        if flag:
+            assert set(recoveries["normal"].support[node].numpy()) == set(
+                exact.support[node].numpy()
+            )
+
+
 def test_darts_top2_rule_on_hand_set_logits():
     network = _network(method="darts")
     arch = network.architectures["normal"]
@@ -106,3 +125,5 @@ def test_bad_config_names_the_flag():
         search_model.SearchNetworkConfig(channels=5).validate()
     with pytest.raises(ValueError, match="--layers must be at least 3"):
         search_model.SearchNetworkConfig(layers=2).validate()
+    with pytest.raises(ValueError, match="--recovery_solver='lars' is not valid"):
+        search_model.SearchNetworkConfig(recovery_solver="lars").validate()

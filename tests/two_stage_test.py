@@ -1,6 +1,7 @@
 """The two-stage search end to end through train/main.py: artifacts, resume, bad input."""
 
 import json
+import re
 import shutil
 import signal
 
@@ -56,6 +57,11 @@ def test_search_writes_every_artifact(finished_run):
         "genotype",
     ):
         assert key in rows[-1]
+    # The recovery report of the exact solver: every node at a KKT point, per node.
+    for row in rows:
+        assert all(len(row[key]["normal"]) == 4 for key in ("kkt_violation", "certified"))
+        assert row["kkt_violation_max"] < 1e-6
+        assert row["certified_nodes"] == sum(sum(flags) for flags in row["certified"].values())
     assert rows[0]["lr"] > rows[-1]["lr"]  # cosine schedule
     genotype = genotypes.load_json(model_dir / "genotype.json")
     assert len(genotype.normal) == len(genotype.reduce) == 8  # two picks per node
@@ -80,6 +86,8 @@ def test_search_writes_every_artifact(finished_run):
     assert {
         "epoch_learning_rate",
         "recovery_time_s",
+        "recovery/kkt_violation_max",
+        "recovery/certified_nodes",
         "genotype",
         "genotype/cells",
         "architecture/normal",
@@ -88,6 +96,7 @@ def test_search_writes_every_artifact(finished_run):
     } <= tags["train"]
     # The summary line per epoch is on the log (stderr through absl).
     assert result.stderr.count("epoch ") >= 3
+    assert len(re.findall(r"kkt_violation_max \S+  certified_nodes [0-8]/8", result.stderr)) == 3
 
 
 def test_describe_accepts_the_searched_genotype(finished_run):

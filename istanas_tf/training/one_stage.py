@@ -24,7 +24,15 @@ from typing import Any
 
 from absl import logging
 
-from istanas_tf import absorption, export, genotypes, network_size, search_model, stopping
+from istanas_tf import (
+    absorption,
+    architecture,
+    export,
+    genotypes,
+    network_size,
+    search_model,
+    stopping,
+)
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import evaluate, run_dir, runtime, search_run
 from istanas_tf.training import state as state_lib
@@ -159,13 +167,16 @@ class OneStageRun(search_run.SearchRun):
             self.progress.end_search(epoch + 1)
         else:
             start = time.perf_counter()
-            decision = stopping_step(self.model, config.freeze_tolerance, config.max_params)
+            recoveries = self.model.recover()
+            decision = stopping_step(
+                self.model, config.freeze_tolerance, config.max_params, recoveries=recoveries
+            )
             row["recovery_time_s"] = time.perf_counter() - start
             for cell_type, nodes in decision.newly_frozen.items():
                 for node in nodes:
                     self.progress.stop_node(cell_type, node, epoch + 1)
             row.update(
-                z_distance=decision.distances,
+                **architecture.recovery_report(recoveries, decision.searching),
                 newly_frozen=decision.newly_frozen,
                 candidate_params=decision.candidate_params,
                 rejected=decision.rejected,
@@ -209,11 +220,23 @@ class OneStageRun(search_run.SearchRun):
                 )
         self.state.end_epoch(row, genotype, self.model)
         frozen = sum(sum(flags) for flags in self.model.frozen_nodes.values())
-        shown = {**row, "frozen": f"{frozen}/{2 * genotypes.STEPS}"}
+        shown = {
+            **steps_lib.with_recovery_summary(row),
+            "frozen": f"{frozen}/{2 * genotypes.STEPS}",
+        }
         steps_lib.log_epoch(
             f"search epoch {epoch + 1}",
             shown,
-            ("loss", "accuracy", "test_accuracy", "frozen", "rejected", "node_stop_epochs"),
+            (
+                "loss",
+                "accuracy",
+                "test_accuracy",
+                "frozen",
+                "rejected",
+                "node_stop_epochs",
+                "kkt_violation_max",
+                "certified_nodes",
+            ),
         )
 
     def _force_stop(self, epoch: int) -> None:

@@ -29,14 +29,15 @@ class CommittedRecovery:
       recoveries: per cell type, the ``architecture.Recovery`` committed ({} for DARTS).
       changed: the supports changed, so traced steps are stale.
       seconds: wall time of the solve and the commit.
-      distances: per cell type, ``||z_new - z_last||_2`` of each node (0 for DARTS).
+      report: ``architecture.recovery_report`` of the recoveries (per node z distance,
+        KKT violation and certificate; ``{}`` for DARTS).
       genotype: the genotype after the commit.
     """
 
     recoveries: dict[str, architecture.Recovery]
     changed: bool
     seconds: float
-    distances: dict[str, list[float]]
+    report: dict
     genotype: genotypes.Genotype
 
 
@@ -47,13 +48,8 @@ def recover_and_commit(model: search_model.SearchNetwork) -> CommittedRecovery:
     recoveries = model.recover()
     changed = model.commit(recoveries)
     seconds = time.perf_counter() - start
-    distances = {
-        t: [float(d) for d in recoveries[t].distances]
-        if t in recoveries
-        else [0.0] * genotypes.STEPS
-        for t in genotypes.CELL_TYPES
-    }
-    return CommittedRecovery(recoveries, changed, seconds, distances, model.genotype())
+    report = architecture.recovery_report(recoveries)
+    return CommittedRecovery(recoveries, changed, seconds, report, model.genotype())
 
 
 class SearchRun:

@@ -166,6 +166,15 @@ def log_epoch(title: str, row: dict, keys: Iterable[str], clock: EpochClock | No
     logging.info("  ".join(parts))
 
 
+def with_recovery_summary(row: dict) -> dict:
+    """``row`` with its count of certified nodes shown out of the nodes recovered ("8/8")
+    for :func:`log_epoch`; unchanged without a recovery report."""
+    if "certified" not in row:
+        return row
+    nodes = sum(len(flags) for flags in row["certified"].values())
+    return {**row, "certified_nodes": f"{row['certified_nodes']}/{nodes}"}
+
+
 def training_dataset(run, split: str, epoch: int, cutout: bool = False):
     """``run``'s distributed training pipeline of ``split`` for epoch ``epoch``."""
     return data.distributed_dataset(

@@ -5,11 +5,13 @@ every mode: one run per data split under ``<model_dir>/tensorboard`` (``train/``
 ``validation/`` for the two-stage search's held-out half, ``test/``) with the same tag
 in each (``epoch_loss``, ``epoch_accuracy``, ``epoch_top5_accuracy``), so the curves of
 the splits overlay; ``epoch_learning_rate`` and the run's own numbers (step and
-recovery times, z distances, ...) in ``train/``. A search adds its architecture to
-``train/``: a heatmap per cell type (ops by edges, each candidate's share of its node
-on a fixed 0-1 colour scale: |z| / sum |z| for ISTA-NAS, the softmax for DARTS), the
-same shares as scalars, the genotype as text and as a diagram. The run's settings go
-to the HParams dashboard. Beside the checkpoints: ``cells.png``, ``cells/epoch_NNN.png``.
+recovery times, ...) in ``train/``, with the recovery report's largest KKT violation
+and count of certified nodes as ``recovery/kkt_violation_max`` and
+``recovery/certified_nodes``. A search adds its architecture to ``train/``: a heatmap
+per cell type (ops by edges, each candidate's share of its node on a fixed 0-1 colour
+scale: |z| / sum |z| for ISTA-NAS, the softmax for DARTS), the same shares as scalars,
+the genotype as text and as a diagram. The run's settings go to the HParams dashboard.
+Beside the checkpoints: ``cells.png``, ``cells/epoch_NNN.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _TAGS = {
     "top1": "epoch_accuracy",
     "top5": "epoch_top5_accuracy",
     "lr": "epoch_learning_rate",
+    # The recovery report's summary (architecture.recovery_report), grouped in one card.
+    "kkt_violation_max": "recovery/kkt_violation_max",
+    "certified_nodes": "recovery/certified_nodes",
 }
 
 

@@ -99,13 +99,13 @@ class TwoStageRun(search_run.SearchRun):
             "step_time_s": step_time,
             "recovery_time_s": recovery.seconds,
             "support_changed": changed,
-            "z_distance": recovery.distances,
+            **recovery.report,
             "genotype": genotypes.to_json_dict(genotype),
         }
         self.state.end_epoch(row, genotype, self.model)
         steps_lib.log_epoch(
             f"epoch {epoch + 1}/{loop.epochs}",
-            row,
+            steps_lib.with_recovery_summary(row),
             (
                 "lr",
                 "loss",
@@ -115,6 +115,8 @@ class TwoStageRun(search_run.SearchRun):
                 "step_time_s",
                 "recovery_time_s",
                 "support_changed",
+                "kkt_violation_max",
+                "certified_nodes",
             ),
             self.clock,
         )
