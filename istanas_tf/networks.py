@@ -51,11 +51,49 @@ class AuxiliaryHead(keras.layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes, "imagenet": self.imagenet}
 
 
+CIFAR_STEM_MULTIPLIER = 3  # the CIFAR stem's conv outputs 3C channels
+
+
+def stem_layers(channels: int, imagenet: bool) -> list[keras.layers.Layer]:
+    """The stem of a network (and of the super-net of the same shape).
+
+    CIFAR: Conv3x3 to 3C + BN. ImageNet, two stems of total stride 8: stem0 (Conv3x3/2 to
+    C/2, BN, ReLU, Conv3x3/2 to C, BN) and stem1 (ReLU, Conv3x3/2 to C, BN).
+    """
+    if not imagenet:
+        return [
+            blocks.SymmetricConv(CIFAR_STEM_MULTIPLIER * channels, 3, name="stem_conv"),
+            blocks.batch_norm(name="stem_bn"),
+        ]
+    return [
+        blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
+        blocks.batch_norm(name="stem0_bn1"),
+        blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
+        blocks.batch_norm(name="stem0_bn2"),
+        blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
+        blocks.batch_norm(name="stem1_bn"),
+    ]
+
+
+def run_stem(layers: list[keras.layers.Layer], images, training=None):
+    """``(s0, s1)``, the first cell's inputs, from the layers of :func:`stem_layers`
+    (the ImageNet stem's s0 has twice the resolution of its s1)."""
+    if len(layers) == 2:
+        conv, bn = layers
+        x = bn(conv(images), training=training)
+        return x, x
+    conv1, bn1, conv2, bn2, conv3, bn3 = layers
+    x = tf.nn.relu(bn1(conv1(images), training=training))
+    s0 = bn2(conv2(x), training=training)
+    s1 = bn3(conv3(tf.nn.relu(s0)), training=training)
+    return s0, s1
+
+
 class _Network(keras.Model):
     """Shared body of the evaluation networks: cells, auxiliary head and classifier.
 
-    Subclasses define ``_build_stem(channels) -> list of layers`` and
-    ``_stem(images, training) -> (s0, s1)``.
+    Subclasses set ``imagenet``, which picks the stem (:func:`stem_layers`), the first
+    cell's preprocessing and the auxiliary head.
     """
 
     imagenet = False
@@ -85,7 +123,7 @@ class _Network(keras.Model):
         self.bn_after_param_free_ops = bn_after_param_free_ops
         self.seed = seed
         schedule = cell_lib.cell_schedule(num_cells, channels, self.imagenet)
-        self.stem_layers = self._build_stem(channels)
+        self.stem_layers = stem_layers(channels, self.imagenet)
         # Drop path probability, ramped by the training loop between epochs; a variable
         # so that traced steps read the current value and checkpoints keep it.
         self.drop_path_rate = self.add_weight(
@@ -121,7 +159,7 @@ class _Network(keras.Model):
 
     def call(self, images, training=None):
         """Returns logits, or ``(logits, aux_logits)`` in training with the auxiliary head."""
-        s0, s1 = self._stem(images, training)
+        s0, s1 = run_stem(self.stem_layers, images, training)
         aux_logits = None
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, drop_path_rate=self.drop_path_rate, training=training)
@@ -218,19 +256,6 @@ class NetworkCIFAR(_Network):
     ``2 * num_cells // 3``.
     """
 
-    STEM_MULTIPLIER = 3
-
-    def _build_stem(self, channels):
-        return [
-            blocks.SymmetricConv(self.STEM_MULTIPLIER * channels, 3, name="stem_conv"),
-            blocks.batch_norm(name="stem_bn"),
-        ]
-
-    def _stem(self, images, training):
-        conv, bn = self.stem_layers
-        x = bn(conv(images), training=training)
-        return x, x
-
 
 @_register
 class NetworkImageNet(_Network):
@@ -242,23 +267,6 @@ class NetworkImageNet(_Network):
     """
 
     imagenet = True
-
-    def _build_stem(self, channels):
-        return [
-            blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
-            blocks.batch_norm(name="stem0_bn1"),
-            blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
-            blocks.batch_norm(name="stem0_bn2"),
-            blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
-            blocks.batch_norm(name="stem1_bn"),
-        ]
-
-    def _stem(self, images, training):
-        conv1, bn1, conv2, bn2, conv3, bn3 = self.stem_layers
-        x = tf.nn.relu(bn1(conv1(images), training=training))
-        s0 = bn2(conv2(x), training=training)
-        s1 = bn3(conv3(tf.nn.relu(s0)), training=training)
-        return s0, s1
 
 
 NETWORKS = {"cifar": NetworkCIFAR, "imagenet": NetworkImageNet}

@@ -33,7 +33,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from istanas_tf import architecture, blocks, darts, genotypes, networks, search_steps, sparse_coding
+from istanas_tf import (
+    architecture,
+    blocks,
+    darts,
+    evaluation_size,
+    genotypes,
+    networks,
+    search_steps,
+    sparse_coding,
+)
 from istanas_tf import cells as cell_lib
 
 METHODS = ("ista", "darts")
@@ -61,6 +70,9 @@ class SearchNetworkConfig:
         affine BN, BN after pooling and identity ops, frozen gamma/beta inside candidate
         ops, auxiliary head, drop path, one batch per step.
       auxiliary_weight: weight of the auxiliary cross-entropy (one-stage; 0.4).
+      family: the evaluation network's shape, ``"cifar"`` (one stem, NetworkCIFAR) or
+        ``"imagenet"`` (NetworkImageNet's stems of stride 8 and auxiliary head); a run
+        takes it from its dataset.
     """
 
     num_classes: int = 10
@@ -75,6 +87,7 @@ class SearchNetworkConfig:
     sync_batch_norm: bool = True
     one_stage: bool = False
     auxiliary_weight: float = 0.4
+    family: str = "cifar"
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
@@ -92,6 +105,11 @@ class SearchNetworkConfig:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"--{flag} must be at least {least} (an integer), got {value!r}")
+        if self.family not in networks.FAMILIES:
+            raise ValueError(
+                f"network family {self.family!r} is not valid; valid: "
+                f"{', '.join(networks.FAMILIES)} (a run takes it from its dataset)"
+            )
         if not self.lam > 0:
             raise ValueError(f"--lam must be > 0, got {self.lam!r}")
         if self.channels < 2 or self.channels % 2:
@@ -129,12 +147,14 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         with blocks.synchronized_batch_norm(config.sync_batch_norm):
             self._build_layers(config)
         self._supports = self._frozen = self._bn_trainable = None
+        self._size = None  # evaluation_size(), made on first use
 
     def _build_layers(self, config: SearchNetworkConfig) -> None:
         c = config.channels
         one_stage = config.one_stage
-        self.stem_conv = blocks.SymmetricConv(3 * c, 3, name="stem_conv")
-        self.stem_bn = blocks.batch_norm(name="stem_bn")
+        imagenet = config.family == "imagenet"
+        # The evaluation network's stem, so that absorption copies it layer by layer.
+        self.stem_layers = networks.stem_layers(c, imagenet)
         options = dict(affine=one_stage, bn_after_pool=True, bn_after_identity=one_stage)
         self.cells = [
             cell_lib.SearchCell(
@@ -146,11 +166,13 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
                 seed=config.seed * 1000 + i,
                 name=f"cell{i}",
             )
-            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c))
+            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c, imagenet))
         ]
         self.aux_position = 2 * config.layers // 3
         self.auxiliary_head = (
-            networks.AuxiliaryHead(config.num_classes, name="auxiliary_head") if one_stage else None
+            networks.AuxiliaryHead(config.num_classes, imagenet, name="auxiliary_head")
+            if one_stage
+            else None
         )
         self.classifier = keras.layers.Dense(config.num_classes, name="classifier")
         if config.method == "ista":
@@ -331,6 +353,19 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
             if id(v) not in excluded or id(v) in active
         )
 
+    def evaluation_size(self) -> evaluation_size.SupportSize:
+        """Sizes of the evaluation network of any support, at the ``build_all`` image
+        size (made on first use; its multiply-add table is traced when first asked)."""
+        if self._size is None:
+            self._size = evaluation_size.SupportSize(self, self.image_size)
+        return self._size
+
+    def evaluation_multiply_adds(self, supports: Supports | None = None) -> int:
+        """Multiply-adds of the evaluation network of ``supports`` (default: the current
+        ones) for one image: ``network_size.count_multiply_adds`` of the absorbed net."""
+        supports = self.supports if supports is None else supports
+        return self.evaluation_size().multiply_adds(supports)
+
     # ------------------------------------------------------------------ forward
     def build(self, *args, **kwargs):
         """Weights are created by build_all (every candidate op, not only the support)."""
@@ -339,6 +374,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         """Creates every candidate op's weights with one dense forward pass, then
         recovers the first architecture from the initial b (Algorithm 1: draw A,
         initialise b, recover z, take the support)."""
+        self.image_size = image_size
         dense = {
             t: tuple(
                 tuple(range(genotypes.num_candidates(node))) for node in range(genotypes.STEPS)
@@ -358,7 +394,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
     def _forward(self, images, supports, weights, training, auxiliary=False):
         """Returns ``(logits, aux_logits)``; aux_logits is None unless ``auxiliary`` and
         the network has an auxiliary head."""
-        s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
+        s0, s1 = networks.run_stem(self.stem_layers, images, training)
         aux_logits = None
         for i, cell in enumerate(self.cells):
             cell_type = genotypes.cell_type(cell.reduction)

@@ -27,7 +27,7 @@ from testing import candidate_bn_affine, tiny_loop
 
 from istanas_tf import absorption, data, genotypes, network_size, optimizers, search_model
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import one_stage, restore
+from istanas_tf.training import one_stage, recorded, restore
 
 CELL_TYPES = genotypes.CELL_TYPES
 
@@ -253,14 +253,14 @@ def test_recorded_settings_round_trip_and_keep_nested_names_apart():
         max_params=1234,
         search_epochs=7,
     )
-    settings = config_lib.recorded_settings(config)
+    settings = recorded.recorded_settings(config)
     assert settings["kind"] == "one_stage"
     assert (settings["loop"]["seed"], settings["data"]["seed"]) == (7, 5)
     assert (settings["loop"]["deterministic"], settings["data"]["deterministic"]) == (True, False)
     assert "verbose" not in settings["loop"] and "model_dir" not in settings
-    restored = config_lib.from_recorded_settings("/tmp/x", settings)
+    restored = recorded.from_recorded_settings("/tmp/x", settings)
     assert restored == config
-    assert config_lib.recorded_settings(restored) == settings
+    assert recorded.recorded_settings(restored) == settings
 
 
 # ---------------------------------------------------------------------- the whole run

@@ -6,16 +6,14 @@ config carries its own default ``LoopConfig`` (50 search epochs at batch 256 for
 two-stage search, 600 at batch 96 for the one-stage run and retraining), and the flag
 help is written from them.
 
-A run directory records its config in ``run_config.json`` as a nested dict (:func:`
-recorded_settings`: ``{"kind": ..., "loop": {...}, "data": {...}, ...}``), so settings
-of the same name in two sub-configs (``loop.seed``, ``data.seed``) stay apart. A resumed
-run must match it except for the settings in :data:`RESUMABLE`.
+What a run directory records of these configs, and which settings a resume may
+change, is ``training/recorded.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from istanas_tf import genotypes, networks
 from istanas_tf.data import DataConfig
@@ -27,29 +25,6 @@ LR_SCHEDULES = ("cosine", "warmup_linear")
 # The published code's cap: a larger candidate network "may cause out of memory".
 DEFAULT_MAX_PARAMS = 3_700_000
 
-# Settings (dotted paths into a config) that may differ when a run resumes: they do not
-# change what the run has computed so far (more epochs extend it; a lower learning rate
-# continues a run that diverged from its last good checkpoint). run_config.json keeps
-# each change in its history.
-RESUMABLE = frozenset(
-    {
-        "loop.epochs",
-        "loop.learning_rate",
-        "loop.learning_rate_min",
-        "arch.learning_rate",
-        "loop.strategy",
-        "loop.eval_steps",
-        "search_epochs",
-        "jit_compile",
-        "data.data_dir",
-        "data.manual_dir",
-        "data.skip_corrupt_images",
-    }
-)
-# Settings of the process, not of the run: never recorded or compared.
-TRANSIENT = frozenset(
-    {"model_dir", "loop.verbose", "network.num_classes", "export_dir", "model_name"}
-)
 # The command-line flag of each setting whose flag is not named like the field; None:
 # no flag sets it (the mode fixes it, or it is taken from the data).
 FLAG_NAMES: dict[str, str | None] = {
@@ -380,65 +355,6 @@ class TrainConfig(_RunSettings):
 
 RunConfig = TwoStageConfig | OneStageConfig | TrainConfig
 KINDS: dict[str, type] = {cls.KIND: cls for cls in (TwoStageConfig, OneStageConfig, TrainConfig)}
-
-
-def recorded_settings(config: RunConfig, **resolved) -> dict[str, Any]:
-    """What ``run_config.json`` records of ``config``: ``kind`` and the nested settings.
-
-    Transient settings are left out, tuples become lists (JSON).
-
-    Args:
-      config: any mode's config.
-      **resolved: values that replace a top-level setting (the genotype a name or path
-        resolved to, as its JSON dict).
-    """
-
-    def nested(value, prefix):
-        if dataclasses.is_dataclass(value):
-            return {
-                f.name: nested(getattr(value, f.name), f"{prefix}{f.name}.")
-                for f in dataclasses.fields(value)
-                if f"{prefix}{f.name}" not in TRANSIENT
-            }
-        return list(value) if isinstance(value, tuple) else value
-
-    return {"kind": config.KIND, **nested(config, ""), **resolved}
-
-
-def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as ``{"loop.epochs": 50, ...}``."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key != "genotype":
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def from_recorded_settings(model_dir: str, settings: dict[str, Any]) -> RunConfig:
-    """The config recorded in a run directory's ``run_config.json``."""
-
-    def build(cls, values, prefix):
-        kwargs = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in values:
-                continue  # transient: the dataclass default
-            value = values[field.name]
-            if dataclasses.is_dataclass(field.default):
-                value = build(type(field.default), value, f"{prefix}{field.name}.")
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[field.name] = value
-        return cls(**kwargs) if prefix else cls(model_dir=model_dir, **kwargs)
-
-    cls = KINDS[settings["kind"]]
-    values = {k: v for k, v in settings.items() if k != "kind"}
-    if cls is TrainConfig and isinstance(values.get("genotype"), dict):
-        # Recorded as the genotype itself; the network takes its JSON dict.
-        genotype = values.pop("genotype")
-        return dataclasses.replace(build(cls, values, ""), genotype=genotype)
-    return build(cls, values, "")
 
 
 def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:

@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from istanas_tf import absorption, data, export, genotypes, network_size
-from istanas_tf.training import builders, run_dir
+from istanas_tf.training import builders, recorded, run_dir
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import state as state_lib
 
@@ -27,7 +27,7 @@ def recorded_dataset_info(model_dir: str, settings: dict[str, Any]):
     recorded = run_dir.read_dataset_info(model_dir)
     if recorded is not None:
         return recorded
-    return data.get_dataset_info(config_lib.from_recorded_settings(model_dir, settings).data)
+    return data.get_dataset_info(recorded.from_recorded_settings(model_dir, settings).data)
 
 
 def _latest_checkpoint(model_dir: str, advice: str) -> str:
@@ -128,7 +128,7 @@ def restore_network(model_dir: str, info=None):
         genotype must be retrained), no checkpoint, or a one-stage search still running.
     """
     settings = run_dir.read_run_config(model_dir)
-    config = config_lib.from_recorded_settings(model_dir, settings)
+    config = recorded.from_recorded_settings(model_dir, settings)
     if isinstance(config, config_lib.TwoStageConfig):
         raise run_dir.RunDirError(
             f"--model_dir={model_dir} is a two-stage search (--method="

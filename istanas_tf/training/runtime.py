@@ -18,7 +18,7 @@ from absl import logging
 
 from istanas_tf import data
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir, run_guard
+from istanas_tf.training import recorded, run_dir, run_guard
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -126,7 +126,7 @@ def start(
         lock and removes stale temporaries. None: no lock (a run object built directly).
       flags_text: written to ``flags.txt`` (the command-line flags that replay the run).
       **resolved: recorded instead of the config's value (see
-        ``config.recorded_settings``).
+        ``recorded.recorded_settings``).
 
     Raises:
       ValueError: an invalid setting (naming its flag), a batch that does not divide
@@ -145,7 +145,7 @@ def start(
     if chief:
         if guard is not None:
             guard.acquire()
-        run_dir.check_run_config(config.model_dir, config_lib.recorded_settings(config, **resolved))
+        run_dir.check_run_config(config.model_dir, recorded.recorded_settings(config, **resolved))
         if guard is not None:
             for stale in guard.remove_stale_temporaries():
                 logging.info("Removed %s, left half-written by a stopped run", stale)
