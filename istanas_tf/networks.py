@@ -51,6 +51,25 @@ class AuxiliaryHead(keras.layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes, "imagenet": self.imagenet}
 
 
+def cross_entropy(labels, logits, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example cross-entropy in float32 (with label smoothing when it is > 0) and
+    its mean over the global batch (so that gradients summed over replicas are exact).
+
+    The loss of every step: the evaluation networks' and the super-net's.
+    """
+    logits = tf.cast(logits, tf.float32)
+    if label_smoothing:
+        per_example = keras.losses.categorical_crossentropy(
+            tf.one_hot(labels, num_classes),
+            logits,
+            from_logits=True,
+            label_smoothing=label_smoothing,
+        )
+    else:
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return per_example, tf.nn.compute_average_loss(per_example)
+
+
 CIFAR_STEM_MULTIPLIER = 3  # the CIFAR stem's conv outputs 3C channels
 
 
@@ -192,19 +211,7 @@ class _Network(keras.Model):
         return [self.loss_tracker, self.top1, self.top5]
 
     def _cross_entropy(self, labels, logits):
-        """Per-example cross-entropy (with label smoothing) in float32, and its global mean."""
-        logits = tf.cast(logits, tf.float32)
-        if self.label_smoothing:
-            targets = tf.one_hot(labels, self.num_classes)
-            per_example = keras.losses.categorical_crossentropy(
-                targets, logits, from_logits=True, label_smoothing=self.label_smoothing
-            )
-        else:
-            per_example = keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True
-            )
-        # Mean over the global batch: gradients summed over replicas are exact.
-        return per_example, tf.nn.compute_average_loss(per_example)
+        return cross_entropy(labels, logits, self.num_classes, self.label_smoothing)
 
     def train_step(self, data):
         """Cross-entropy (+ auxiliary_weight * auxiliary cross-entropy), one optimizer step."""

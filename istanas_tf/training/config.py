@@ -39,6 +39,7 @@ FLAG_NAMES: dict[str, str | None] = {
     "network.one_stage": None,
     "network.num_classes": None,
     "network.sync_batch_norm": None,
+    "network.family": None,  # taken from the data
 }
 
 
@@ -57,6 +58,26 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _schedule_checks(config) -> list[tuple[bool, str]]:
+    """The checks of the lr schedule and label smoothing that the one-stage run's
+    training phase and the retraining share (``lr_schedule``, ``warmup_epochs``,
+    ``label_smoothing`` fields)."""
+    return [
+        (
+            config.lr_schedule in LR_SCHEDULES,
+            f"--lr_schedule={config.lr_schedule!r} is not valid; valid: {', '.join(LR_SCHEDULES)}",
+        ),
+        (
+            _is_int(config.warmup_epochs) and config.warmup_epochs >= 0,
+            f"--warmup_epochs must be >= 0, got {config.warmup_epochs}",
+        ),
+        (
+            0 <= config.label_smoothing < 1,
+            f"--label_smoothing must be in [0, 1), got {config.label_smoothing}",
+        ),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +239,8 @@ class OneStageConfig(_RunSettings):
       network: the super-net (``one_stage=True``; the target network, 20 cells, C = 36).
       data: input settings (cutout 16); the whole training split is used.
       loop: training after the search: 600 epochs, batch 96, lr held at 0.025 while
-        searching, then cosine 0.025 -> 0.001.
+        searching, then cosine 0.025 -> 0.001 (ImageNet: 250 epochs, batch 1024, lr 0.5,
+        ``warmup_linear``).
       arch: Adam on b (3e-4, L2 1e-3, betas 0.5 / 0.999).
       search_epochs: the most search epochs. The search normally ends earlier, when
         every node has frozen; nodes still searching at this cap are frozen at their
@@ -229,6 +251,13 @@ class OneStageConfig(_RunSettings):
       max_params: a recovered architecture whose evaluation network (this run's C and
         cells, auxiliary head not counted) has this many parameters or more is rejected
         and z_last kept (3.7M; the freeze decisions of that epoch still stand).
+      max_multiply_adds: likewise for the evaluation network's multiply-adds for one
+        image (convolutions and dense layers, inference; None: no limit; the ImageNet
+        mobile setting: under 600M).
+      lr_schedule: the training phase's lr: ``cosine`` (CIFAR) or ``warmup_linear``
+        (ImageNet; the search then warms up over its first ``warmup_epochs`` and holds).
+      warmup_epochs: linear warm-up length of ``warmup_linear``.
+      label_smoothing: on the cross-entropy of every step (0.1 for ImageNet).
       export_dir, model_name: the final SavedModel goes to
         ``<export_dir>/<model_name>/<next version>``; default ``<model_dir>/export``.
     """
@@ -244,11 +273,16 @@ class OneStageConfig(_RunSettings):
     drop_path_prob: float = 0.2
     freeze_tolerance: float = 1e-3
     max_params: int = DEFAULT_MAX_PARAMS
+    max_multiply_adds: int | None = None
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 5
+    label_smoothing: float = 0.0
     export_dir: str | None = None
     model_name: str = "istanas"
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
+            *_schedule_checks(self),
             (self.network.one_stage, "the one-stage run needs SearchNetworkConfig(one_stage=True)"),
             (
                 _is_int(self.search_epochs) and self.search_epochs >= 1,
@@ -265,6 +299,12 @@ class OneStageConfig(_RunSettings):
             (
                 _is_int(self.max_params) and self.max_params >= 1,
                 f"--max_params must be >= 1, got {self.max_params}",
+            ),
+            (
+                self.max_multiply_adds is None
+                or (_is_int(self.max_multiply_adds) and self.max_multiply_adds >= 1),
+                f"--max_multiply_adds must be >= 1 (or unset: no limit), got "
+                f"{self.max_multiply_adds}",
             ),
         ]
 
@@ -316,22 +356,10 @@ class TrainConfig(_RunSettings):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
-            (
-                self.lr_schedule in LR_SCHEDULES,
-                f"--lr_schedule={self.lr_schedule!r} is not valid; valid: "
-                f"{', '.join(LR_SCHEDULES)}",
-            ),
-            (
-                _is_int(self.warmup_epochs) and self.warmup_epochs >= 0,
-                f"--warmup_epochs must be >= 0, got {self.warmup_epochs}",
-            ),
+            *_schedule_checks(self),
             (
                 0 <= self.drop_path_prob < 1,
                 f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}",
-            ),
-            (
-                0 <= self.label_smoothing < 1,
-                f"--label_smoothing must be in [0, 1), got {self.label_smoothing}",
             ),
             (
                 self.channels is None or (_is_int(self.channels) and self.channels >= 2),

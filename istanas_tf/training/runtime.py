@@ -94,6 +94,19 @@ def warmup_linear_learning_rate(
     return lr_min + (lr_max - lr_min) * (1.0 - progress)
 
 
+def learning_rate_at(
+    config: config_lib.TrainConfig | config_lib.OneStageConfig, epoch: int
+) -> float:
+    """The lr of epoch ``epoch`` (0-based) of ``config.loop.epochs`` under
+    ``config.lr_schedule``: a retraining, or a one-stage run's training phase."""
+    loop = config.loop
+    if config.lr_schedule == "cosine":
+        return cosine_learning_rate(epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min)
+    return warmup_linear_learning_rate(
+        epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min, config.warmup_epochs
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """What :func:`start` set up for a run.
