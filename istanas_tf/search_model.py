@@ -22,7 +22,9 @@ ops frozen (not trained, batch statistics still used) until their node stops sea
 Freezing is bookkeeping, not ``Variable.trainable``: the frozen variables are left out
 of the lists the train step differentiates, so the weight optimizer is built over all of
 them up front (docs/design.md decision 5) and a node can be unfrozen between epochs. The
-network it converges to is absorbed into an evaluation network by ``absorption.absorb``.
+network it converges to is absorbed into an evaluation network by ``absorption.absorb``:
+NetworkCIFAR, or NetworkImageNet for ``family="imagenet"`` (the same stems, reductions
+and auxiliary head). ``evaluation_size()`` sizes the evaluation network of any support.
 """
 
 from __future__ import annotations

@@ -105,3 +105,20 @@ def test_another_kind_is_told_what_to_run_instead(tmp_path):
     assert f"--flagfile={tmp_path}/flags.txt" in message
     assert f"--genotype={tmp_path}/genotype.json" in message
     assert len(message.replace(str(tmp_path), "RUN")) < 250 and ". " not in message  # a sentence
+
+
+def test_settings_added_after_a_run_was_recorded_count_at_their_default(tmp_path):
+    """A run recorded before a setting existed resumes when the setting is at its
+    default (here the one-stage run's lr schedule and multiply-add limit)."""
+    settings = recorded.recorded_settings(config_lib.OneStageConfig(model_dir="unused"))
+    older = {k: v for k, v in settings.items() if k not in ("lr_schedule", "max_multiply_adds")}
+    (tmp_path / run_dir.RUN_CONFIG).write_text(json.dumps(older))
+    assert run_dir.check_run_config(str(tmp_path), settings)
+    record = json.loads((tmp_path / run_dir.RUN_CONFIG).read_text())
+    assert record["lr_schedule"] == "cosine" and run_dir.HISTORY not in record
+    (tmp_path / run_dir.RUN_CONFIG).write_text(json.dumps(older))
+    other = recorded.recorded_settings(
+        config_lib.OneStageConfig(model_dir="unused", lr_schedule="warmup_linear")
+    )
+    with pytest.raises(run_dir.RunDirError, match="--lr_schedule: recorded 'cosine'"):
+        run_dir.check_run_config(str(tmp_path), other)

@@ -138,6 +138,11 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
     if "data" in previous:
         previous["data"]["dataset"] = resolved_dataset(previous["data"].get("dataset"))
     old, new = recorded.flatten(previous), recorded.flatten(settings)
+    # A setting added to the configs after the run was recorded had its default value.
+    defaults = recorded.recorded_settings(
+        recorded.from_recorded_settings(model_dir, {**previous, "kind": kind})
+    )
+    old = {**recorded.flatten(defaults), **old}
     changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
     differing = [key for key in changed if key not in recorded.RESUMABLE]
     if differing:
