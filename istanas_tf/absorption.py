@@ -44,15 +44,16 @@ def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> Non
 
 def absorb(
     super_net: search_model.SearchNetwork, image_size: int = 32, auxiliary: bool | None = None
-) -> networks.NetworkCIFAR:
+) -> networks.NetworkCIFAR | networks.NetworkImageNet:
     """Builds the evaluation network of a one-stage super-net's current genotype.
 
-    Copies the stem, each cell's preprocessing, each selected op (node j's flat
-    candidate ``predecessor * 7 + op`` becomes the evaluation cell's op at the
-    genotype position ``2 * j + i``, picks ordered as ``support_tuple()``: by
-    descending |z|), the classifier and the auxiliary head, and folds each selected
-    op's alpha into its last BN: ``gamma' = alpha * gamma``, ``beta' = alpha * beta``
-    (see the module docstring; docs/method.md section 4).
+    Copies the stem (NetworkImageNet's two stems for ``family="imagenet"``), each cell's
+    preprocessing, each selected op (node j's flat candidate ``predecessor * 7 + op``
+    becomes the evaluation cell's op at the genotype position ``2 * j + i``, picks
+    ordered as ``support_tuple()``: by descending |z|), the classifier and the auxiliary
+    head, and folds each selected op's alpha into its last BN:
+    ``gamma' = alpha * gamma``, ``beta' = alpha * beta`` (see the module docstring;
+    docs/method.md section 4).
 
     Args:
       super_net: a built ``SearchNetwork`` with ``config.one_stage``.
@@ -60,7 +61,8 @@ def absorb(
       auxiliary: give the result an auxiliary head; default: when the super-net has one.
 
     Returns:
-      A ``networks.NetworkCIFAR`` whose inference logits equal the super-net's.
+      A ``networks.NetworkCIFAR`` (or ``NetworkImageNet``, by the super-net's
+      ``config.family``) whose inference logits equal the super-net's.
     """
     config = super_net.config
     if not config.one_stage:
@@ -75,7 +77,7 @@ def absorb(
         raise ValueError("auxiliary=True, but the super-net has no auxiliary head")
     genotype = super_net.genotype()
     network = networks.build_network(
-        "cifar",
+        networks.FAMILIES[config.family]["kind"],
         genotype,
         config.channels,
         config.layers,
@@ -86,9 +88,8 @@ def absorb(
         drop_path_rate=float(keras.ops.convert_to_numpy(super_net.drop_path_rate)),
     )
 
-    conv, bn = network.stem_layers
-    _copy_weights(super_net.stem_conv, conv)
-    _copy_weights(super_net.stem_bn, bn)
+    for source, target in zip(super_net.stem_layers, network.stem_layers, strict=True):
+        _copy_weights(source, target)
     supports = super_net.supports
     alphas = {
         cell_type: [a.numpy() for a in node_alphas]

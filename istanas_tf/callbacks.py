@@ -184,9 +184,11 @@ class OneStageStopping(_ArchitectureCallback):
     the search ends here (``model.stop_training``); otherwise ``one_stage.stopping_step``
     recovers the searching nodes, freezes those whose z moved by at most
     ``freeze_tolerance``, rejects (keeps z_last) an architecture of ``max_params``
-    parameters or more, and at ``search_epochs`` freezes the nodes still searching and
-    ends the search. The epoch's logs get ``frozen_nodes`` (count), ``newly_frozen``,
-    ``rejected`` (0/1), ``params`` (of the evaluation network) and ``recovery_time_s``.
+    parameters or more (or ``max_multiply_adds`` multiply-adds), and at ``search_epochs``
+    freezes the nodes still searching and ends the search. The epoch's logs get
+    ``frozen_nodes`` (count), ``newly_frozen``, ``rejected`` (0/1), ``params`` (of the
+    evaluation network), ``recovery_time_s`` and the recovery report's
+    ``kkt_violation_max`` and ``certified_nodes``.
 
     List it before ``BackupAndRestore``, so that each backup holds the epoch's decision
     (the rule is not idempotent: it cannot be replayed on a resume). Once the search has
@@ -194,8 +196,9 @@ class OneStageStopping(_ArchitectureCallback):
     ``cosine_learning_rate_schedule`` and ``model.drop_path_rate`` ramped) may keep it.
 
     Args:
-      freeze_tolerance, max_params, search_epochs: as ``OneStageConfig`` (the
-        ``--freeze_tolerance``, ``--max_params`` and ``--search_epochs`` flags).
+      freeze_tolerance, max_params, search_epochs, max_multiply_adds: as
+        ``OneStageConfig`` (the flags of the same names; ``max_multiply_adds`` None: no
+        multiply-add limit).
       genotype_dir: see ``_ArchitectureCallback``.
 
     Attributes:
@@ -213,17 +216,19 @@ class OneStageStopping(_ArchitectureCallback):
         max_params: int = config_lib.OneStageConfig.max_params,
         search_epochs: int = config_lib.OneStageConfig.search_epochs,
         genotype_dir: str | None = None,
+        max_multiply_adds: int | None = None,
     ):
         super().__init__(genotype_dir)
         for name, value, least in (
             ("freeze_tolerance", freeze_tolerance, 0),
             ("max_params", max_params, 1),
             ("search_epochs", search_epochs, 1),
+            ("max_multiply_adds", 1 if max_multiply_adds is None else max_multiply_adds, 1),
         ):
             if not value >= least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
         self.freeze_tolerance, self.max_params = freeze_tolerance, max_params
-        self.search_epochs = search_epochs
+        self.search_epochs, self.max_multiply_adds = search_epochs, max_multiply_adds
         self.search_ended = 0
         self.stop_epochs = {t: [0] * genotypes.STEPS for t in genotypes.CELL_TYPES}
         self.forced_stops = {t: [] for t in genotypes.CELL_TYPES}
@@ -263,6 +268,7 @@ class OneStageStopping(_ArchitectureCallback):
             freeze_tolerance=self.freeze_tolerance,
             max_params=self.max_params,
             recoveries=recoveries,
+            max_multiply_adds=self.max_multiply_adds,
         )
         row["recovery_time_s"] = time.perf_counter() - start
         row.update(_report_scalars(architecture.recovery_report(recoveries, decision.searching)))
@@ -278,12 +284,17 @@ class OneStageStopping(_ArchitectureCallback):
             decision.distances,
         )
         if decision.rejected:
+            counts = {
+                "max_params": decision.candidate_params,
+                "max_multiply_adds": decision.candidate_multiply_adds,
+            }
             logging.warning(
-                "epoch %d: the recovered architecture has %d parameters >= max_params=%d: "
-                "rejected, keeping the last z",
+                "epoch %d: the recovered architecture reaches %s: rejected, keeping the last z",
                 epoch + 1,
-                decision.candidate_params,
-                self.max_params,
+                ", ".join(
+                    f"{flag}={getattr(self, flag)} ({counts[flag]:,})"
+                    for flag in decision.rejected_by
+                ),
             )
         if epoch + 1 >= self.search_epochs:
             self.forced_stops = one_stage.freeze_searching_nodes(self.model)

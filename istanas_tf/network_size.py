@@ -28,13 +28,26 @@ def count_parameters(network: keras.Model, include_auxiliary: bool = False) -> i
 def count_multiply_adds(network: keras.Model, image_size: int) -> int:
     """Convolution and dense multiply-adds for one image in inference mode.
 
-    Read off the traced graph: every Conv2D, DepthwiseConv2dNative and MatMul op with its
-    static output shape, ``H_out * W_out * C_out * k_h * k_w * C_in / groups``.
+    Read off the traced graph (:func:`graph_multiply_adds`).
     """
-    function = tf.function(lambda x: network(x, training=False))
-    graph = function.get_concrete_function(
-        tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
-    ).graph
+    return traced_multiply_adds(
+        lambda x: network(x, training=False), [1, image_size, image_size, 3]
+    )[0]
+
+
+def traced_multiply_adds(function, input_shape) -> tuple[int, object]:
+    """Multiply-adds of ``function`` traced on one float32 input of ``input_shape``.
+
+    Returns ``(multiply_adds, outputs)``: the outputs are the traced (symbolic) tensors,
+    whose static shapes tell the next part of a network its input shape.
+    """
+    concrete = tf.function(function).get_concrete_function(tf.TensorSpec(input_shape, tf.float32))
+    return graph_multiply_adds(concrete.graph), concrete.structured_outputs
+
+
+def graph_multiply_adds(graph: tf.Graph) -> int:
+    """Every Conv2D, DepthwiseConv2dNative and MatMul op of ``graph`` with its static
+    output shape: ``H_out * W_out * C_out * k_h * k_w * C_in / groups``."""
     total = 0
     for op in graph.get_operations():
         if op.type == "Conv2D":

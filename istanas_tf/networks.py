@@ -51,11 +51,68 @@ class AuxiliaryHead(keras.layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes, "imagenet": self.imagenet}
 
 
+def cross_entropy(labels, logits, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example cross-entropy in float32 (with label smoothing when it is > 0) and
+    its mean over the global batch (so that gradients summed over replicas are exact).
+
+    The loss of every step: the evaluation networks' and the super-net's.
+    """
+    logits = tf.cast(logits, tf.float32)
+    if label_smoothing:
+        per_example = keras.losses.categorical_crossentropy(
+            tf.one_hot(labels, num_classes),
+            logits,
+            from_logits=True,
+            label_smoothing=label_smoothing,
+        )
+    else:
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return per_example, tf.nn.compute_average_loss(per_example)
+
+
+CIFAR_STEM_MULTIPLIER = 3  # the CIFAR stem's conv outputs 3C channels
+
+
+def stem_layers(channels: int, imagenet: bool) -> list[keras.layers.Layer]:
+    """The stem of a network (and of the super-net of the same shape).
+
+    CIFAR: Conv3x3 to 3C + BN. ImageNet, two stems of total stride 8: stem0 (Conv3x3/2 to
+    C/2, BN, ReLU, Conv3x3/2 to C, BN) and stem1 (ReLU, Conv3x3/2 to C, BN).
+    """
+    if not imagenet:
+        return [
+            blocks.SymmetricConv(CIFAR_STEM_MULTIPLIER * channels, 3, name="stem_conv"),
+            blocks.batch_norm(name="stem_bn"),
+        ]
+    return [
+        blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
+        blocks.batch_norm(name="stem0_bn1"),
+        blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
+        blocks.batch_norm(name="stem0_bn2"),
+        blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
+        blocks.batch_norm(name="stem1_bn"),
+    ]
+
+
+def run_stem(layers: list[keras.layers.Layer], images, training=None):
+    """``(s0, s1)``, the first cell's inputs, from the layers of :func:`stem_layers`
+    (the ImageNet stem's s0 has twice the resolution of its s1)."""
+    if len(layers) == 2:
+        conv, bn = layers
+        x = bn(conv(images), training=training)
+        return x, x
+    conv1, bn1, conv2, bn2, conv3, bn3 = layers
+    x = tf.nn.relu(bn1(conv1(images), training=training))
+    s0 = bn2(conv2(x), training=training)
+    s1 = bn3(conv3(tf.nn.relu(s0)), training=training)
+    return s0, s1
+
+
 class _Network(keras.Model):
     """Shared body of the evaluation networks: cells, auxiliary head and classifier.
 
-    Subclasses define ``_build_stem(channels) -> list of layers`` and
-    ``_stem(images, training) -> (s0, s1)``.
+    Subclasses set ``imagenet``, which picks the stem (:func:`stem_layers`), the first
+    cell's preprocessing and the auxiliary head.
     """
 
     imagenet = False
@@ -85,7 +142,7 @@ class _Network(keras.Model):
         self.bn_after_param_free_ops = bn_after_param_free_ops
         self.seed = seed
         schedule = cell_lib.cell_schedule(num_cells, channels, self.imagenet)
-        self.stem_layers = self._build_stem(channels)
+        self.stem_layers = stem_layers(channels, self.imagenet)
         # Drop path probability, ramped by the training loop between epochs; a variable
         # so that traced steps read the current value and checkpoints keep it.
         self.drop_path_rate = self.add_weight(
@@ -121,7 +178,7 @@ class _Network(keras.Model):
 
     def call(self, images, training=None):
         """Returns logits, or ``(logits, aux_logits)`` in training with the auxiliary head."""
-        s0, s1 = self._stem(images, training)
+        s0, s1 = run_stem(self.stem_layers, images, training)
         aux_logits = None
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, drop_path_rate=self.drop_path_rate, training=training)
@@ -154,19 +211,7 @@ class _Network(keras.Model):
         return [self.loss_tracker, self.top1, self.top5]
 
     def _cross_entropy(self, labels, logits):
-        """Per-example cross-entropy (with label smoothing) in float32, and its global mean."""
-        logits = tf.cast(logits, tf.float32)
-        if self.label_smoothing:
-            targets = tf.one_hot(labels, self.num_classes)
-            per_example = keras.losses.categorical_crossentropy(
-                targets, logits, from_logits=True, label_smoothing=self.label_smoothing
-            )
-        else:
-            per_example = keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True
-            )
-        # Mean over the global batch: gradients summed over replicas are exact.
-        return per_example, tf.nn.compute_average_loss(per_example)
+        return cross_entropy(labels, logits, self.num_classes, self.label_smoothing)
 
     def train_step(self, data):
         """Cross-entropy (+ auxiliary_weight * auxiliary cross-entropy), one optimizer step."""
@@ -218,19 +263,6 @@ class NetworkCIFAR(_Network):
     ``2 * num_cells // 3``.
     """
 
-    STEM_MULTIPLIER = 3
-
-    def _build_stem(self, channels):
-        return [
-            blocks.SymmetricConv(self.STEM_MULTIPLIER * channels, 3, name="stem_conv"),
-            blocks.batch_norm(name="stem_bn"),
-        ]
-
-    def _stem(self, images, training):
-        conv, bn = self.stem_layers
-        x = bn(conv(images), training=training)
-        return x, x
-
 
 @_register
 class NetworkImageNet(_Network):
@@ -242,23 +274,6 @@ class NetworkImageNet(_Network):
     """
 
     imagenet = True
-
-    def _build_stem(self, channels):
-        return [
-            blocks.SymmetricConv(channels // 2, 3, 2, name="stem0_conv1"),
-            blocks.batch_norm(name="stem0_bn1"),
-            blocks.SymmetricConv(channels, 3, 2, name="stem0_conv2"),
-            blocks.batch_norm(name="stem0_bn2"),
-            blocks.SymmetricConv(channels, 3, 2, name="stem1_conv"),
-            blocks.batch_norm(name="stem1_bn"),
-        ]
-
-    def _stem(self, images, training):
-        conv1, bn1, conv2, bn2, conv3, bn3 = self.stem_layers
-        x = tf.nn.relu(bn1(conv1(images), training=training))
-        s0 = bn2(conv2(x), training=training)
-        s1 = bn3(conv3(tf.nn.relu(s0)), training=training)
-        return s0, s1
 
 
 NETWORKS = {"cifar": NetworkCIFAR, "imagenet": NetworkImageNet}

@@ -22,7 +22,9 @@ ops frozen (not trained, batch statistics still used) until their node stops sea
 Freezing is bookkeeping, not ``Variable.trainable``: the frozen variables are left out
 of the lists the train step differentiates, so the weight optimizer is built over all of
 them up front (docs/design.md decision 5) and a node can be unfrozen between epochs. The
-network it converges to is absorbed into an evaluation network by ``absorption.absorb``.
+network it converges to is absorbed into an evaluation network by ``absorption.absorb``:
+NetworkCIFAR, or NetworkImageNet for ``family="imagenet"`` (the same stems, reductions
+and auxiliary head). ``evaluation_size()`` sizes the evaluation network of any support.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from istanas_tf import (
     architecture,
     blocks,
     darts,
+    evaluation_size,
     genotypes,
     lasso,
     networks,
@@ -73,6 +76,9 @@ class SearchNetworkConfig:
       recovery_solver: the LASSO solver of each recovery: ``homotopy`` (exact), ``fista``
         or ``ista`` (a fixed number of steps, warm-started from the last z).
       recovery_iterations: ISTA / FISTA steps per recovery (unused by the homotopy).
+      family: the evaluation network's shape, ``"cifar"`` (one stem, NetworkCIFAR) or
+        ``"imagenet"`` (NetworkImageNet's stems of stride 8 and auxiliary head); a run
+        takes it from its dataset.
     """
 
     num_classes: int = 10
@@ -89,6 +95,7 @@ class SearchNetworkConfig:
     auxiliary_weight: float = 0.4
     recovery_solver: str = "homotopy"
     recovery_iterations: int = 10000
+    family: str = "cifar"
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of the first invalid setting."""
@@ -112,6 +119,11 @@ class SearchNetworkConfig:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"--{flag} must be at least {least} (an integer), got {value!r}")
+        if self.family not in networks.FAMILIES:
+            raise ValueError(
+                f"network family {self.family!r} is not valid; valid: "
+                f"{', '.join(networks.FAMILIES)} (a run takes it from its dataset)"
+            )
         if not self.lam > 0:
             raise ValueError(f"--lam must be > 0, got {self.lam!r}")
         if self.channels < 2 or self.channels % 2:
@@ -149,12 +161,14 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         with blocks.synchronized_batch_norm(config.sync_batch_norm):
             self._build_layers(config)
         self._supports = self._frozen = self._bn_trainable = None
+        self._size = None  # evaluation_size(), made on first use
 
     def _build_layers(self, config: SearchNetworkConfig) -> None:
         c = config.channels
         one_stage = config.one_stage
-        self.stem_conv = blocks.SymmetricConv(3 * c, 3, name="stem_conv")
-        self.stem_bn = blocks.batch_norm(name="stem_bn")
+        imagenet = config.family == "imagenet"
+        # The evaluation network's stem, so that absorption copies it layer by layer.
+        self.stem_layers = networks.stem_layers(c, imagenet)
         options = dict(affine=one_stage, bn_after_pool=True, bn_after_identity=one_stage)
         self.cells = [
             cell_lib.SearchCell(
@@ -166,11 +180,13 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
                 seed=config.seed * 1000 + i,
                 name=f"cell{i}",
             )
-            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c))
+            for i, spec in enumerate(cell_lib.cell_schedule(config.layers, c, imagenet))
         ]
         self.aux_position = 2 * config.layers // 3
         self.auxiliary_head = (
-            networks.AuxiliaryHead(config.num_classes, name="auxiliary_head") if one_stage else None
+            networks.AuxiliaryHead(config.num_classes, imagenet, name="auxiliary_head")
+            if one_stage
+            else None
         )
         self.classifier = keras.layers.Dense(config.num_classes, name="classifier")
         if config.method == "ista":
@@ -357,6 +373,19 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
             if id(v) not in excluded or id(v) in active
         )
 
+    def evaluation_size(self) -> evaluation_size.SupportSize:
+        """Sizes of the evaluation network of any support, at the ``build_all`` image
+        size (made on first use; its multiply-add table is traced when first asked)."""
+        if self._size is None:
+            self._size = evaluation_size.SupportSize(self, self.image_size)
+        return self._size
+
+    def evaluation_multiply_adds(self, supports: Supports | None = None) -> int:
+        """Multiply-adds of the evaluation network of ``supports`` (default: the current
+        ones) for one image: ``network_size.count_multiply_adds`` of the absorbed net."""
+        supports = self.supports if supports is None else supports
+        return self.evaluation_size().multiply_adds(supports)
+
     # ------------------------------------------------------------------ forward
     def build(self, *args, **kwargs):
         """Weights are created by build_all (every candidate op, not only the support)."""
@@ -365,6 +394,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         """Creates every candidate op's weights with one dense forward pass, then
         recovers the first architecture from the initial b (Algorithm 1: draw A,
         initialise b, recover z, take the support)."""
+        self.image_size = image_size
         dense = {
             t: tuple(
                 tuple(range(genotypes.num_candidates(node))) for node in range(genotypes.STEPS)
@@ -384,7 +414,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
     def _forward(self, images, supports, weights, training, auxiliary=False):
         """Returns ``(logits, aux_logits)``; aux_logits is None unless ``auxiliary`` and
         the network has an auxiliary head."""
-        s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
+        s0, s1 = networks.run_stem(self.stem_layers, images, training)
         aux_logits = None
         for i, cell in enumerate(self.cells):
             cell_type = genotypes.cell_type(cell.reduction)

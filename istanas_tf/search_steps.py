@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from istanas_tf import genotypes
+from istanas_tf import genotypes, networks
 
 
 class SearchSteps:
@@ -104,16 +104,19 @@ class SearchSteps:
         inactive |= {id(v) for v in self.frozen_bn_affine_variables()}
         return [v for v in self.weight_variables if id(v) not in inactive]
 
-    def compile(self, weight_optimizer, arch_optimizer, **kwargs):
+    def compile(self, weight_optimizer, arch_optimizer, label_smoothing: float = 0.0, **kwargs):
         """Sets both optimizers and builds their slots up front (docs/design.md decision 5).
 
-        ``model.fit`` runs the step uncompiled by XLA unless ``jit_compile=True`` is
-        passed, as the command line's loop does: the step is traced again whenever the
-        support changes, and Keras' ``"auto"`` would compile every new trace on a GPU.
+        ``label_smoothing`` applies to every cross-entropy of the steps (the one-stage
+        ImageNet run uses 0.1, as the ImageNet retraining does). ``model.fit`` runs the
+        step uncompiled by XLA unless ``jit_compile=True`` is passed, as the command
+        line's loop does: the step is traced again whenever the support changes, and
+        Keras' ``"auto"`` would compile every new trace on a GPU.
         """
         kwargs.setdefault("jit_compile", False)
         super().compile(optimizer=weight_optimizer, **kwargs)
         self.arch_optimizer = arch_optimizer
+        self.label_smoothing = label_smoothing
         weight_optimizer.build(self.weight_variables)
         arch_optimizer.build(self.architecture_variables)
         # The one-stage step has a single loss (on the same batch for both optimizers).
@@ -126,10 +129,8 @@ class SearchSteps:
         return [*self.trackers.values(), self.accuracy]
 
     def _loss(self, labels, logits):
-        logits = tf.cast(logits, tf.float32)  # float32 loss under mixed precision
-        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        # Mean over the global batch: gradients summed over replicas are exact.
-        return per_example, tf.nn.compute_average_loss(per_example)
+        # float32 under mixed precision; the evaluation networks' loss.
+        return networks.cross_entropy(labels, logits, self.config.num_classes, self.label_smoothing)
 
     def train_step(self, data):
         """One architecture step then one weight step (docs/method.md section 3).

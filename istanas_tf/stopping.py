@@ -5,13 +5,15 @@ still searching:
 
 * freezes node j when its code barely moved, ``||z_new - z_last||_2 <= tolerance``;
 * rejects the new architecture, keeping z_last for every node, when the evaluation
-  network of the new supports has ``max_params`` parameters or more (the freeze
-  decisions of that epoch still stand); otherwise the searching nodes take z_new.
+  network of the new supports has ``max_params`` parameters or more, or (when that
+  limit is set) ``max_multiply_adds`` multiply-adds or more (the freeze decisions of
+  that epoch still stand); otherwise the searching nodes take z_new.
 
-:func:`decide` takes the recoveries, the current supports and frozen flags, and a way to
-count an architecture's parameters, and returns a :class:`StopDecision`. It changes
-nothing: the run applies the decision (``SearchNetwork.commit`` and ``freeze_node``), so
-the rule can be tested with scripted recoveries and any parameter count.
+:func:`decide` takes the recoveries, the current supports and frozen flags, and ways to
+count an architecture's parameters and multiply-adds, and returns a
+:class:`StopDecision`. It changes nothing: the run applies the decision
+(``SearchNetwork.commit`` and ``freeze_node``), so the rule can be tested with scripted
+recoveries and any parameter count.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class StopDecision:
       candidate_supports: per cell type, the supports of the new z (frozen nodes keeping
         their support), flat indices per node.
       candidate_params: the evaluation network's parameters for those supports.
-      rejected: the candidate had ``max_params`` or more, so z_last is kept.
+      candidate_multiply_adds: its multiply-adds for one image (None: no such limit).
+      rejected_by: the limits the candidate reached, by flag name (``max_params``,
+        ``max_multiply_adds``); empty when it is accepted.
     """
 
     distances: dict[str, list[float]]
@@ -45,7 +49,13 @@ class StopDecision:
     searching: dict[str, np.ndarray]
     candidate_supports: dict[str, tuple[tuple[int, ...], ...]]
     candidate_params: int
-    rejected: bool
+    candidate_multiply_adds: int | None
+    rejected_by: tuple[str, ...]
+
+    @property
+    def rejected(self) -> bool:
+        """The candidate reached a limit, so z_last is kept."""
+        return bool(self.rejected_by)
 
 
 def decide(
@@ -55,6 +65,8 @@ def decide(
     freeze_tolerance: float,
     max_params: int,
     parameter_count: Callable[[Supports], int],
+    max_multiply_adds: int | None = None,
+    multiply_add_count: Callable[[Supports], int] | None = None,
 ) -> StopDecision:
     """The stopping rule's decision for one epoch.
 
@@ -66,6 +78,9 @@ def decide(
       freeze_tolerance: the distance at or below which a node stops.
       max_params: an architecture with this many parameters or more is rejected.
       parameter_count: supports -> parameters of their evaluation network.
+      max_multiply_adds: an architecture with this many multiply-adds or more is
+        rejected; None: no such limit (and ``multiply_add_count`` is not called).
+      multiply_add_count: supports -> multiply-adds of their evaluation network.
     """
     distances, newly_frozen, candidate, searching = {}, {}, {}, {}
     for cell_type, recovery in recoveries.items():
@@ -82,11 +97,21 @@ def decide(
         )
         candidate[cell_type] = tuple(tuple(int(i) for i in row) for row in support)
     params = parameter_count(candidate)
+    multiply_adds = None if max_multiply_adds is None else multiply_add_count(candidate)
+    rejected_by = tuple(
+        flag
+        for flag, value, limit in (
+            ("max_params", params, max_params),
+            ("max_multiply_adds", multiply_adds, max_multiply_adds),
+        )
+        if limit is not None and value >= limit
+    )
     return StopDecision(
         distances=distances,
         newly_frozen=newly_frozen,
         searching=searching,
         candidate_supports=candidate,
         candidate_params=params,
-        rejected=params >= max_params,
+        candidate_multiply_adds=multiply_adds,
+        rejected_by=rejected_by,
     )

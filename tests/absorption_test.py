@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from testing import CIFAR10_MEAN, CIFAR10_STD, candidate_bn_affine
 
-from istanas_tf import absorption, data, optimizers, search_model
+from istanas_tf import absorption, data, network_size, optimizers, search_model
 from istanas_tf.training import state
 
 # C = 4, 5 cells (reductions at cells 1 and 3, auxiliary head after cell 3), 32x32.
@@ -254,3 +254,55 @@ def test_unfreeze_node_and_freeze_node(cifar_batch):
         search_model.SearchNetwork(
             search_model.SearchNetworkConfig(channels=4, layers=3)
         ).unfreeze_node("normal", 0)
+
+
+def test_imagenet_super_net_trains_and_absorbs_into_network_imagenet():
+    """The ImageNet-shaped super-net (NetworkImageNet's stems of stride 8, FactorizedReduce
+    in the first cell, ImageNet auxiliary head) at C = 4, 3 cells and 224x224 images: one
+    one-stage step with label smoothing, then the absorbed NetworkImageNet equals it in
+    inference, and its sizes equal the super-net's per-support counts."""
+    config = {**TINY, "family": "imagenet", "layers": 3, "num_classes": 5}
+    network = search_model.SearchNetwork(search_model.SearchNetworkConfig(**config))
+    network.build_all(224)
+    network.compile(
+        optimizers.TorchSGD(0.05, momentum=0.9, l2=3e-5, clip_global_norm=5.0),
+        optimizers.TorchAdam(3e-4, beta_1=0.5, l2=1e-3),
+        label_smoothing=0.1,
+    )
+    assert [layer.name for layer in network.stem_layers][::2] == [
+        "stem0_conv1",
+        "stem0_conv2",
+        "stem1_conv",
+    ]
+    assert network.cells[0].reduction_prev  # s0 has twice s1's resolution
+    images = tf.random.stateless_normal([2, 224, 224, 3], seed=(1, 2))
+    labels = tf.constant([0, 3])
+    logs = network.train_step((images, labels))
+    assert np.isfinite(float(logs["loss"]))
+    # The smoothed cross-entropy of the logits, by hand (label smoothing 0.1, 5 classes).
+    logits = network(images, training=False).numpy().astype(np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    targets = np.full((2, 5), 0.1 / 5)
+    targets[[0, 1], labels.numpy()] += 0.9
+    network.reset_metrics()
+    loss = float(network.test_step((images, labels))["loss"])
+    assert loss == pytest.approx(-(targets * log_p).sum(axis=1).mean(), rel=1e-5)
+
+    rng = np.random.default_rng(3)
+    _randomize_batch_norms(network, rng)
+    for encoding in network.architectures.values():
+        _set_support(encoding, rng)
+    network.sync_supports()
+    network(images, training=True)  # moving statistics of the supported ops
+    expected = network(images, training=False).numpy()
+    evaluation = absorption.absorb(network, 224)
+    assert type(evaluation).__name__ == "NetworkImageNet"
+    assert evaluation.genotype == network.genotype()
+    actual = evaluation(images, training=False).numpy()
+    scale = np.abs(expected).max()
+    assert scale > 1e-2
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+    _, aux_logits = evaluation(images, training=True)  # the ImageNet head, copied
+    assert aux_logits.shape == (2, 5) and evaluation.auxiliary_head.imagenet
+    assert network.evaluation_parameter_count() == network_size.count_parameters(evaluation)
+    assert network.evaluation_multiply_adds() == network_size.count_multiply_adds(evaluation, 224)

@@ -228,12 +228,16 @@ def test_one_stage_fit_stops_every_node_and_the_export_predicts_as_the_super_net
         data_config, info, 8, one_stage=True, steps_per_epoch=2, eval_steps=1
     )
     # Every node moves by far less than 1 in an epoch: all stop after the first; the
-    # search ends after the next epoch, as the command line's does.
-    stopping = callbacks.OneStageStopping(freeze_tolerance=1.0, search_epochs=10)
+    # search ends after the next epoch, as the command line's does. A multiply-add
+    # limit no architecture meets rejects the recovered one (the freezes still stand).
+    stopping = callbacks.OneStageStopping(
+        freeze_tolerance=1.0, search_epochs=10, max_multiply_adds=1
+    )
     history = model.fit(**fit_data.fit_arguments(), epochs=10, verbose=0, callbacks=[stopping])
     assert len(history.history["loss"]) == 2 and model.stop_training
     assert history.history["newly_frozen"] == [8.0, 0.0]
     assert history.history["frozen_nodes"] == [8.0, 8.0]
+    assert history.history["rejected"] == [1.0, 0.0]
     # The recovery report of the one epoch that ran the rule (the second only ended it).
     (violation,) = history.history["kkt_violation_max"]
     assert 0 <= violation < 1e-3
@@ -283,6 +287,8 @@ def test_callbacks_refuse_the_other_search(cifar10_folder):
         callbacks.OneStageStopping().set_model(model)
     with pytest.raises(ValueError, match="freeze_tolerance must be >= 0"):
         callbacks.OneStageStopping(freeze_tolerance=-1)
+    with pytest.raises(ValueError, match="max_multiply_adds must be >= 1"):
+        callbacks.OneStageStopping(max_multiply_adds=0)
     with pytest.raises(ValueError, match="drives a search_model.SearchNetwork"):
         callbacks.SparseRecovery().set_model(keras.Sequential())
     data_config = data.DataConfig(dataset=f"folder:{cifar10_folder}", max_examples_per_class=2)

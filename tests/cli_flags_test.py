@@ -126,6 +126,8 @@ _BAD_INTEGERS = {
         "cutout_length": -1,
         "init_channels": 3,
         "recovery_iterations": 0,
+        "max_multiply_adds": 0,
+        "warmup_epochs": -1,
     },
     config_lib.TrainConfig: {"init_channels": 0, "layers": 2, "warmup_epochs": -1, "seed": -1},
 }
@@ -164,5 +166,8 @@ def test_every_shipped_flagfile_makes_a_valid_config(cli, flagfile):
         else module.search_config(values)
     )
     config.validate()
-    if flagfile == "imagenet_train.cfg":  # sized for the 8 GPUs of one machine
+    if flagfile in ("imagenet_train.cfg", "imagenet_one_stage.cfg"):  # 8 GPUs, one machine
         assert config.loop.strategy == "mirrored" and config.loop.batch_size == 1024
+        assert (config.lr_schedule, config.label_smoothing) == ("warmup_linear", 0.1)
+    if flagfile.startswith("imagenet_one_stage"):  # the mobile setting
+        assert config.max_multiply_adds == 600_000_000 and config.network.channels in (48, 8)

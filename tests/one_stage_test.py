@@ -1,6 +1,9 @@
 """The one-stage run (docs/method.md section 4): the stopping rule with scripted recoveries,
 then the whole run through train/main.py (resume, export, bad input)."""
 
+import collections
+import dataclasses
+import functools
 import json
 import pathlib
 import signal
@@ -25,9 +28,18 @@ from main_runner import (
 )
 from testing import candidate_bn_affine, tiny_loop
 
-from istanas_tf import absorption, data, genotypes, network_size, optimizers, search_model
+from istanas_tf import (
+    absorption,
+    data,
+    genotypes,
+    network_size,
+    networks,
+    optimizers,
+    search_model,
+    stopping,
+)
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import one_stage, restore
+from istanas_tf.training import one_stage, recorded, restore, runtime
 
 CELL_TYPES = genotypes.CELL_TYPES
 
@@ -183,16 +195,20 @@ def test_rejection_keeps_the_last_z_but_the_freeze_decisions_stand():
     probe = _network()
     probe_solver = ScriptedSolver(solver.moves, solver.supports)
     probe_decision = one_stage.stopping_step(
-        probe, TOLERANCE, max_params=10**9, recoveries=probe_solver(probe)
+        probe, TOLERANCE, max_params=10**9, recoveries=probe_solver(probe), max_multiply_adds=10**15
     )
     candidate_count = probe_decision.candidate_params
     assert candidate_count == probe.evaluation_parameter_count()
+    candidate_multiply_adds = probe_decision.candidate_multiply_adds
+    assert candidate_multiply_adds == probe.evaluation_multiply_adds()
     assert probe.supports["normal"][3] == (4, 11)
 
     decision = one_stage.stopping_step(
         network, TOLERANCE, max_params=candidate_count, recoveries=solver(network)
     )
     assert decision.rejected and decision.candidate_params == candidate_count
+    assert decision.rejected_by == ("max_params",)
+    assert decision.candidate_multiply_adds is None  # no multiply-add limit: not counted
     assert network.supports == supports_before
     for cell_type in CELL_TYPES:
         np.testing.assert_array_equal(_z(network)[cell_type], before[cell_type])
@@ -202,6 +218,20 @@ def test_rejection_keeps_the_last_z_but_the_freeze_decisions_stand():
         ("sep_conv_5x5", 0),
         ("sep_conv_5x5", 1),
     ]
+
+    # The same candidate against the multiply-add limit (node 0 already frozen): rejected
+    # at its count, accepted one above.
+    for limit, rejected_by in (
+        (candidate_multiply_adds, ("max_multiply_adds",)),
+        (candidate_multiply_adds + 1, ()),
+    ):
+        again = ScriptedSolver(solver.moves, solver.supports)
+        decision = one_stage.stopping_step(
+            network, TOLERANCE, 10**9, recoveries=again(network), max_multiply_adds=limit
+        )
+        assert decision.rejected_by == rejected_by
+        assert decision.candidate_multiply_adds == candidate_multiply_adds
+    assert network.supports["normal"][3] == (4, 11)
 
     # One parameter more of headroom and the same candidate is accepted.
     accepted = _network()
@@ -224,12 +254,91 @@ def test_evaluation_parameter_count_equals_the_absorbed_network():
         network.sync_supports()
         absorbed = absorption.absorb(network, IMAGE_SIZE, auxiliary=False)
         assert network.evaluation_parameter_count() == network_size.count_parameters(absorbed)
+        assert network.evaluation_multiply_adds() == network_size.count_multiply_adds(
+            absorbed, IMAGE_SIZE
+        )
+
+
+def test_decide_rejects_at_either_limit_and_names_it():
+    Recovery = collections.namedtuple("Recovery", "distances support")
+    recoveries = {t: Recovery([1.0] * 4, [[2, 3]] * 4) for t in CELL_TYPES}
+    supports = {t: ((0, 1),) * 4 for t in CELL_TYPES}
+    frozen = {t: [False] * 4 for t in CELL_TYPES}
+
+    def decide(max_params, max_multiply_adds=None):
+        def multiply_adds(candidate):
+            assert max_multiply_adds is not None, "counted without a limit"
+            return 1000
+
+        return stopping.decide(
+            recoveries,
+            supports,
+            frozen,
+            1e-3,
+            max_params,
+            lambda c: 100,
+            max_multiply_adds,
+            multiply_adds,
+        )
+
+    assert decide(101).rejected_by == () and decide(101).candidate_multiply_adds is None
+    assert decide(100).rejected_by == ("max_params",) and decide(100).rejected
+    assert decide(101, 1000).rejected_by == ("max_multiply_adds",)
+    assert decide(101, 1001).rejected_by == () and decide(101, 1001).candidate_multiply_adds == 1000
+    assert decide(100, 1000).rejected_by == ("max_params", "max_multiply_adds")
+
+
+def test_limits_that_reject_every_architecture_are_refused_up_front(caplog):
+    network = _network()
+    # Oracle: two pooling ops per node (no convolution, only the BN after each) is the
+    # smallest architecture in both counts.
+    pools = [("max_pool_3x3", 0), ("avg_pool_3x3", 1)] * 4
+    smallest = networks.build_network(
+        "cifar",
+        genotypes.Genotype(pools, [2, 3, 4, 5], pools, [2, 3, 4, 5]),
+        4,
+        3,
+        10,
+        IMAGE_SIZE,
+        bn_after_param_free_ops=True,
+    )
+    params = network_size.count_parameters(smallest)
+    multiply_adds = network_size.count_multiply_adds(smallest, IMAGE_SIZE)
+    config = functools.partial(
+        config_lib.OneStageConfig, "/tmp/unused", search_model.SearchNetworkConfig(**TINY)
+    )
+    for limits, flag, least in (
+        (dict(max_params=params), "max_params", params),
+        (
+            dict(max_params=params + 1, max_multiply_adds=multiply_adds),
+            "max_multiply_adds",
+            multiply_adds,
+        ),
+    ):
+        with pytest.raises(ValueError) as error:
+            one_stage.check_limits(network, config(**limits))
+        message = str(error.value)
+        assert message.startswith(f"--{flag}={least} rejects every architecture")
+        assert "--init_channels=4 --layers=3 at 32x32 images" in message
+        assert f"has {least:,} " in message and f"raise --{flag} above {least}" in message
+    # One above the smallest: accepted, with a warning that the current one is over.
+    with caplog.at_level("WARNING"):
+        one_stage.check_limits(
+            network, config(max_params=params + 1, max_multiply_adds=multiply_adds + 1)
+        )
+    assert (
+        "not below --max_params" in caplog.text and "not below --max_multiply_adds" in caplog.text
+    )
 
 
 def test_config_errors_name_the_flag():
     good = dict(model_dir="/tmp/unused", network=search_model.SearchNetworkConfig(**TINY))
     for field, value, flag in (
         ("max_params", 0, "--max_params"),
+        ("max_multiply_adds", 0, "--max_multiply_adds"),
+        ("lr_schedule", "step", "--lr_schedule"),
+        ("warmup_epochs", -1, "--warmup_epochs"),
+        ("label_smoothing", 1.0, "--label_smoothing"),
         ("search_epochs", 0, "--search_epochs"),
         ("freeze_tolerance", -1.0, "--freeze_tolerance"),
         ("drop_path_prob", 1.0, "--drop_path_prob"),
@@ -251,16 +360,41 @@ def test_recorded_settings_round_trip_and_keep_nested_names_apart():
         data=data.DataConfig(seed=5, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)),
         loop=config_lib.LoopConfig(seed=7, deterministic=True),
         max_params=1234,
+        max_multiply_adds=5678,
+        lr_schedule="warmup_linear",
+        label_smoothing=0.1,
         search_epochs=7,
     )
-    settings = config_lib.recorded_settings(config)
+    settings = recorded.recorded_settings(config)
     assert settings["kind"] == "one_stage"
     assert (settings["loop"]["seed"], settings["data"]["seed"]) == (7, 5)
     assert (settings["loop"]["deterministic"], settings["data"]["deterministic"]) == (True, False)
     assert "verbose" not in settings["loop"] and "model_dir" not in settings
-    restored = config_lib.from_recorded_settings("/tmp/x", settings)
+    assert "family" not in settings["network"]  # taken from the data, like num_classes
+    assert settings["max_multiply_adds"] == 5678 and settings["lr_schedule"] == "warmup_linear"
+    restored = recorded.from_recorded_settings("/tmp/x", settings)
     assert restored == config
-    assert config_lib.recorded_settings(restored) == settings
+    assert recorded.recorded_settings(restored) == settings
+
+
+def test_imagenet_schedule_warms_up_the_search_and_runs_the_retraining_schedule_after():
+    config = config_lib.OneStageConfig(
+        model_dir="unused",
+        loop=config_lib.LoopConfig(epochs=250, learning_rate=0.5, learning_rate_min=0.0),
+        lr_schedule="warmup_linear",
+        warmup_epochs=5,
+    )
+    search = [one_stage.search_learning_rate(config, e) for e in range(8)]
+    assert search == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5])
+    retraining = config_lib.TrainConfig(
+        model_dir="unused", loop=config.loop, lr_schedule="warmup_linear", warmup_epochs=5
+    )
+    for epoch in (0, 4, 5, 100, 249):
+        assert runtime.learning_rate_at(config, epoch) == runtime.learning_rate_at(
+            retraining, epoch
+        )
+    cosine = dataclasses.replace(config, lr_schedule="cosine")
+    assert [one_stage.search_learning_rate(cosine, e) for e in (0, 9)] == [0.5, 0.5]
 
 
 # ---------------------------------------------------------------------- the whole run

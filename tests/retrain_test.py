@@ -24,7 +24,7 @@ from testing import tiny_loop
 
 from istanas_tf import data, search_model
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import retrain, two_stage
+from istanas_tf.training import retrain, runtime, two_stage
 
 
 def _tiny_flags(folder, model_dir):
@@ -269,7 +269,7 @@ def test_warmup_then_linear_decay_schedule():
         lr_schedule="warmup_linear",
         warmup_epochs=5,
     )
-    lrs = [retrain.learning_rate_at(config, e) for e in range(250)]
+    lrs = [runtime.learning_rate_at(config, e) for e in range(250)]
     assert lrs[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert lrs[5] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 / 245)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))

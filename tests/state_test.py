@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from istanas_tf import genotypes
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir, run_guard, state
+from istanas_tf.training import recorded, run_dir, run_guard, state
 
 
 def test_the_limit_is_a_hundred_uniform_guesses():
@@ -55,7 +55,7 @@ def test_a_run_directory_on_a_gfile_filesystem(tmp_path):
     """Everything a run writes and reads back goes through tf.io.gfile: an in-memory
     ram:// directory holds a run, resumes it and rolls a failed start back."""
     model_dir = f"ram://{tmp_path.name}/run"
-    settings = config_lib.recorded_settings(config_lib.TrainConfig(model_dir=model_dir))
+    settings = recorded.recorded_settings(config_lib.TrainConfig(model_dir=model_dir))
     weight = keras.Variable(1.0, name="weight")
     with run_guard.RunGuard(model_dir) as guard:
         guard.acquire()
@@ -72,8 +72,8 @@ def test_a_run_directory_on_a_gfile_filesystem(tmp_path):
     assert run_dir.check_run_config(model_dir, settings) is True
     assert run_state.restore() and run_state.epochs_done == 2 and float(weight.numpy()) == 1.0
     assert [row["epoch"] for row in run_state.metrics_log.read()] == [1, 2]
-    recorded = json.loads(tf.io.gfile.GFile(run_dir.path(model_dir, run_dir.GENOTYPE)).read())
-    assert genotypes.from_json_dict(recorded) == genotypes.get_genotype("ISTA_twostage")
+    genotype = json.loads(tf.io.gfile.GFile(run_dir.path(model_dir, run_dir.GENOTYPE)).read())
+    assert genotypes.from_json_dict(genotype) == genotypes.get_genotype("ISTA_twostage")
     # A refused start there changes nothing.
     before = tf.io.gfile.GFile(run_dir.path(model_dir, run_dir.RUN_CONFIG)).read()
     with pytest.raises(run_dir.RunDirError):
@@ -81,7 +81,7 @@ def test_a_run_directory_on_a_gfile_filesystem(tmp_path):
             guard.acquire()
             run_dir.atomic_write_text(run_dir.path(model_dir, "flags.txt"), "--epochs=9\n")
             run_dir.check_run_config(
-                model_dir, config_lib.recorded_settings(config_lib.OneStageConfig(model_dir=""))
+                model_dir, recorded.recorded_settings(config_lib.OneStageConfig(model_dir=""))
             )
     assert tf.io.gfile.GFile(run_dir.path(model_dir, run_dir.RUN_CONFIG)).read() == before
     assert not tf.io.gfile.exists(run_dir.path(model_dir, "flags.txt"))

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from istanas_tf import genotypes
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import summaries
+from istanas_tf.training import recorded, summaries
 
 
 def _tags(folder):
@@ -50,7 +50,7 @@ def _fake_search_model(method):
 
 def test_search_epoch_writes_splits_heatmaps_shares_and_hparams(tmp_path):
     writers = summaries.Writers(str(tmp_path), chief=True)
-    settings = config_lib.recorded_settings(config_lib.TwoStageConfig(model_dir="x"))
+    settings = recorded.recorded_settings(config_lib.TwoStageConfig(model_dir="x"))
     summaries.write_hparams(writers, settings)
     row = {"epoch": 1, "loss": 2.0, "accuracy": 0.1, "val_loss": 2.1, "val_accuracy": 0.1}
     summaries.write_epoch(writers, {**row, "genotype": {}}, 1, _fake_search_model("ista"))

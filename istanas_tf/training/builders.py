@@ -74,18 +74,24 @@ def build_search_model(
       ``(model, weight_optimizer, arch_optimizer)``: PyTorch-rule SGD on the weights and
       Adam on the architecture.
     """
+    network, label_smoothing = config.network, 0.0
+    if isinstance(config, config_lib.OneStageConfig):
+        # The one-stage super-net has the evaluation network's shape for its data.
+        network = dataclasses.replace(network, family=network_family(info))
+        label_smoothing = config.label_smoothing
     with runtime.mixed_precision_policy(config.loop.mixed_precision), strategy.scope():
         model = search_network(
-            config.network, info.num_classes, info.image_size[0], strategy.num_replicas_in_sync
+            network, info.num_classes, info.image_size[0], strategy.num_replicas_in_sync
         )
         weights = weight_optimizer(config.loop)
         arch = architecture_optimizer(config.arch, config.loop.mixed_precision)
-        model.compile(weights, arch)
+        model.compile(weights, arch, label_smoothing=label_smoothing)
     return model, weights, arch
 
 
 def network_family(info) -> str:
-    """ImageNet-sized inputs get NetworkImageNet, CIFAR-sized ones NetworkCIFAR."""
+    """ImageNet-sized inputs get NetworkImageNet, CIFAR-sized ones NetworkCIFAR (``info``:
+    a ``data.DatasetInfo`` or the ``run_dir.RecordedDatasetInfo`` of a run)."""
     return "imagenet" if info.augmentation == "imagenet" else "cifar"
 
 

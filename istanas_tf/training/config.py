@@ -6,16 +6,14 @@ config carries its own default ``LoopConfig`` (50 search epochs at batch 256 for
 two-stage search, 600 at batch 96 for the one-stage run and retraining), and the flag
 help is written from them.
 
-A run directory records its config in ``run_config.json`` as a nested dict (:func:`
-recorded_settings`: ``{"kind": ..., "loop": {...}, "data": {...}, ...}``), so settings
-of the same name in two sub-configs (``loop.seed``, ``data.seed``) stay apart. A resumed
-run must match it except for the settings in :data:`RESUMABLE`.
+What a run directory records of these configs, and which settings a resume may
+change, is ``training/recorded.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from istanas_tf import genotypes, networks
 from istanas_tf.data import DataConfig
@@ -27,29 +25,6 @@ LR_SCHEDULES = ("cosine", "warmup_linear")
 # The published code's cap: a larger candidate network "may cause out of memory".
 DEFAULT_MAX_PARAMS = 3_700_000
 
-# Settings (dotted paths into a config) that may differ when a run resumes: they do not
-# change what the run has computed so far (more epochs extend it; a lower learning rate
-# continues a run that diverged from its last good checkpoint). run_config.json keeps
-# each change in its history.
-RESUMABLE = frozenset(
-    {
-        "loop.epochs",
-        "loop.learning_rate",
-        "loop.learning_rate_min",
-        "arch.learning_rate",
-        "loop.strategy",
-        "loop.eval_steps",
-        "search_epochs",
-        "jit_compile",
-        "data.data_dir",
-        "data.manual_dir",
-        "data.skip_corrupt_images",
-    }
-)
-# Settings of the process, not of the run: never recorded or compared.
-TRANSIENT = frozenset(
-    {"model_dir", "loop.verbose", "network.num_classes", "export_dir", "model_name"}
-)
 # The command-line flag of each setting whose flag is not named like the field; None:
 # no flag sets it (the mode fixes it, or it is taken from the data).
 FLAG_NAMES: dict[str, str | None] = {
@@ -64,6 +39,7 @@ FLAG_NAMES: dict[str, str | None] = {
     "network.one_stage": None,
     "network.num_classes": None,
     "network.sync_batch_norm": None,
+    "network.family": None,  # taken from the data
 }
 
 
@@ -82,6 +58,26 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _schedule_checks(config) -> list[tuple[bool, str]]:
+    """The checks of the lr schedule and label smoothing that the one-stage run's
+    training phase and the retraining share (``lr_schedule``, ``warmup_epochs``,
+    ``label_smoothing`` fields)."""
+    return [
+        (
+            config.lr_schedule in LR_SCHEDULES,
+            f"--lr_schedule={config.lr_schedule!r} is not valid; valid: {', '.join(LR_SCHEDULES)}",
+        ),
+        (
+            _is_int(config.warmup_epochs) and config.warmup_epochs >= 0,
+            f"--warmup_epochs must be >= 0, got {config.warmup_epochs}",
+        ),
+        (
+            0 <= config.label_smoothing < 1,
+            f"--label_smoothing must be in [0, 1), got {config.label_smoothing}",
+        ),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +239,8 @@ class OneStageConfig(_RunSettings):
       network: the super-net (``one_stage=True``; the target network, 20 cells, C = 36).
       data: input settings (cutout 16); the whole training split is used.
       loop: training after the search: 600 epochs, batch 96, lr held at 0.025 while
-        searching, then cosine 0.025 -> 0.001.
+        searching, then cosine 0.025 -> 0.001 (ImageNet: 250 epochs, batch 1024, lr 0.5,
+        ``warmup_linear``).
       arch: Adam on b (3e-4, L2 1e-3, betas 0.5 / 0.999).
       search_epochs: the most search epochs. The search normally ends earlier, when
         every node has frozen; nodes still searching at this cap are frozen at their
@@ -254,6 +251,13 @@ class OneStageConfig(_RunSettings):
       max_params: a recovered architecture whose evaluation network (this run's C and
         cells, auxiliary head not counted) has this many parameters or more is rejected
         and z_last kept (3.7M; the freeze decisions of that epoch still stand).
+      max_multiply_adds: likewise for the evaluation network's multiply-adds for one
+        image (convolutions and dense layers, inference; None: no limit; the ImageNet
+        mobile setting: under 600M).
+      lr_schedule: the training phase's lr: ``cosine`` (CIFAR) or ``warmup_linear``
+        (ImageNet; the search then warms up over its first ``warmup_epochs`` and holds).
+      warmup_epochs: linear warm-up length of ``warmup_linear``.
+      label_smoothing: on the cross-entropy of every step (0.1 for ImageNet).
       export_dir, model_name: the final SavedModel goes to
         ``<export_dir>/<model_name>/<next version>``; default ``<model_dir>/export``.
     """
@@ -269,11 +273,16 @@ class OneStageConfig(_RunSettings):
     drop_path_prob: float = 0.2
     freeze_tolerance: float = 1e-3
     max_params: int = DEFAULT_MAX_PARAMS
+    max_multiply_adds: int | None = None
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 5
+    label_smoothing: float = 0.0
     export_dir: str | None = None
     model_name: str = "istanas"
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
+            *_schedule_checks(self),
             (self.network.one_stage, "the one-stage run needs SearchNetworkConfig(one_stage=True)"),
             (
                 _is_int(self.search_epochs) and self.search_epochs >= 1,
@@ -290,6 +299,12 @@ class OneStageConfig(_RunSettings):
             (
                 _is_int(self.max_params) and self.max_params >= 1,
                 f"--max_params must be >= 1, got {self.max_params}",
+            ),
+            (
+                self.max_multiply_adds is None
+                or (_is_int(self.max_multiply_adds) and self.max_multiply_adds >= 1),
+                f"--max_multiply_adds must be >= 1 (or unset: no limit), got "
+                f"{self.max_multiply_adds}",
             ),
         ]
 
@@ -341,22 +356,10 @@ class TrainConfig(_RunSettings):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
-            (
-                self.lr_schedule in LR_SCHEDULES,
-                f"--lr_schedule={self.lr_schedule!r} is not valid; valid: "
-                f"{', '.join(LR_SCHEDULES)}",
-            ),
-            (
-                _is_int(self.warmup_epochs) and self.warmup_epochs >= 0,
-                f"--warmup_epochs must be >= 0, got {self.warmup_epochs}",
-            ),
+            *_schedule_checks(self),
             (
                 0 <= self.drop_path_prob < 1,
                 f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}",
-            ),
-            (
-                0 <= self.label_smoothing < 1,
-                f"--label_smoothing must be in [0, 1), got {self.label_smoothing}",
             ),
             (
                 self.channels is None or (_is_int(self.channels) and self.channels >= 2),
@@ -380,65 +383,6 @@ class TrainConfig(_RunSettings):
 
 RunConfig = TwoStageConfig | OneStageConfig | TrainConfig
 KINDS: dict[str, type] = {cls.KIND: cls for cls in (TwoStageConfig, OneStageConfig, TrainConfig)}
-
-
-def recorded_settings(config: RunConfig, **resolved) -> dict[str, Any]:
-    """What ``run_config.json`` records of ``config``: ``kind`` and the nested settings.
-
-    Transient settings are left out, tuples become lists (JSON).
-
-    Args:
-      config: any mode's config.
-      **resolved: values that replace a top-level setting (the genotype a name or path
-        resolved to, as its JSON dict).
-    """
-
-    def nested(value, prefix):
-        if dataclasses.is_dataclass(value):
-            return {
-                f.name: nested(getattr(value, f.name), f"{prefix}{f.name}.")
-                for f in dataclasses.fields(value)
-                if f"{prefix}{f.name}" not in TRANSIENT
-            }
-        return list(value) if isinstance(value, tuple) else value
-
-    return {"kind": config.KIND, **nested(config, ""), **resolved}
-
-
-def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as ``{"loop.epochs": 50, ...}``."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key != "genotype":
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def from_recorded_settings(model_dir: str, settings: dict[str, Any]) -> RunConfig:
-    """The config recorded in a run directory's ``run_config.json``."""
-
-    def build(cls, values, prefix):
-        kwargs = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in values:
-                continue  # transient: the dataclass default
-            value = values[field.name]
-            if dataclasses.is_dataclass(field.default):
-                value = build(type(field.default), value, f"{prefix}{field.name}.")
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[field.name] = value
-        return cls(**kwargs) if prefix else cls(model_dir=model_dir, **kwargs)
-
-    cls = KINDS[settings["kind"]]
-    values = {k: v for k, v in settings.items() if k != "kind"}
-    if cls is TrainConfig and isinstance(values.get("genotype"), dict):
-        # Recorded as the genotype itself; the network takes its JSON dict.
-        genotype = values.pop("genotype")
-        return dataclasses.replace(build(cls, values, ""), genotype=genotype)
-    return build(cls, values, "")
 
 
 def resolve_genotype(config: TrainConfig) -> genotypes.Genotype:

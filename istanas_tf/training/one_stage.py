@@ -1,17 +1,23 @@
 """The one-stage search and evaluation (docs/method.md section 4) as one run.
 
 The super-net is the target network (``SearchNetworkConfig(one_stage=True)``: 20 cells,
-C = 36, auxiliary head, affine BN after every op). A run has two phases in one run
-directory, both resumable:
+C = 36, auxiliary head, affine BN after every op), in the shape of the evaluation
+network of its data: NetworkCIFAR, or NetworkImageNet (two stems of stride 8, C = 48,
+14 cells) for ImageNet-sized images. A run has two phases in one run directory, both
+resumable:
 
 1. **Search.** Each epoch trains weights and the b of the nodes still searching on the
-   same batches (the full training split, cutout), lr held at ``learning_rate``. After
-   the epoch the search ends if every node is frozen; otherwise :func:`stopping_step`
-   recovers the nodes, lets ``stopping.decide`` freeze each node whose z moved by at
-   most ``freeze_tolerance`` and reject the new z (keeping z_last) when its evaluation
-   network would have ``max_params`` parameters or more, and applies the decision.
-2. **Training.** The architecture fixed, ``loop.epochs`` more epochs with a cosine lr
-   ``learning_rate -> learning_rate_min`` and drop path ramped ``0 -> drop_path_prob``.
+   same batches (the full training split), lr held at ``learning_rate`` (under
+   ``warmup_linear``: reached by a linear warm-up over the first ``warmup_epochs``).
+   After the epoch the search ends if every node is frozen; otherwise
+   :func:`stopping_step` recovers the nodes, lets ``stopping.decide`` freeze each node
+   whose z moved by at most ``freeze_tolerance`` and reject the new z (keeping z_last)
+   when its evaluation network would have ``max_params`` parameters or more (or
+   ``max_multiply_adds`` multiply-adds or more), and applies the decision. A run whose
+   limits leave no architecture at all is refused at its start.
+2. **Training.** The architecture fixed, ``loop.epochs`` more epochs with the lr of
+   ``lr_schedule`` (cosine ``learning_rate -> learning_rate_min``, or the ImageNet
+   retraining's warm-up then linear decay) and drop path ramped ``0 -> drop_path_prob``.
 
 At the end the alphas are folded into the BNs (``absorption.absorb``), the resulting
 evaluation network is evaluated on the test split and exported as a SavedModel.
@@ -42,13 +48,18 @@ CELL_TYPES = genotypes.CELL_TYPES
 
 
 def stopping_step(
-    model: search_model.SearchNetwork, freeze_tolerance: float, max_params: int, recoveries=None
+    model: search_model.SearchNetwork,
+    freeze_tolerance: float,
+    max_params: int,
+    recoveries=None,
+    max_multiply_adds: int | None = None,
 ) -> stopping.StopDecision:
     """One after-epoch step of the stopping rule, applied to ``model``.
 
     Recovers every node (``model.recover()``, unless ``recoveries`` are given), decides
-    (``stopping.decide``), then commits the new z of the nodes that were searching
-    unless the candidate was rejected, and freezes the nodes that stopped
+    (``stopping.decide``, multiply-adds counted only when ``max_multiply_adds`` is set
+    and at the image size the super-net was built for), then commits the new z of the
+    nodes that were searching unless the candidate was rejected, and freezes the nodes that stopped
     (``model.freeze_node``: b stops training, their candidate ops' BN gamma/beta train).
     """
     recoveries = model.recover() if recoveries is None else recoveries
@@ -59,6 +70,8 @@ def stopping_step(
         freeze_tolerance,
         max_params,
         model.evaluation_parameter_count,
+        max_multiply_adds,
+        model.evaluation_multiply_adds,
     )
     if not decision.rejected:
         model.commit(recoveries, nodes=decision.searching)
@@ -80,13 +93,55 @@ def freeze_searching_nodes(model: search_model.SearchNetwork) -> dict[str, list[
     return forced
 
 
-def _cifar_sized(info) -> None:
-    if info.augmentation != "cifar":
-        raise ValueError(
-            f"--method=ista_onestage builds the CIFAR network; "
-            f"--dataset={info.name} has {info.image_size} images "
-            "(ImageNet-sized input is not supported)"
+def check_limits(model: search_model.SearchNetwork, config: config_lib.OneStageConfig) -> None:
+    """Refuses limits that reject every architecture: the smallest evaluation network
+    of this C, these cells and this image size (two parameter-free ops per node, as far
+    as the search space allows) already reaches ``--max_params`` or
+    ``--max_multiply_adds``. Each limit is checked against its own smallest value.
+
+    Warns when the first architecture is over a limit (the search then keeps it until
+    a recovered one fits).
+    """
+    size, network = model.evaluation_size(), config.network
+    counts = {
+        "max_params": ("parameters", size.smallest_parameters, model.evaluation_parameter_count)
+    }
+    if config.max_multiply_adds is not None:
+        counts["max_multiply_adds"] = (
+            "multiply-adds",
+            size.smallest_multiply_adds,
+            model.evaluation_multiply_adds,
         )
+    for flag, (what, smallest, current) in counts.items():
+        limit = getattr(config, flag)
+        least = smallest(network.sparseness, network.distinct_inputs)
+        if least >= limit:
+            raise ValueError(
+                f"--{flag}={limit} rejects every architecture: the smallest evaluation "
+                f"network of --init_channels={network.channels} --layers={network.layers} "
+                f"at {model.image_size}x{model.image_size} images has {least:,} {what} "
+                f"(an architecture is kept only below the limit); raise --{flag} above "
+                f"{least} or lower --init_channels or --layers"
+            )
+        if current() >= limit:
+            logging.warning(
+                "the current architecture has %s %s, not below --%s=%d: the search keeps "
+                "it until a recovered architecture fits",
+                f"{current():,}",
+                what,
+                flag,
+                limit,
+            )
+
+
+def search_learning_rate(config: config_lib.OneStageConfig, epoch: int) -> float:
+    """The lr of search epoch ``epoch`` (0-based): ``learning_rate``; under
+    ``warmup_linear`` reached by a linear warm-up over the first ``warmup_epochs`` (the
+    ImageNet retraining's warm-up: the super-net also starts from scratch)."""
+    lr = config.loop.learning_rate
+    if config.lr_schedule == "warmup_linear" and epoch < config.warmup_epochs:
+        return lr * (epoch + 1) / config.warmup_epochs
+    return lr
 
 
 class OneStageRun(search_run.SearchRun):
@@ -99,7 +154,9 @@ class OneStageRun(search_run.SearchRun):
     """
 
     def __init__(self, config: config_lib.OneStageConfig, **start_options):
-        super().__init__(config, check_data=_cifar_sized, **start_options)
+        super().__init__(config, **start_options)
+        if not self.progress.search_ended:
+            check_limits(self.model, config)
 
     def _extra_state(self) -> dict[str, list]:
         self.progress = state_lib.OneStageProgress()
@@ -152,15 +209,11 @@ class OneStageRun(search_run.SearchRun):
     def search_epoch(self, epoch: int, steps: int) -> None:
         """One search epoch (0-based ``epoch``) and the stopping rule after it."""
         config = self.config
-        self.weight_optimizer.learning_rate = config.loop.learning_rate
+        lr = search_learning_rate(config, epoch)
+        self.weight_optimizer.learning_rate = lr
         self.model.drop_path_rate.assign(0.0)
         logs = self._train_epoch(epoch, steps)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "phase": "search",
-            "lr": config.loop.learning_rate,
-            **logs,
-        }
+        row: dict[str, Any] = {"epoch": epoch + 1, "phase": "search", "lr": lr, **logs}
         architecture_before = (self.model.supports, self.model.frozen_nodes)
         if all(all(flags) for flags in self.model.frozen_nodes.values()):
             # Every node stopped after the previous epoch: the search ends here.
@@ -169,7 +222,11 @@ class OneStageRun(search_run.SearchRun):
             start = time.perf_counter()
             recoveries = self.model.recover()
             decision = stopping_step(
-                self.model, config.freeze_tolerance, config.max_params, recoveries=recoveries
+                self.model,
+                config.freeze_tolerance,
+                config.max_params,
+                recoveries=recoveries,
+                max_multiply_adds=config.max_multiply_adds,
             )
             row["recovery_time_s"] = time.perf_counter() - start
             for cell_type, nodes in decision.newly_frozen.items():
@@ -181,16 +238,24 @@ class OneStageRun(search_run.SearchRun):
                 candidate_params=decision.candidate_params,
                 rejected=decision.rejected,
             )
+            if decision.candidate_multiply_adds is not None:
+                row["candidate_multiply_adds"] = decision.candidate_multiply_adds
             if decision.rejected:
+                row["rejected_by"] = list(decision.rejected_by)
                 row["rejected_genotype"] = genotypes.to_json_dict(
                     self.model.genotype(decision.candidate_supports)
                 )
+                candidate = {
+                    "max_params": decision.candidate_params,
+                    "max_multiply_adds": decision.candidate_multiply_adds,
+                }
                 logging.warning(
-                    "epoch %d: the recovered architecture has %d parameters "
-                    ">= --max_params=%d: rejected, keeping the last z",
+                    "epoch %d: the recovered architecture is over %s: rejected, keeping the last z",
                     epoch + 1,
-                    decision.candidate_params,
-                    config.max_params,
+                    " and ".join(
+                        f"--{flag}={getattr(config, flag)} (it has {candidate[flag]:,})"
+                        for flag in decision.rejected_by
+                    ),
                 )
             if epoch + 1 >= config.search_epochs:
                 self._force_stop(epoch + 1)
@@ -202,6 +267,8 @@ class OneStageRun(search_run.SearchRun):
             params=self.model.evaluation_parameter_count(),
             genotype=genotypes.to_json_dict(genotype),
         )
+        if config.max_multiply_adds is not None:
+            row["multiply_adds"] = self.model.evaluation_multiply_adds()
         if self.progress.search_ended:
             summary = {
                 "search_epochs": self.progress.search_length,
@@ -216,7 +283,16 @@ class OneStageRun(search_run.SearchRun):
             if self.chief:
                 run_dir.write_json(
                     run_dir.path(config.model_dir, run_dir.SEARCH_SUMMARY),
-                    {**summary, "params": row["params"], "genotype": row["genotype"]},
+                    {
+                        **summary,
+                        "params": row["params"],
+                        **(
+                            {"multiply_adds": row["multiply_adds"]}
+                            if "multiply_adds" in row
+                            else {}
+                        ),
+                        "genotype": row["genotype"],
+                    },
                 )
         self.state.end_epoch(row, genotype, self.model)
         frozen = sum(sum(flags) for flags in self.model.frozen_nodes.values())
@@ -257,9 +333,7 @@ class OneStageRun(search_run.SearchRun):
 
     def _training_epoch(self, epoch: int, phase_epoch: int, steps: int) -> None:
         config, loop = self.config, self.config.loop
-        lr = runtime.cosine_learning_rate(
-            phase_epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min
-        )
+        lr = runtime.learning_rate_at(config, phase_epoch)
         drop_path = config.drop_path_prob * phase_epoch / loop.epochs
         self.weight_optimizer.learning_rate = lr
         self.model.drop_path_rate.assign(drop_path)
@@ -296,6 +370,7 @@ class OneStageRun(search_run.SearchRun):
             "test_top5": final["top5"],
             "test_examples": final["examples"],
             "params": network_size.count_parameters(network),
+            "multiply_adds": network_size.count_multiply_adds(network, self.info.image_size[0]),
             "genotype": genotypes.to_json_dict(self.model.genotype()),
         }
         if self.chief:

@@ -10,13 +10,14 @@ network: it is refused with the command that retrains it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import tensorflow as tf
 from absl import logging
 
 from istanas_tf import absorption, data, export, genotypes, network_size
-from istanas_tf.training import builders, run_dir
+from istanas_tf.training import builders, recorded, run_dir
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import state as state_lib
 
@@ -27,7 +28,7 @@ def recorded_dataset_info(model_dir: str, settings: dict[str, Any]):
     recorded = run_dir.read_dataset_info(model_dir)
     if recorded is not None:
         return recorded
-    return data.get_dataset_info(config_lib.from_recorded_settings(model_dir, settings).data)
+    return data.get_dataset_info(recorded.from_recorded_settings(model_dir, settings).data)
 
 
 def _latest_checkpoint(model_dir: str, advice: str) -> str:
@@ -66,10 +67,10 @@ def _restore_train_network(model_dir: str, config: config_lib.TrainConfig, info)
     return model
 
 
-def restore_one_stage(
-    model_dir: str, config: config_lib.OneStageConfig, num_classes: int, image_size: int
-):
+def restore_one_stage(model_dir: str, config: config_lib.OneStageConfig, info):
     """The absorbed evaluation network of a one-stage run's latest checkpoint.
+
+    ``info``: the run's data (its classes, image size and network family).
 
     Returns:
       ``(network, status)``: status holds the epoch, the search length and the training
@@ -79,7 +80,9 @@ def restore_one_stage(
       run_dir.RunDirError: no checkpoint, or the search has not ended yet.
     """
     checkpoint = _latest_checkpoint(model_dir, "run the one-stage search first")
-    model = builders.search_network(config.network, num_classes, image_size)
+    image_size = info.image_size[0]
+    network = dataclasses.replace(config.network, family=builders.network_family(info))
+    model = builders.search_network(network, info.num_classes, image_size)
     progress = state_lib.OneStageProgress()
     epoch = tf.Variable(0, dtype=tf.int64)
     tf.train.Checkpoint(
@@ -128,7 +131,7 @@ def restore_network(model_dir: str, info=None):
         genotype must be retrained), no checkpoint, or a one-stage search still running.
     """
     settings = run_dir.read_run_config(model_dir)
-    config = config_lib.from_recorded_settings(model_dir, settings)
+    config = recorded.from_recorded_settings(model_dir, settings)
     if isinstance(config, config_lib.TwoStageConfig):
         raise run_dir.RunDirError(
             f"--model_dir={model_dir} is a two-stage search (--method="
@@ -139,7 +142,7 @@ def restore_network(model_dir: str, info=None):
     if info is None:
         info = recorded_dataset_info(model_dir, settings)
     if isinstance(config, config_lib.OneStageConfig):
-        network, _ = restore_one_stage(model_dir, config, info.num_classes, info.image_size[0])
+        network, _ = restore_one_stage(model_dir, config, info)
         return network, info
     return _restore_train_network(model_dir, config, info), info
 

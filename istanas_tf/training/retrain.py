@@ -22,18 +22,6 @@ from istanas_tf.training import state as state_lib
 from istanas_tf.training import steps as steps_lib
 
 
-def learning_rate_at(config: config_lib.TrainConfig, epoch: int) -> float:
-    """The lr of epoch ``epoch`` (0-based) under ``config.lr_schedule``."""
-    loop = config.loop
-    if config.lr_schedule == "cosine":
-        return runtime.cosine_learning_rate(
-            epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min
-        )
-    return runtime.warmup_linear_learning_rate(
-        epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min, config.warmup_epochs
-    )
-
-
 class TrainRun:
     """Builds (or restores) the retraining of ``config``; ``run()`` runs the rest."""
 
@@ -121,7 +109,7 @@ class TrainRun:
     def run_epoch(self, epoch: int, steps: int) -> dict[str, Any]:
         """One training epoch (0-based ``epoch``), its evaluation and checkpoint."""
         config, loop = self.config, self.config.loop
-        lr = learning_rate_at(config, epoch)
+        lr = runtime.learning_rate_at(config, epoch)
         self.optimizer.learning_rate = lr
         drop_path = config.drop_path_prob * epoch / loop.epochs  # DARTS' linear ramp
         self.model.drop_path_rate.assign(drop_path)

@@ -32,6 +32,7 @@ import tensorflow as tf
 from istanas_tf import genotypes
 from istanas_tf.data.config import FOLDER_PREFIX
 from istanas_tf.training import config as config_lib
+from istanas_tf.training import recorded
 
 RUN_CONFIG = "run_config.json"
 FLAGS = "flags.txt"
@@ -104,8 +105,8 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
     """Records a run's settings in a new run directory, or checks them against an old one.
 
     Args:
-      settings: ``config.recorded_settings(...)``: ``{"kind": ..., nested settings}``.
-        Only the settings in ``config.RESUMABLE`` may differ from a recorded run.
+      settings: ``recorded.recorded_settings(...)``: ``{"kind": ..., nested settings}``.
+        Only the settings in ``recorded.RESUMABLE`` may differ from a recorded run.
 
     Returns:
       True when the directory already held a run (a resume).
@@ -121,24 +122,29 @@ def check_run_config(model_dir: str, settings: dict[str, Any]) -> bool:
         # finds the same folder.
         dataset = resolved_dataset(settings["data"].get("dataset"))
         settings = {**settings, "data": {**settings["data"], "dataset": dataset}}
-    recorded = read_json(file)
-    if recorded is None:
+    previous = read_json(file)
+    if previous is None:
         write_json(file, settings)
         return False
-    kind = run_kind(recorded, model_dir)
+    kind = run_kind(previous, model_dir)
     if kind != settings["kind"]:
         raise RunDirError(
             f"--model_dir={model_dir} holds {KIND_DESCRIPTIONS[kind]}, not "
             f"{KIND_DESCRIPTIONS[settings['kind']]}: {_what_to_run(kind, model_dir)}, or "
             "pass a new --model_dir for this run"
         )
-    history = recorded.pop(HISTORY, [])
+    history = previous.pop(HISTORY, [])
     # Older records may hold a folder as it was spelled then.
-    if "data" in recorded:
-        recorded["data"]["dataset"] = resolved_dataset(recorded["data"].get("dataset"))
-    old, new = config_lib.flatten(recorded), config_lib.flatten(settings)
+    if "data" in previous:
+        previous["data"]["dataset"] = resolved_dataset(previous["data"].get("dataset"))
+    old, new = recorded.flatten(previous), recorded.flatten(settings)
+    # A setting added to the configs after the run was recorded had its default value.
+    defaults = recorded.recorded_settings(
+        recorded.from_recorded_settings(model_dir, {**previous, "kind": kind})
+    )
+    old = {**recorded.flatten(defaults), **old}
     changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
-    differing = [key for key in changed if key not in config_lib.RESUMABLE]
+    differing = [key for key in changed if key not in recorded.RESUMABLE]
     if differing:
         details = "; ".join(
             f"--{config_lib.flag_name(key) or key}: recorded {old.get(key)!r}, now {new.get(key)!r}"

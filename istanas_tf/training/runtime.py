@@ -18,7 +18,7 @@ from absl import logging
 
 from istanas_tf import data
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir, run_guard
+from istanas_tf.training import recorded, run_dir, run_guard
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -94,6 +94,19 @@ def warmup_linear_learning_rate(
     return lr_min + (lr_max - lr_min) * (1.0 - progress)
 
 
+def learning_rate_at(
+    config: config_lib.TrainConfig | config_lib.OneStageConfig, epoch: int
+) -> float:
+    """The lr of epoch ``epoch`` (0-based) of ``config.loop.epochs`` under
+    ``config.lr_schedule``: a retraining, or a one-stage run's training phase."""
+    loop = config.loop
+    if config.lr_schedule == "cosine":
+        return cosine_learning_rate(epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min)
+    return warmup_linear_learning_rate(
+        epoch, loop.epochs, loop.learning_rate, loop.learning_rate_min, config.warmup_epochs
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """What :func:`start` set up for a run.
@@ -126,7 +139,7 @@ def start(
         lock and removes stale temporaries. None: no lock (a run object built directly).
       flags_text: written to ``flags.txt`` (the command-line flags that replay the run).
       **resolved: recorded instead of the config's value (see
-        ``config.recorded_settings``).
+        ``recorded.recorded_settings``).
 
     Raises:
       ValueError: an invalid setting (naming its flag), a batch that does not divide
@@ -145,7 +158,7 @@ def start(
     if chief:
         if guard is not None:
             guard.acquire()
-        run_dir.check_run_config(config.model_dir, config_lib.recorded_settings(config, **resolved))
+        run_dir.check_run_config(config.model_dir, recorded.recorded_settings(config, **resolved))
         if guard is not None:
             for stale in guard.remove_stale_temporaries():
                 logging.info("Removed %s, left half-written by a stopped run", stale)

@@ -30,7 +30,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from istanas_tf import diagram, genotypes
 from istanas_tf.training import config as config_lib
-from istanas_tf.training import run_dir
+from istanas_tf.training import recorded, run_dir
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 # Row key prefixes of held-out splits, and the TensorBoard run each goes to.
@@ -165,7 +165,7 @@ def write_hparams(writers: Writers, settings: dict[str, Any]) -> None:
     """The run's recorded settings (``run_config.json``) in the HParams dashboard,
     named by their flags."""
     values = {}
-    for key, value in config_lib.flatten(settings).items():
+    for key, value in recorded.flatten(settings).items():
         name = config_lib.flag_name(key) or key
         if isinstance(value, bool | int | float | str):
             values[name] = value
