@@ -256,6 +256,9 @@ def _run_mirrored_and_default(cifar10_folder, tmp_path, **job):
     return runs
 
 
+# Opt-in (about 6 minutes on 2 cores): the one-stage run's parity test below covers the
+# same replica machinery (synchronized BN, all-reduced gradients) in the default suite.
+@pytest.mark.slow
 def test_mirrored_two_devices_matches_one_device(cifar10_folder, tmp_path):
     runs = _run_mirrored_and_default(cifar10_folder, tmp_path)
 

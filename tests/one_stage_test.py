@@ -496,6 +496,9 @@ def _kill_after_checkpoint(args, model_dir, checkpoint):
     assert len(_rows(model_dir)) < SEARCH_EPOCHS + TRAIN_EPOCHS
 
 
+# Opt-in (about 5 minutes on 2 cores): the default suite keeps the two-stage kill test
+# (the same checkpoint/metrics protocol) and this file's resume tests.
+@pytest.mark.slow
 def test_resume_after_kills_on_both_sides_of_the_search_training_boundary(
     finished_run, cifar10_folder, tmp_path
 ):
