@@ -284,16 +284,11 @@ class OneStageStopping(_ArchitectureCallback):
             decision.distances,
         )
         if decision.rejected:
-            counts = {
-                "max_params": decision.candidate_params,
-                "max_multiply_adds": decision.candidate_multiply_adds,
-            }
             logging.warning(
-                "epoch %d: the recovered architecture reaches %s: rejected, keeping the last z",
+                "epoch %d: the recovered architecture is over %s: rejected, keeping the last z",
                 epoch + 1,
-                ", ".join(
-                    f"{flag}={getattr(self, flag)} ({counts[flag]:,})"
-                    for flag in decision.rejected_by
+                decision.rejection_reason(
+                    {"max_params": self.max_params, "max_multiply_adds": self.max_multiply_adds}
                 ),
             )
         if epoch + 1 >= self.search_epochs:

@@ -57,6 +57,17 @@ class StopDecision:
         """The candidate reached a limit, so z_last is kept."""
         return bool(self.rejected_by)
 
+    def rejection_reason(self, limits: Mapping[str, int | None]) -> str:
+        """The limits the candidate reached, for a log line: ``"--max_params=3700000 (it
+        has 3,912,410)"``, joined by "and"; ``limits`` maps each flag name to its value."""
+        counts = {
+            "max_params": self.candidate_params,
+            "max_multiply_adds": self.candidate_multiply_adds,
+        }
+        return " and ".join(
+            f"--{flag}={limits[flag]} (it has {counts[flag]:,})" for flag in self.rejected_by
+        )
+
 
 def decide(
     recoveries: Mapping,

@@ -245,16 +245,14 @@ class OneStageRun(search_run.SearchRun):
                 row["rejected_genotype"] = genotypes.to_json_dict(
                     self.model.genotype(decision.candidate_supports)
                 )
-                candidate = {
-                    "max_params": decision.candidate_params,
-                    "max_multiply_adds": decision.candidate_multiply_adds,
-                }
                 logging.warning(
                     "epoch %d: the recovered architecture is over %s: rejected, keeping the last z",
                     epoch + 1,
-                    " and ".join(
-                        f"--{flag}={getattr(config, flag)} (it has {candidate[flag]:,})"
-                        for flag in decision.rejected_by
+                    decision.rejection_reason(
+                        {
+                            "max_params": config.max_params,
+                            "max_multiply_adds": config.max_multiply_adds,
+                        }
                     ),
                 )
             if epoch + 1 >= config.search_epochs:
