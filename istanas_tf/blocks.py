@@ -19,6 +19,8 @@ import threading
 import keras
 import tensorflow as tf
 
+from istanas_tf.batch_norm import BatchNorm
+
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
 BN_MOMENTUM = 0.9
@@ -42,9 +44,10 @@ def synchronized_batch_norm(enabled: bool = True):
         _SYNCHRONIZED.enabled = previous
 
 
-def batch_norm(affine: bool = True, name: str | None = None) -> keras.layers.Layer:
-    """BatchNorm with PyTorch's eps and momentum; ``affine=False`` drops gamma and beta."""
-    return keras.layers.BatchNormalization(
+def batch_norm(affine: bool = True, name: str | None = None) -> BatchNorm:
+    """BatchNorm with PyTorch's eps, momentum and running-variance update (fused on TF
+    where one replica computes the statistics); ``affine=False`` drops gamma and beta."""
+    return BatchNorm(
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         center=affine,

@@ -32,6 +32,7 @@ FLOORS = [
     "istanas_tf.optimality",
     "istanas_tf.lasso",
     "istanas_tf.optimizers",
+    "istanas_tf.batch_norm",
     "istanas_tf.blocks",
     "istanas_tf.operations",
     "istanas_tf.data.config",

@@ -1,0 +1,167 @@
+"""BatchNorm with PyTorch's numerics, fused on TensorFlow wherever it can be.
+
+Keras' ``BatchNormalization`` on the TF backend computes the batch moments and the
+normalisation as separate ops (and, when ``synchronized``, an all-reduce even on one
+replica): several times the cost of TF's fused kernel, with dozens of BNs per step. It
+also updates the running variance with the biased batch variance, where PyTorch (the
+published code) uses the unbiased one, ``var * n / (n - 1)``.
+
+:class:`BatchNorm` keeps Keras' layer (same variables, config, checkpoints) and replaces
+its ``call``. In training it normalises with the biased batch variance, as both
+frameworks do, and updates the running statistics as PyTorch does::
+
+    running_mean <- momentum * running_mean + (1 - momentum) * mean
+    running_var  <- momentum * running_var  + (1 - momentum) * var * n / (n - 1)
+
+with ``n`` the number of values per channel (batch x height x width, over every
+replica when synchronized). Three paths compute the same thing:
+
+- fused: ``FusedBatchNormV3`` (one kernel forward, one backward; its variance output is
+  already the unbiased one) for 4-D float32 / float16 / bfloat16 inputs when one replica
+  computes the statistics;
+- synchronized: only inside a multi-replica ``tf.distribute`` step of a layer made with
+  ``synchronized=True``: sums all-reduced over the replicas (the global batch's
+  statistics, as one device would compute them);
+- formula: the textbook formula in the input's precision (float64, or other ranks).
+
+Inference uses the running statistics on every path.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+_register = keras.saving.register_keras_serializable(package="istanas_tf")
+
+# FusedBatchNormV3's input types (its statistics are float32 for all of them).
+FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+
+
+def _replicas_in_step() -> int:
+    """Replicas computing this step together (1 outside a tf.distribute replica step)."""
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+@_register
+class BatchNorm(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization (channels last) with PyTorch's running-variance update,
+    computed by TF's fused kernel when one replica computes the statistics.
+
+    Args: those of ``keras.layers.BatchNormalization``; ``axis`` must be the last one,
+    and ``renorm`` is not supported.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.axis != -1 or self.renorm:
+            raise ValueError(
+                f"BatchNorm normalises the last (channel) axis without renorm, got "
+                f"axis={self.axis}, renorm={self.renorm}"
+            )
+
+    def path(self, inputs: tf.Tensor, training: bool) -> str:
+        """Which computation ``call`` uses: ``fused``, ``synchronized`` or ``formula``."""
+        if training and self.synchronized and _replicas_in_step() > 1:
+            return "synchronized"
+        if inputs.shape.rank == 4 and inputs.dtype in FUSED_DTYPES:
+            return "fused"
+        return "formula"
+
+    def _scale_and_offset(self, dtype) -> tuple[tf.Tensor, tf.Tensor]:
+        channels = self.moving_mean.shape[0]
+        gamma = self.gamma if self.scale else tf.ones([channels], self.moving_mean.dtype)
+        beta = self.beta if self.center else tf.zeros([channels], self.moving_mean.dtype)
+        return tf.cast(gamma, dtype), tf.cast(beta, dtype)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise ValueError("BatchNorm does not take a mask")
+        training = bool(training) and self.trainable
+        path = self.path(inputs, training)
+        if path == "fused":
+            return self._fused(inputs, training)
+        # Statistics in at least float32 (float16 overflows), as Keras does.
+        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        x = tf.cast(inputs, dtype)
+        if training:
+            mean, variance, count = (
+                self._synchronized_moments(x) if path == "synchronized" else self._moments(x)
+            )
+            self._update_running_statistics(mean, variance * count / (count - 1.0))
+        else:
+            mean = tf.cast(self.moving_mean, dtype)
+            variance = tf.cast(self.moving_variance, dtype)
+        gamma, beta = self._scale_and_offset(dtype)
+        outputs = tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _fused(self, inputs: tf.Tensor, training: bool) -> tf.Tensor:
+        """FusedBatchNormV3: float32 statistics, output in the input's dtype."""
+        gamma, beta = self._scale_and_offset(tf.float32)
+        x = inputs
+        if training:
+            empty = tf.constant([], tf.float32)
+            # In training the kernel's batch_variance output is the unbiased variance
+            # (the normalisation itself uses the biased one), PyTorch's running update.
+            outputs, mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=gamma,
+                offset=beta,
+                mean=empty,
+                variance=empty,
+                epsilon=self.epsilon,
+                data_format="NHWC",
+                is_training=True,
+            )
+            self._update_running_statistics(mean, unbiased_variance)
+        else:
+            outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=gamma,
+                offset=beta,
+                mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32),
+                epsilon=self.epsilon,
+                data_format="NHWC",
+                is_training=False,
+            )
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _moments(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Mean, biased variance and value count per channel of this replica's batch."""
+        axes = list(range(x.shape.rank - 1))
+        mean, variance = tf.nn.moments(x, axes)
+        count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+        return mean, variance, count
+
+    def _synchronized_moments(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The global batch's mean, biased variance and count, over every replica.
+
+        Two all-reduces (sums and count, then squared deviations from the global mean):
+        no ``E[x^2] - E[x]^2`` cancellation. ``all_reduce`` is differentiable.
+        """
+        context = tf.distribute.get_replica_context()
+        axes = list(range(x.shape.rank - 1))
+        local_count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+        sums = context.all_reduce(
+            tf.distribute.ReduceOp.SUM,
+            tf.concat([tf.reduce_sum(x, axes), local_count[None]], axis=0),
+        )
+        count = sums[-1]
+        mean = sums[:-1] / count
+        squares = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes)
+        )
+        return mean, squares / count, count
+
+    def _update_running_statistics(self, mean: tf.Tensor, unbiased_variance: tf.Tensor) -> None:
+        """Moves the running statistics toward this batch's (no gradient flows here)."""
+        momentum = self.momentum
+        for variable, value in (
+            (self.moving_mean, mean),
+            (self.moving_variance, unbiased_variance),
+        ):
+            value = tf.cast(tf.stop_gradient(value), variable.dtype)
+            variable.assign(variable * momentum + value * (1.0 - momentum))
