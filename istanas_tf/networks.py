@@ -30,7 +30,7 @@ class AuxiliaryHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.imagenet = imagenet
-        self.conv1 = keras.layers.Conv2D(128, 1, use_bias=False, name="conv1")
+        self.conv1 = blocks.PointwiseConv(128, use_bias=False, name="conv1")
         self.bn1 = blocks.batch_norm(name="bn1")
         self.conv2 = keras.layers.Conv2D(768, 2, use_bias=False, name="conv2")
         self.bn2 = None if imagenet else blocks.batch_norm(name="bn2")

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from istanas_tf import genotypes
-from istanas_tf.blocks import SymmetricConv, batch_norm, pad_symmetric
+from istanas_tf.blocks import PointwiseConv, SymmetricConv, batch_norm, pad_symmetric
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
@@ -104,10 +104,10 @@ class SepConv(_ConvOp):
     ):
         super().__init__(channels_out, kernel_size, stride, affine, **kwargs)
         self.depthwise1 = SymmetricConv(0, kernel_size, stride, depthwise=True, name="depthwise1")
-        self.pointwise1 = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise1")
+        self.pointwise1 = PointwiseConv(channels_out, use_bias=False, name="pointwise1")
         self.bn1 = batch_norm(affine, name="bn1")
         self.depthwise2 = SymmetricConv(0, kernel_size, 1, depthwise=True, name="depthwise2")
-        self.pointwise2 = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise2")
+        self.pointwise2 = PointwiseConv(channels_out, use_bias=False, name="pointwise2")
         self.bn2 = batch_norm(affine, name="bn2")
 
     def call(self, x, training=None):
@@ -138,7 +138,7 @@ class DilConv(_ConvOp):
         self.depthwise = SymmetricConv(
             0, kernel_size, stride, dilation, depthwise=True, name="depthwise"
         )
-        self.pointwise = keras.layers.Conv2D(channels_out, 1, use_bias=False, name="pointwise")
+        self.pointwise = PointwiseConv(channels_out, use_bias=False, name="pointwise")
         self.bn = batch_norm(affine, name="bn")
 
     def call(self, x, training=None):
@@ -170,18 +170,30 @@ class FactorizedReduce(_OpWithBatchNorms):
         # 1x1 convs on the subsampled pixels: the same as PyTorch's stride-2 1x1 convs,
         # cheaper, and it avoids a oneDNN fault in the gradient of strided 1x1 convs on
         # odd-sized inputs seen with TF 2.21 (heap corruption on 55x55 / 63x63 inputs).
-        self.conv1 = keras.layers.Conv2D(channels_out // 2, 1, use_bias=False, name="conv1")
-        self.conv2 = keras.layers.Conv2D(channels_out // 2, 1, use_bias=False, name="conv2")
+        self.conv1 = PointwiseConv(channels_out // 2, use_bias=False, name="conv1")
+        self.conv2 = PointwiseConv(channels_out // 2, use_bias=False, name="conv2")
         self.bn = batch_norm(affine, name="bn")
+
+    def build(self, input_shape):
+        for conv in (self.conv1, self.conv2):
+            conv.build((None, None, None, input_shape[-1]))
+        self.bn.build((None, None, None, self.channels_out))
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
-        even = x[:, ::2, ::2, :]  # the pixels a stride-2 1x1 conv reads
-        shifted = x[:, 1::2, 1::2, :]  # ... and those it reads on x[:, 1:, 1:]
-        # PyTorch only defines this for even sizes; for odd sizes pad the shifted view at
-        # the bottom/right so both halves have ceil(H/2) rows instead of failing.
-        height, width = tf.shape(x)[1], tf.shape(x)[2]
-        shifted = tf.pad(shifted, [[0, 0], [0, height % 2], [0, width % 2], [0, 0]])
+        # PyTorch only defines this for even sizes; odd ones get a zero row / column at
+        # the bottom / right, so both halves have ceil(H/2) rows instead of failing.
+        height, width = x.shape[1], x.shape[2]
+        if height is None or width is None or height % 2 or width % 2:
+            height, width = tf.shape(x)[1], tf.shape(x)[2]
+            x = tf.pad(x, [[0, 0], [0, height % 2], [0, width % 2], [0, 0]])
+        # Each 2x2 block's pixels side by side in channels, (row, col) offsets
+        # (0, 0), (0, 1), (1, 0), (1, 1): conv1 reads the (0, 0) pixels (those a stride-2
+        # 1x1 conv reads), conv2 the (1, 1) pixels (the same on x[:, 1:, 1:]). Cheaper
+        # than two strided slices, whose gradients scatter into full-size zeros.
+        blocks = tf.nn.space_to_depth(x, 2)
+        channels = x.shape[-1]
+        even, shifted = blocks[..., :channels], blocks[..., 3 * channels :]
         out = tf.concat([self.conv1(even), self.conv2(shifted)], axis=-1)
         return self.bn(out, training=training)
 

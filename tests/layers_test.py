@@ -186,6 +186,15 @@ CASES = [
         id="SymmetricConv-depthwise-dilated",
     ),
     LayerCase(
+        blocks.PointwiseConv,
+        dict(filters=5, use_bias=True),
+        input_data=(_images(4, 3, 3),),
+        expected_output_shape=(BATCH, 4, 3, 5),
+        # The kernel [1, 1, 3, 5] and the bias.
+        expected_num_trainable_weights=2,
+        expected_num_non_trainable_weights=0,
+    ),
+    LayerCase(
         ops.ReLUConvBN,
         dict(channels_out=C, kernel_size=3, stride=2, affine=True),
         input_data=(_images(8, 8, 3),),

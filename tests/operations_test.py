@@ -221,3 +221,52 @@ def test_strided_pools_match_pytorch_reference(kind, size):
                 window.max(axis=(1, 2)) if kind == "max" else window.mean(axis=(1, 2))
             )
     np.testing.assert_allclose(ops.Pool(kind, stride=2)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pointwise_conv_is_the_1x1_conv(dtype):
+    """PointwiseConv's matrix product computes Conv2D's 1x1 conv with the same kernel
+    (and gradients), on any batch and image size."""
+    x = tf.random.stateless_normal([3, 5, 7, 6], [1, 2], dtype=dtype)
+    pointwise = blocks.PointwiseConv(4, use_bias=False, dtype=dtype)
+    conv = keras.layers.Conv2D(4, 1, use_bias=False, dtype=dtype)
+    pointwise.build(x.shape)
+    conv.build(x.shape)
+    assert pointwise.kernel.shape == conv.kernel.shape == (1, 1, 6, 4)
+    conv.kernel.assign(pointwise.kernel)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, reference = pointwise(x), conv(x)
+    # Both sum 6 products per output; only the summation order may differ.
+    tolerance = 1e-5 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance)
+    for source in (x, pointwise.kernel):
+        np.testing.assert_allclose(
+            tape.gradient(ours, source),
+            tape.gradient(reference, source if source is x else conv.kernel),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+
+
+def test_drop_path_does_no_work_at_rate_zero():
+    """At rate 0 (a number or a variable, as the ramp starts) the traced step draws no
+    noise: the seed generator's state stays put and the input passes through unchanged."""
+    layer = blocks.DropPath(seed=5)
+    x = tf.random.stateless_normal([4, 3, 3, 2], [3, 4])
+    rate = tf.Variable(0.0)
+
+    @tf.function
+    def step(x):
+        return layer(x, rate=rate, training=True)
+
+    state = layer.seed_generator.state.numpy().copy()
+    np.testing.assert_array_equal(layer(x, rate=0.0, training=True), x)
+    np.testing.assert_array_equal(step(x), x)
+    np.testing.assert_array_equal(layer.seed_generator.state.numpy(), state)
+    rate.assign(0.5)
+    dropped = step(x).numpy()
+    assert not np.array_equal(layer.seed_generator.state.numpy(), state)
+    # Each sample is either dropped (0) or kept and scaled by 1 / (1 - 0.5).
+    for sample, original in zip(dropped, x.numpy()):
+        assert np.array_equal(sample, 0 * original) or np.allclose(sample, 2 * original)
