@@ -93,7 +93,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             mean, variance, count = (
                 self._synchronized_moments(x) if path == "synchronized" else self._moments(x)
             )
-            self._update_running_statistics(mean, variance * count / (count - 1.0))
+            # One value per channel: its variance is 0, and 0, not 0 * 1/0 = NaN, is
+            # what the fused kernel reports too (PyTorch refuses to train then).
+            bessel = count / tf.maximum(count - 1.0, 1.0)
+            self._update_running_statistics(mean, variance * bessel)
         else:
             mean = tf.cast(self.moving_mean, dtype)
             variance = tf.cast(self.moving_variance, dtype)

@@ -191,6 +191,34 @@ def test_running_variance_is_unbiased():
     np.testing.assert_allclose(layer.moving_variance.numpy(), unbiased, rtol=1e-13)
 
 
+def test_one_value_per_channel():
+    """n = 1 (a 1x1 map of batch 1, e.g. the auxiliary head's last BN): the variance
+    is 0 and the running variance decays towards it on every path, without the NaN of
+    0 * n / (n - 1). (PyTorch raises here; the fused kernel reports 0.)"""
+    x = np.arange(3.0).reshape(1, 1, 1, 3)
+    for dtype, shape in [("float32", x.shape), ("float64", x.shape), ("float64", (1, 3))]:
+        layer = make_layer(shape, dtype)
+        y = layer(tf.constant(x.reshape(shape), dtype), training=True)
+        # x * inv + (beta - mean * inv): beta up to the rounding of inv ~ 316 times x.
+        np.testing.assert_allclose(y.numpy().ravel(), layer.beta.numpy(), atol=1e-4)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * x.ravel(), rtol=1e-7)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), [0.9] * 3, rtol=1e-7)
+
+
+def test_jit_compiled_fused_path():
+    """Under XLA (``--jit_compile``) FusedBatchNormV3 is XLA's lowering, not TF's
+    kernel: its variance output must still be the unbiased one."""
+    layer = make_layer(SHAPE_4D, "float32")
+    x = batch(SHAPE_4D, seed=0, dtype="float32")
+    step = tf.function(lambda x: layer(x, training=True), jit_compile=True)
+    y = step(tf.constant(x))
+    gamma, beta = gamma_beta(layer, SHAPE_4D[-1])
+    expected, mean, var = reference_forward(x, gamma, beta, 0.0, 1.0, training=True)
+    assert_close(y, expected, F32_RTOL, "output")
+    assert_close(layer.moving_mean.numpy(), mean, F32_RTOL, "running mean")
+    assert_close(layer.moving_variance.numpy(), var, F32_RTOL, "running variance")
+
+
 # ---------------------------------------------------------------------- Keras' layer
 def test_matches_keras_batch_normalization():
     """Keras' layer (today's, before this one): one training step from the same weights
