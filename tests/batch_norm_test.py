@@ -462,7 +462,8 @@ SYNC_HELPER = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
-    """The helper's record (one subprocess, ~15 s: TensorFlow's start dominates)."""
+    """The helper's record: one subprocess, ~9 s of CPU (TensorFlow's start dominates;
+    18-35 s wall on a busy 2-core machine)."""
     folder = tmp_path_factory.mktemp("mirrored")
     script, record = folder / "helper.py", folder / "record.npz"
     script.write_text(SYNC_HELPER)
