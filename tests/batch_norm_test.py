@@ -20,6 +20,7 @@ layer and the reference compute the same sums in another order (~1e-16 each). fl
 results to 2e-5 relative to the scale: a sum of n = 60 float32 values is within
 n * 2^-24 ~ 4e-6 of the exact one in the worst case, and a BN output or gradient is a
 few such sums (mean, variance, sum(dy), sum(dy * xhat)) combined with O(1) factors.
+Measured (TF 2.21, CPU): at most 8.4e-7 in float32 and 8.7e-16 in float64.
 """
 
 import json
@@ -59,12 +60,13 @@ def reference_forward(x, gamma, beta, running_mean, running_var, training):
     return y, running_mean, running_var
 
 
-def reference_backward(x, gamma, running_var, dy, training):
+def reference_gradients(x, gamma, running_mean, running_var, dy, training):
     """Analytic float64 gradients (dx, dgamma, dbeta) of sum(y * dy).
 
-    Training: with xhat = (x - mean) / sqrt(var + eps) and sums over the n values of a
-    channel, dx = gamma / (n sqrt(var + eps)) * (n dy - sum(dy) - xhat sum(dy xhat)).
-    Inference: the statistics are constants, dx = gamma dy / sqrt(running_var + eps).
+    Training: with xhat = (x - mean) / sqrt(var + eps) (batch statistics) and sums over
+    the n values of a channel, dx = gamma / (n sqrt(var + eps)) * (n dy - sum(dy) -
+    xhat sum(dy xhat)). Inference: the running statistics are constants, dx = gamma dy
+    / sqrt(running_var + eps). Both: dgamma = sum(dy xhat), dbeta = sum(dy).
     """
     x, dy = x.astype(np.float64), dy.astype(np.float64)
     axes = tuple(range(x.ndim - 1))
@@ -72,23 +74,13 @@ def reference_backward(x, gamma, running_var, dy, training):
     if training:
         mean, var = x.mean(axes), x.var(axes)
     else:
-        mean, var = None, running_var
+        mean, var = running_mean, running_var
     inv = 1.0 / np.sqrt(var + EPS)
+    xhat = (x - mean) * inv
     if training:
-        xhat = (x - mean) * inv
         dx = gamma * inv / n * (n * dy - dy.sum(axes) - xhat * (dy * xhat).sum(axes))
     else:
-        xhat = None
         dx = gamma * inv * dy
-    return dx, xhat, inv
-
-
-def reference_gradients(x, gamma, running_mean, running_var, dy, training):
-    """(dx, dgamma, dbeta) of sum(y * dy), float64."""
-    axes = tuple(range(x.ndim - 1))
-    dx, xhat, inv = reference_backward(x, gamma, running_var, dy, training)
-    if xhat is None:
-        xhat = (x.astype(np.float64) - running_mean) * inv
     return dx, (dy * xhat).sum(axes), dy.sum(axes)
 
 
@@ -163,8 +155,8 @@ def test_matches_float64_reference(dtype, shape, path, rtol, affine):
         assert layer.path(tf.constant(x), training) == path
         y, gradients = run(layer, x, dy, training)
         assert y.dtype == dtype
-        # Backward before forward: the reference's running statistics are those the
-        # inference step reads, before this step's update.
+        # Before reference_forward updates the running statistics (inference reads
+        # them; training steps do not).
         expected_gradients = reference_gradients(
             x, gamma, running_mean, running_var, dy.astype(np.float64), training
         )
