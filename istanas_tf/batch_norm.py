@@ -7,7 +7,11 @@ also updates the running variance with the biased batch variance, where PyTorch 
 published code) uses the unbiased one, ``var * n / (n - 1)``.
 
 :class:`BatchNorm` keeps Keras' layer (same variables, config, checkpoints) and replaces
-its ``call``. In training it normalises with the biased batch variance, as both
+its ``call``. Its class is named ``BatchNormalization``, as Keras' is: Keras' weights
+files (``save_weights``, the export's ``network.weights.h5``) key the layers a list
+holds by their class name, so under another name the weights files written before this
+layer (with Keras' layer) would not load into the networks' BNs. ``BatchNorm`` is the
+name the package uses for it. In training it normalises with the biased batch variance, as both
 frameworks do, and updates the running statistics as PyTorch does::
 
     running_mean <- momentum * running_mean + (1 - momentum) * mean
@@ -45,7 +49,7 @@ def _replicas_in_step() -> int:
 
 
 @_register
-class BatchNorm(keras.layers.BatchNormalization):
+class BatchNormalization(keras.layers.BatchNormalization):
     """Keras' BatchNormalization (channels last) with PyTorch's running-variance update,
     computed by TF's fused kernel when one replica computes the statistics.
 
@@ -89,7 +93,10 @@ class BatchNorm(keras.layers.BatchNormalization):
             mean, variance, count = (
                 self._synchronized_moments(x) if path == "synchronized" else self._moments(x)
             )
-            self._update_running_statistics(mean, variance * count / (count - 1.0))
+            # One value per channel: its variance is 0, and 0, not 0 * 1/0 = NaN, is
+            # what the fused kernel reports too (PyTorch refuses to train then).
+            bessel = count / tf.maximum(count - 1.0, 1.0)
+            self._update_running_statistics(mean, variance * bessel)
         else:
             mean = tf.cast(self.moving_mean, dtype)
             variance = tf.cast(self.moving_variance, dtype)
@@ -165,3 +172,7 @@ class BatchNorm(keras.layers.BatchNormalization):
         ):
             value = tf.cast(tf.stop_gradient(value), variable.dtype)
             variable.assign(variable * momentum + value * (1.0 - momentum))
+
+
+# The package's name for it; the class keeps Keras' name (see the module docstring).
+BatchNorm = BatchNormalization

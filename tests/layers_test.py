@@ -22,6 +22,7 @@ from testing import LayerCase, run_layer_test
 import istanas_tf
 from istanas_tf import (
     architecture,
+    batch_norm,
     blocks,
     cells,
     darts,
@@ -279,6 +280,27 @@ CASES = [
         # No weights: the seed generator's state is a variable but not a weight.
         expected_num_trainable_weights=0,
         expected_num_non_trainable_weights=0,
+    ),
+    LayerCase(
+        batch_norm.BatchNorm,
+        # blocks.batch_norm's settings; the fused path (float32, 4-D).
+        dict(momentum=blocks.BN_MOMENTUM, epsilon=blocks.BN_EPSILON),
+        input_data=(_images(4, 4, C),),
+        expected_output_shape=(BATCH, 4, 4, C),
+        # gamma, beta; moving mean and variance.
+        expected_num_trainable_weights=2,
+        expected_num_non_trainable_weights=2,
+        id="BatchNorm-affine",
+    ),
+    LayerCase(
+        batch_norm.BatchNorm,
+        # affine=False (the search cells' BNs); rank 2 takes the formula path.
+        dict(momentum=0.9, epsilon=1e-5, center=False, scale=False, synchronized=True),
+        input_data=(_images(4, 4, C).reshape(-1, C),),
+        expected_output_shape=(BATCH * 16, C),
+        expected_num_trainable_weights=0,
+        expected_num_non_trainable_weights=2,
+        id="BatchNorm-no-affine-2d",
     ),
     # ------------------------------------------------------------------ cells
     LayerCase(
@@ -563,9 +585,11 @@ def test_every_keras_class_is_registered():
         for name, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ != module.__name__ or name.startswith("_"):
                 continue
+            # Registered under the class's own name; a module-level alias of a class
+            # (batch_norm.BatchNorm) is the same class under another name.
             if (
                 issubclass(cls, KERAS_BASES)
-                and keras.saving.get_registered_name(cls) != f"istanas_tf>{name}"
+                and keras.saving.get_registered_name(cls) != f"istanas_tf>{cls.__name__}"
             ):
                 unregistered.append(f"{module.__name__}.{name}")
     assert unregistered == []
