@@ -45,10 +45,29 @@ def load_average() -> float | None:
         return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``ru_maxrss``) in MB."""
+    import resource
+
+    # ru_maxrss is in kB on Linux (bytes on macOS).
+    scale = 1.0 / (1024 * 1024) if sys.platform == "darwin" else 1.0 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def run_worker(
-    script: str, name: str, args: argparse.Namespace, extra: list[str], prefix: str
+    script: str,
+    name: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    prefix: str,
+    library: str | None = None,
 ) -> tuple[dict | None, float, subprocess.CompletedProcess]:
     """Runs ``script --worker name`` with the network flags of ``args`` and ``extra``.
+
+    Args:
+      library: a checkout whose ``istanas_tf`` the worker imports instead of the
+        installed one (put first on PYTHONPATH): to measure another commit's code with
+        this commit's benchmark, in the same run.
 
     Returns:
       ``(result or None if the worker printed none, wall seconds, the process)``.
@@ -56,8 +75,11 @@ def run_worker(
     command = [sys.executable, os.path.abspath(script), "--worker", name, *extra]
     for flag in NETWORK_FLAGS:
         command += [f"--{flag}", str(getattr(args, flag))]
+    env = dict(os.environ)
+    if library:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(library), env.get("PYTHONPATH", "")])
     start = time.perf_counter()
-    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     for line in process.stdout.splitlines():
         if line.startswith(prefix):

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -105,10 +104,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _max_rss_mb() -> float:
-    # ru_maxrss is in kB on Linux (bytes on macOS).
-    scale = 1.0 / (1024 * 1024) if sys.platform == "darwin" else 1.0 / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+_max_rss_mb = harness.peak_rss_mb
 
 
 def _mb(kb: int | None) -> float | None:
@@ -116,9 +112,9 @@ def _mb(kb: int | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------- worker
-def _worker(args: argparse.Namespace) -> dict:
-    """Builds one super-net like TwoStageRun, times its traced search step, measures memory."""
-    import numpy as np
+def build_step(args: argparse.Namespace, method: str = "ista"):
+    """The super-net, its traced search step and its two batches, as TwoStageRun makes
+    them. Returns ``(model, train_fn, weights_batch, arch_batch, build seconds)``."""
     import tensorflow as tf
 
     from istanas_tf import search_model
@@ -126,10 +122,7 @@ def _worker(args: argparse.Namespace) -> dict:
     from istanas_tf.training import config as config_lib
     from istanas_tf.training import steps as steps_lib
 
-    method = args.worker
     tf.random.set_seed(args.seed)
-    rss_after_imports = _mb(_proc_status_kb("VmRSS"))
-
     build_start = time.perf_counter()
     # As TwoStageRun.__init__ with the default strategy and the default TwoStageConfig:
     # the super-net (its first architecture recovered) and both optimizers.
@@ -166,6 +159,19 @@ def _worker(args: argparse.Namespace) -> dict:
 
     # As TwoStageRun._trace_steps / _run_epoch.
     train_fn = steps_lib.distributed_step(strategy, lambda w, a: model.train_step((w, a)), model)
+    return model, train_fn, weights_batch, arch_batch, build_s
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    """Builds one super-net like TwoStageRun, times its traced search step, measures memory."""
+    import numpy as np
+    import tensorflow as tf  # noqa: F401  (imported before measuring)
+
+    from istanas_tf.training import builders  # noqa: F401  (imported before measuring)
+
+    method = args.worker
+    rss_after_imports = _mb(_proc_status_kb("VmRSS"))
+    model, train_fn, weights_batch, arch_batch, build_s = build_step(args, method)
 
     def step() -> float:
         start = time.perf_counter()

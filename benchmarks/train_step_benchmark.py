@@ -85,17 +85,16 @@ GENOTYPE = "ISTA_twostage"
 
 
 # ---------------------------------------------------------------------------- worker
-def _worker(args: argparse.Namespace) -> dict:
-    """Builds the evaluation network like TrainRun, times its traced training step."""
+def build_step(args: argparse.Namespace, variant: str = "graph"):
+    """The evaluation network, its traced training step and one batch, as TrainRun
+    makes them. Returns ``(model, train_fn, batch, build seconds)``."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
-    from istanas_tf import network_size, networks, optimizers
+    from istanas_tf import networks, optimizers
     from istanas_tf.training import runtime
     from istanas_tf.training import steps as steps_lib
 
-    variant = args.worker
     keras.utils.set_random_seed(args.seed)
 
     build_start = time.perf_counter()
@@ -133,6 +132,19 @@ def _worker(args: argparse.Namespace) -> dict:
     if variant == "xla":
         step = tf.function(step, jit_compile=True)
     train_fn = steps_lib.distributed_step(strategy, step, model)
+    return model, train_fn, batch, build_s
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    """Builds the evaluation network like TrainRun, times its traced training step."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from istanas_tf import network_size
+
+    variant = args.worker
+    model, train_fn, batch, build_s = build_step(args, variant)
 
     def timed_step() -> float:
         start = time.perf_counter()
@@ -156,6 +168,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "parameters": network_size.count_parameters(model),
         "parameters_with_auxiliary": network_size.count_parameters(model, include_auxiliary=True),
         "drop_path_rate": float(model.drop_path_rate.numpy()),
+        "peak_rss_mb": harness.peak_rss_mb(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
