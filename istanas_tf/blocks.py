@@ -183,6 +183,8 @@ class PointwiseConv(keras.layers.Layer):
         outputs = tf.matmul(pixels, tf.reshape(self.kernel, [channels_in, self.filters]))
         if self.bias is not None:
             outputs = tf.nn.bias_add(outputs, self.bias)
+        if inputs.shape[1:-1].is_fully_defined():  # one Reshape op, no shape arithmetic
+            return tf.reshape(outputs, [-1, *inputs.shape[1:-1], self.filters])
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [self.filters]], axis=0))
 
     def compute_output_shape(self, input_shape):
