@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from istanas_tf import blocks, genotypes
 from istanas_tf import cells as cell_lib
+from istanas_tf import operations as ops
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
@@ -35,6 +36,26 @@ class AuxiliaryHead(keras.layers.Layer):
         self.conv2 = keras.layers.Conv2D(768, 2, use_bias=False, name="conv2")
         self.bn2 = None if imagenet else blocks.batch_norm(name="bn2")
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
+
+    def build(self, input_shape):
+        self.conv1.build(input_shape)
+        self.bn1.build(ops.channels_shape(self.conv1.filters))
+        self.conv2.build(ops.channels_shape(self.conv1.filters))
+        if self.bn2 is not None:
+            self.bn2.build(ops.channels_shape(self.conv2.filters))
+        self.classifier.build((input_shape[0], self._features(input_shape)))
+
+    def _features(self, input_shape) -> int:
+        """The classifier's inputs: the 2x2 conv's output, flattened (768 at 8x8 / 7x7)."""
+        height, width = input_shape[1:3]
+        if height is None or width is None:
+            raise ValueError(
+                f"{self.name} needs its input's height and width to size its classifier, "
+                f"got shape {input_shape}"
+            )
+        stride = 2 if self.imagenet else 3
+        pooled = [(size - 5) // stride + 1 for size in (height, width)]
+        return (pooled[0] - 1) * (pooled[1] - 1) * self.conv2.filters
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
