@@ -129,6 +129,36 @@ def run_stem(layers: list[keras.layers.Layer], images, training=None):
     return s0, s1
 
 
+def build_stem(layers: list[keras.layers.Layer], images_shape) -> tuple[tuple, tuple]:
+    """Builds the layers of :func:`stem_layers` (in :func:`run_stem`'s order) for images
+    of ``images_shape`` (NHWC) and returns the shapes of ``(s0, s1)``."""
+    shape = tuple(images_shape)
+    shapes = []
+    for conv, bn in zip(layers[::2], layers[1::2]):
+        conv.build(shape)
+        batch, height, width = shape[:3]
+        height, width = (ops.output_size(size, conv.stride) for size in (height, width))
+        shape = (batch, height, width, conv.filters)
+        bn.build(shape)
+        shapes.append(shape)
+    # CIFAR: s0 = s1 = the one conv's output. ImageNet: stem0's output and stem1's.
+    return shapes[-2] if len(shapes) > 1 else shapes[0], shapes[-1]
+
+
+def build_by_shape(network: keras.Model, images_shape) -> None:
+    """Creates every weight of ``network`` (an evaluation network or the super-net: its
+    ``stem_layers``, ``cells``, ``auxiliary_head`` after cell ``aux_position``, and
+    ``classifier``) for images of ``images_shape``, without running it, in the order
+    a forward pass with the auxiliary head creates them."""
+    s0, s1 = build_stem(network.stem_layers, images_shape)
+    for i, cell in enumerate(network.cells):
+        cell.build(s0, s1)
+        s0, s1 = s1, cell.compute_output_shape(s0, s1)
+        if i == network.aux_position and network.auxiliary_head is not None:
+            network.auxiliary_head.build(s1)
+    network.classifier.build((s1[0], s1[-1]))
+
+
 class _Network(keras.Model):
     """Shared body of the evaluation networks: cells, auxiliary head and classifier.
 
