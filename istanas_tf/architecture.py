@@ -260,7 +260,7 @@ class ArchitectureEncoding(keras.layers.Layer):
         update = np.ones(self.steps, bool) if nodes is None else nodes
         self._assign(recovery.z, recovery.support, tf.convert_to_tensor(update, tf.bool))
 
-    @tf.function
+    @tf.function(autograph=False)
     def _assign(self, z, support, update):
         # One graph for the masked update of both variables: eagerly, these few ops
         # cost more than a whole solve.
@@ -419,7 +419,9 @@ def _recovery_of(z, A, b, lam, z_last, layout) -> Recovery:
     )
 
 
-@tf.function
+# autograph=False: every branch and loop here and in its callees is on static values;
+# converting them all took most of each process's first recovery (~13 s).
+@tf.function(autograph=False)
 def _solve_stacked(A_parts, b_parts, z_parts, layouts, lam, warm_start, solver, iterations):
     """Stacks, solves, selects and reports in one graph: run eagerly, these few dozen
     small ops cost more than the solve itself.

@@ -80,6 +80,14 @@ def _preprocessing(channels: int, reduction_prev: bool, affine: bool):
     return preprocess0, ops.ReLUConvBN(channels, affine=affine, name="preprocess1")
 
 
+def _cell_output_shape(s1_shape, reduction: bool, channels: int) -> tuple:
+    """A cell's output shape: ``s1``'s resolution (halved in a reduction cell), the
+    concatenated nodes' channels."""
+    stride = 2 if reduction else 1
+    batch, height, width = s1_shape[:3]
+    return (batch, ops.output_size(height, stride), ops.output_size(width, stride), channels)
+
+
 @_register
 class Cell(keras.layers.Layer):
     """One cell of an evaluation network: two preprocessed inputs, 4 nodes, concat.
@@ -133,8 +141,15 @@ class Cell(keras.layers.Layer):
                 )
             )
 
-    def build(self, *args, **kwargs):
-        """Sublayers create their weights on their first call (shapes vary by input)."""
+    def build(self, s0_shape, s1_shape):
+        """Builds the preprocessing and the picked ops, in the order ``call`` runs them."""
+        self.preprocess0.build(s0_shape)
+        self.preprocess1.build(s1_shape)
+        for op in self.ops:
+            op.build(ops.channels_shape(self.channels))
+
+    def compute_output_shape(self, s0_shape, s1_shape):
+        return _cell_output_shape(s1_shape, self.reduction, len(self.concat) * self.channels)
 
     def call(self, s0, s1, drop_path_rate=0.0, training=None):
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
@@ -230,8 +245,16 @@ class SearchCell(keras.layers.Layer):
                 )
             self.candidates.append(node_ops)
 
-    def build(self, *args, **kwargs):
-        """Candidate ops create their weights on their first call (SearchNetwork.build_all)."""
+    def build(self, s0_shape, s1_shape):
+        """Builds the preprocessing and every candidate op (any may be selected later),
+        in the order a forward pass through all of them would."""
+        self.preprocess0.build(s0_shape)
+        self.preprocess1.build(s1_shape)
+        for op in (op for node_ops in self.candidates for op in node_ops):
+            op.build(ops.channels_shape(self.channels))
+
+    def compute_output_shape(self, s0_shape, s1_shape):
+        return _cell_output_shape(s1_shape, self.reduction, self.steps * self.channels)
 
     def call(self, s0, s1, supports, weights, drop_path_rate=0.0, training=None):
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]

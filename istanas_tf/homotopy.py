@@ -164,7 +164,9 @@ def _kkt_ok(A, b, z, signs, lam):
     return tf.logical_and(tf.reduce_all(ok, axis=-1), finite)
 
 
-@tf.function(jit_compile=True)
+# autograph=False: the loop is an explicit tf.while_loop and every Python branch is on
+# static values; converting the body cost seconds of each process's first recovery.
+@tf.function(jit_compile=True, autograph=False)
 def solve_path(A, b, settings, z0):
     """Batched LASSO homotopy (see the module docstring); all tensors float64.
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from istanas_tf import blocks, genotypes
 from istanas_tf import cells as cell_lib
+from istanas_tf import operations as ops
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
@@ -35,6 +36,26 @@ class AuxiliaryHead(keras.layers.Layer):
         self.conv2 = keras.layers.Conv2D(768, 2, use_bias=False, name="conv2")
         self.bn2 = None if imagenet else blocks.batch_norm(name="bn2")
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
+
+    def build(self, input_shape):
+        self.conv1.build(input_shape)
+        self.bn1.build(ops.channels_shape(self.conv1.filters))
+        self.conv2.build(ops.channels_shape(self.conv1.filters))
+        if self.bn2 is not None:
+            self.bn2.build(ops.channels_shape(self.conv2.filters))
+        self.classifier.build((input_shape[0], self._features(input_shape)))
+
+    def _features(self, input_shape) -> int:
+        """The classifier's inputs: the 2x2 conv's output, flattened (768 at 8x8 / 7x7)."""
+        height, width = input_shape[1:3]
+        if height is None or width is None:
+            raise ValueError(
+                f"{self.name} needs its input's height and width to size its classifier, "
+                f"got shape {input_shape}"
+            )
+        stride = 2 if self.imagenet else 3
+        pooled = [(size - 5) // stride + 1 for size in (height, width)]
+        return (pooled[0] - 1) * (pooled[1] - 1) * self.conv2.filters
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
@@ -106,6 +127,36 @@ def run_stem(layers: list[keras.layers.Layer], images, training=None):
     s0 = bn2(conv2(x), training=training)
     s1 = bn3(conv3(tf.nn.relu(s0)), training=training)
     return s0, s1
+
+
+def build_stem(layers: list[keras.layers.Layer], images_shape) -> tuple[tuple, tuple]:
+    """Builds the layers of :func:`stem_layers` (in :func:`run_stem`'s order) for images
+    of ``images_shape`` (NHWC) and returns the shapes of ``(s0, s1)``."""
+    shape = tuple(images_shape)
+    shapes = []
+    for conv, bn in zip(layers[::2], layers[1::2]):
+        conv.build(shape)
+        batch, height, width = shape[:3]
+        height, width = (ops.output_size(size, conv.stride) for size in (height, width))
+        shape = (batch, height, width, conv.filters)
+        bn.build(shape)
+        shapes.append(shape)
+    # CIFAR: s0 = s1 = the one conv's output. ImageNet: stem0's output and stem1's.
+    return shapes[-2] if len(shapes) > 1 else shapes[0], shapes[-1]
+
+
+def build_by_shape(network: keras.Model, images_shape) -> None:
+    """Creates every weight of ``network`` (an evaluation network or the super-net: its
+    ``stem_layers``, ``cells``, ``auxiliary_head`` after cell ``aux_position``, and
+    ``classifier``) for images of ``images_shape``, without running it, in the order
+    a forward pass with the auxiliary head creates them."""
+    s0, s1 = build_stem(network.stem_layers, images_shape)
+    for i, cell in enumerate(network.cells):
+        cell.build(s0, s1)
+        s0, s1 = s1, cell.compute_output_shape(s0, s1)
+        if i == network.aux_position and network.auxiliary_head is not None:
+            network.auxiliary_head.build(s1)
+    network.classifier.build((s1[0], s1[-1]))
 
 
 class _Network(keras.Model):

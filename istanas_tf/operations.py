@@ -24,12 +24,27 @@ from istanas_tf.blocks import PointwiseConv, SymmetricConv, batch_norm, pad_symm
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
 
+def channels_shape(channels: int) -> tuple:
+    """An NHWC shape known only by its channels: all a sublayer's weights depend on."""
+    return (None, None, None, channels)
+
+
+def output_size(size: int | None, stride: int) -> int | None:
+    """The height (or width) every candidate op, preprocessing and stem conv maps
+    ``size`` to: ``ceil(size / stride)``, PyTorch's for their paddings; None if unknown."""
+    return None if size is None else -(-size // stride)
+
+
 class _OpWithBatchNorms(keras.layers.Layer):
     """A layer whose BNs are named by ``_BATCH_NORMS`` (attributes, None when absent).
 
     ``batch_norms`` lists them in order (the one-stage search freezes their gamma/beta);
     ``last_bn`` is the BN the op ends in, where BN absorption folds the architecture
     weight (None for an op without BN).
+
+    Each op builds its sublayers in ``build`` from the input's channel count, in the
+    order ``call`` runs them: otherwise Keras would build it by tracing ``call`` on
+    symbolic inputs first, which made building a super-net take most of a minute.
     """
 
     _BATCH_NORMS: tuple[str, ...] = ()
@@ -85,6 +100,10 @@ class ReLUConvBN(_ConvOp):
         self.conv = SymmetricConv(channels_out, kernel_size, stride, name="conv")
         self.bn = batch_norm(affine, name="bn")
 
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.bn.build(channels_shape(self.channels_out))
+
     def call(self, x, training=None):
         return self.bn(self.conv(tf.nn.relu(x)), training=training)
 
@@ -109,6 +128,14 @@ class SepConv(_ConvOp):
         self.depthwise2 = SymmetricConv(0, kernel_size, 1, depthwise=True, name="depthwise2")
         self.pointwise2 = PointwiseConv(channels_out, use_bias=False, name="pointwise2")
         self.bn2 = batch_norm(affine, name="bn2")
+
+    def build(self, input_shape):
+        self.depthwise1.build(input_shape)
+        self.pointwise1.build(channels_shape(input_shape[-1]))
+        self.bn1.build(channels_shape(self.channels_out))
+        self.depthwise2.build(channels_shape(self.channels_out))
+        self.pointwise2.build(channels_shape(self.channels_out))
+        self.bn2.build(channels_shape(self.channels_out))
 
     def call(self, x, training=None):
         x = self.bn1(self.pointwise1(self.depthwise1(tf.nn.relu(x))), training=training)
@@ -140,6 +167,11 @@ class DilConv(_ConvOp):
         )
         self.pointwise = PointwiseConv(channels_out, use_bias=False, name="pointwise")
         self.bn = batch_norm(affine, name="bn")
+
+    def build(self, input_shape):
+        self.depthwise.build(input_shape)
+        self.pointwise.build(channels_shape(input_shape[-1]))
+        self.bn.build(channels_shape(self.channels_out))
 
     def call(self, x, training=None):
         return self.bn(self.pointwise(self.depthwise(tf.nn.relu(x))), training=training)
@@ -175,9 +207,9 @@ class FactorizedReduce(_OpWithBatchNorms):
         self.bn = batch_norm(affine, name="bn")
 
     def build(self, input_shape):
-        for conv in (self.conv1, self.conv2):
-            conv.build((None, None, None, input_shape[-1]))
-        self.bn.build((None, None, None, self.channels_out))
+        self.conv1.build(channels_shape(input_shape[-1]))
+        self.conv2.build(channels_shape(input_shape[-1]))
+        self.bn.build(channels_shape(self.channels_out))
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
@@ -223,6 +255,10 @@ class Pool(_OpWithBatchNorms):
         self.affine = affine
         self.batch_norm = batch_norm(affine, name="bn") if bn else None
 
+    def build(self, input_shape):
+        if self.batch_norm is not None:
+            self.batch_norm.build(channels_shape(input_shape[-1]))
+
     def call(self, x, training=None):
         if self.stride == 1:
             pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
@@ -266,6 +302,10 @@ class Identity(_OpWithBatchNorms):
     def is_identity(self) -> bool:
         """True when the op is a bare identity (drop path exempts it in DARTS cells)."""
         return self.batch_norm is None
+
+    def build(self, input_shape):
+        if self.batch_norm is not None:
+            self.batch_norm.build(channels_shape(input_shape[-1]))
 
     def call(self, x, training=None):
         if self.batch_norm is None:

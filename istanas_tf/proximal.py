@@ -75,7 +75,8 @@ def _iterate(A, b, lam, z0, iterations, accelerated: bool):
     return z
 
 
-@tf.function(jit_compile=True)
+# autograph=False: explicit tf.while_loop, Python branches only on static values.
+@tf.function(jit_compile=True, autograph=False)
 def fista(A, b, lam, z0, iterations):
     """FISTA (Beck & Teboulle 2009) from z0, ``iterations`` steps.
 
@@ -89,7 +90,7 @@ def fista(A, b, lam, z0, iterations):
     return _iterate(A, b, lam, z0, iterations, accelerated=True)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def ista(A, b, lam, z0, iterations):
     """ISTA (proximal gradient with step 1/L) from z0; arguments as :func:`fista`."""
     return _iterate(A, b, lam, z0, iterations, accelerated=False)

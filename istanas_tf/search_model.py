@@ -391,23 +391,12 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         """Weights are created by build_all (every candidate op, not only the support)."""
 
     def build_all(self, image_size: int) -> None:
-        """Creates every candidate op's weights with one dense forward pass, then
-        recovers the first architecture from the initial b (Algorithm 1: draw A,
-        initialise b, recover z, take the support)."""
+        """Creates every candidate op's weights from the cells' channel schedule (no
+        forward pass: running all ops only to create their weights took most of a
+        minute), then recovers the first architecture from the initial b (Algorithm 1:
+        draw A, initialise b, recover z, take the support)."""
         self.image_size = image_size
-        dense = {
-            t: tuple(
-                tuple(range(genotypes.num_candidates(node))) for node in range(genotypes.STEPS)
-            )
-            for t in CELL_TYPES
-        }
-        ones = {
-            t: [tf.ones([genotypes.num_candidates(node)]) for node in range(genotypes.STEPS)]
-            for t in CELL_TYPES
-        }
-        self._forward(
-            tf.zeros([1, image_size, image_size, 3]), dense, ones, training=False, auxiliary=True
-        )
+        networks.build_by_shape(self, (None, image_size, image_size, 3))
         self.built = True
         self.commit(self.recover())
 

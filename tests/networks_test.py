@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import record_symbolic_builds
 
 from istanas_tf import genotypes, networks
 
@@ -16,6 +17,17 @@ def test_auxiliary_logits_only_in_training():
     assert isinstance(inference, tf.Tensor) and inference.shape == (2, 10)
     without_head = networks.build_network("cifar", "DARTS_V1", 8, 5, 10, 32)
     assert isinstance(without_head(x, training=True), tf.Tensor)
+
+
+def test_evaluation_networks_build_without_tracing_any_layer(monkeypatch):
+    """Every layer with sublayers (ops, cells, auxiliary head) has a ``build``: Keras
+    never traces a call on symbolic inputs to build one."""
+    traced = record_symbolic_builds(monkeypatch)
+    networks.build_network(
+        "cifar", "DARTS_V2", 4, 5, 10, 32, auxiliary=True, bn_after_param_free_ops=True
+    )
+    networks.build_network("imagenet", "ISTA_onestage", 4, 3, 10, 224, auxiliary=True)
+    assert traced == []
 
 
 def test_network_config_round_trip():

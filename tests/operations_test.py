@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import OPS_WITH_BUILD, build_by_run, record_symbolic_builds, variables_by_creation
 
 from istanas_tf import blocks, genotypes
 from istanas_tf import operations as ops
@@ -153,6 +154,40 @@ def test_op_parameter_counts(name, stride, options, expected):
     y = layer(tf.zeros([2, 8, 8, C]), training=True)
     assert y.shape == (2, 8 // stride, 8 // stride, C)
     assert sum(int(np.prod(w.shape)) for w in layer.trainable_weights) == expected
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", genotypes.PRIMITIVES)
+def test_ops_build_by_channels_the_weights_keras_built_by_tracing(name, stride, monkeypatch):
+    """``build`` creates every weight from the channel count: the same paths, creation
+    order and seeded values as Keras' build by tracing ``call`` on symbolic inputs (what
+    it did before the ops had a ``build``, and why a super-net took a minute to build),
+    and no op is built that way any more."""
+    options = ops.OpOptions(bn_after_pool=True, bn_after_identity=True)
+    with monkeypatch.context() as patch:
+        build_by_run(patch, *OPS_WITH_BUILD)
+        keras.utils.set_random_seed(0)
+        by_run = ops.make_op(name, C, stride, options)
+        by_run(tf.zeros([1, 8, 8, C]))
+    traced = record_symbolic_builds(monkeypatch)
+    keras.utils.set_random_seed(0)
+    by_shape = ops.make_op(name, C, stride, options)
+    by_shape.build(ops.channels_shape(C))
+    by_shape(tf.zeros([1, 8, 8, C]))
+    assert traced == []
+    built, expected = variables_by_creation(by_shape), variables_by_creation(by_run)
+    assert built, "every op here has weights (BNs after pools and identity)"
+    assert [path for path, _ in built] == [path for path, _ in expected]
+    for (path, value), (_, expected_value) in zip(built, expected):
+        np.testing.assert_array_equal(value, expected_value, err_msg=path)
+
+
+def test_preprocessing_ops_build_without_tracing(monkeypatch):
+    traced = record_symbolic_builds(monkeypatch)
+    for layer in (ops.ReLUConvBN(C, affine=False), ops.FactorizedReduce(C)):
+        layer(tf.zeros([1, 8, 8, 3]))
+        assert layer.built and layer.last_bn.built
+    assert traced == []
 
 
 ALL_LAYERS = [

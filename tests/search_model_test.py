@@ -1,10 +1,14 @@
 """The sparse super-net: only supported ops run, alpha weighting, steps, DARTS baseline."""
 
+import re
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import OPS_WITH_BUILD, build_by_run, record_symbolic_builds, variables_by_creation
 
-from istanas_tf import optimizers, search_model
+from istanas_tf import cells, genotypes, networks, optimizers, search_model
 
 TINY = dict(num_classes=10, channels=4, layers=3, seed=0)
 
@@ -42,6 +46,52 @@ def test_every_candidate_op_has_weights_but_only_the_support_gets_gradients():
     for c in network.cells:
         cell_type = "reduce" if c.reduction else "normal"
         assert len(c.active_ops(network.supports[cell_type])) == 4 * 2
+
+
+def test_build_all_creates_what_a_dense_forward_did_without_running_any_op(monkeypatch):
+    """build_all creates every weight from the cells' channel schedule: the same paths,
+    creation order and seeded values as the dense forward pass through every candidate
+    op it replaced (with the auxiliary head), and the same first architecture; it runs
+    no cell and traces no layer's call. The one-stage net: affine BNs, BNs after pools
+    and identities, the auxiliary head (which needs 8x8 inputs, so 32x32 images)."""
+    config = search_model.SearchNetworkConfig(**{**TINY, "channels": 2, "one_stage": True})
+    image_size = 32
+    every_candidate = {
+        t: tuple(tuple(range(genotypes.num_candidates(j))) for j in range(genotypes.STEPS))
+        for t in genotypes.CELL_TYPES
+    }
+    ones = {
+        t: [tf.ones([genotypes.num_candidates(j)]) for j in range(genotypes.STEPS)]
+        for t in genotypes.CELL_TYPES
+    }
+    images = tf.zeros([1, image_size, image_size, 3])
+    with monkeypatch.context() as patch:
+        # The old build_all: cells and ops without build, one forward through them all.
+        patch.setattr(cells.SearchCell, "build", lambda cell, *args, **kwargs: None)
+        build_by_run(patch, networks.AuxiliaryHead, *OPS_WITH_BUILD)
+        keras.utils.set_random_seed(0)
+        dense = search_model.SearchNetwork(config, name="network")
+        dense._forward(images, every_candidate, ones, training=False, auxiliary=True)
+    dense.commit(dense.recover())
+
+    keras.utils.set_random_seed(0)
+    network = search_model.SearchNetwork(config, name="network")
+    traced = record_symbolic_builds(monkeypatch)
+    calls = []
+    original_call = cells.SearchCell.call
+    monkeypatch.setattr(cells.SearchCell, "call", lambda cell, *a, **k: calls.append(cell.name))
+    network.build_all(image_size)
+    assert traced == [] and calls == []
+    monkeypatch.setattr(cells.SearchCell, "call", original_call)
+
+    built, expected = variables_by_creation(network), variables_by_creation(dense)
+    # Keras numbers the drop path seed generators of the second network on.
+    unnumbered = lambda path: re.sub(r"seed_generator_\d+", "seed_generator", path)
+    assert [unnumbered(path) for path, _ in built] == [unnumbered(path) for path, _ in expected]
+    for (path, value), (_, dense_value) in zip(built, expected):
+        np.testing.assert_array_equal(value, dense_value, err_msg=path)
+    assert network.supports == dense.supports
+    assert network(images).shape == (1, 10)
 
 
 def test_train_step_updates_b_and_supported_weights_only():

@@ -25,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from istanas_tf import operations
+
 PACKAGE = "istanas_tf"
 
 # CIFAR-10 as the tests see it: class names in label order, normalisation statistics in
@@ -413,3 +415,44 @@ def check_training_step(
         f"{type(layer).__name__}: one SGD step neither lowered the loss ({float(loss)} -> "
         f"{float(loss_after)}) nor changed {_listing(unchanged)}"
     )
+
+
+def record_symbolic_builds(monkeypatch) -> list[str]:
+    """From now on, lists the layers Keras builds by tracing their ``call`` on symbolic
+    inputs (what ``Layer._maybe_build`` does for a layer with sublayers and no
+    ``build``): the cost ``build`` methods exist to avoid."""
+    import keras.src.backend as keras_backend
+
+    traced = []
+    trace = keras_backend.compute_output_spec
+
+    def recording(function, *args, **kwargs):
+        traced.append(getattr(getattr(function, "__self__", None), "name", repr(function)))
+        return trace(function, *args, **kwargs)
+
+    monkeypatch.setattr(keras_backend, "compute_output_spec", recording)
+    return traced
+
+
+def variables_by_creation(model) -> list[tuple[str, np.ndarray]]:
+    """``(path, value)`` of every variable of ``model``, in the order they were created
+    (TF numbers each variable's handle from one counter)."""
+    return [
+        (v.path, keras.ops.convert_to_numpy(v))
+        for v in sorted(model.variables, key=lambda v: int(v.value._unique_id.rsplit("_", 1)[1]))
+    ]
+
+
+# The layer classes of the candidate ops (all of which have a build).
+OPS_WITH_BUILD = tuple(
+    getattr(operations, name)
+    for name in ("ReLUConvBN", "SepConv", "DilConv", "FactorizedReduce", "Pool", "Identity")
+)
+
+
+def build_by_run(monkeypatch, *classes) -> None:
+    """Layers of ``classes`` made from now on build as Keras builds a layer without
+    ``build``: by tracing ``call`` on symbolic inputs, then the eager call creates the
+    weights. The reference that ``build`` methods must reproduce."""
+    for cls in classes:
+        monkeypatch.setattr(cls, "build", keras.layers.Layer.build)
