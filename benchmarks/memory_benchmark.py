@@ -172,6 +172,8 @@ class _Recorder:
                 **live_traces(),
             }
         )
+        # Progress on stderr, which the parent keeps (and shows if the worker fails).
+        print("epoch sample", json.dumps(self.samples[-1]), file=sys.stderr, flush=True)
         self.start = time.perf_counter()
 
 
