@@ -30,7 +30,7 @@ by one candidate per epoch), committed by the loop's own code through
 ``SearchNetwork.commit``; everything else is the library's. Data: a generated folder
 of random 8x8 PNGs (2 classes, 32 training and 8 test images per class), read through
 ``--dataset=folder:``; 2 training steps and 1 evaluation step per epoch, batch 8,
-C = 4, 5 cells.
+C = 4, 5 cells (``one_stage``: 32x32 images, which its auxiliary head needs).
 
 Command (from the repository root; on 2 cores most of an epoch is tracing, ~10-30 s,
 so the default 30 epochs of one mode take ~5-15 min depending on the load):
@@ -181,7 +181,10 @@ def _configs(args: argparse.Namespace, root: str):
     from istanas_tf import data, search_model
     from istanas_tf.training import config as config_lib
 
-    folder = _image_folder(root, args.image_size, args.seed)
+    # The one-stage super-net has the evaluation network's auxiliary head, whose 5x5
+    # pool needs 32x32 images (8x8 features after the second reduction).
+    image_size = max(args.image_size, 32) if args.worker == "one_stage" else args.image_size
+    folder = _image_folder(root, image_size, args.seed)
     network = dict(channels=args.channels, layers=args.layers, seed=args.seed)
     loop = config_lib.LoopConfig(
         epochs=args.epochs,
