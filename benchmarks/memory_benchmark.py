@@ -221,8 +221,10 @@ def _two_stage(config, recorder: _Recorder) -> None:
 
     class SampledRun(two_stage.TwoStageRun):
         def _run_epoch(self, epoch, steps):
-            recorder.note_functions(self.train_fn, self.eval_fn)
+            functions = (self.train_fn, self.eval_fn)  # replaced at the epoch's end
             row = super()._run_epoch(epoch, steps)
+            recorder.note_functions(*functions)
+            del functions  # before counting the live traces
             recorder.sample(epoch, row["support_changed"])
             return row
 
@@ -248,9 +250,10 @@ def _one_stage(config, recorder: _Recorder, epochs: int) -> None:
         run.info, ("train",), loop.batch_size, run.strategy, loop.steps_per_epoch
     )
     for epoch in range(epochs):
-        before = run.model.supports
-        recorder.note_functions(run.train_fn, run.eval_fn)
+        before, functions = run.model.supports, (run.train_fn, run.eval_fn)
         run.search_epoch(epoch, steps_per_epoch)
+        recorder.note_functions(*functions)
+        del functions  # before counting the live traces
         recorder.sample(epoch, run.model.supports != before)
 
 
@@ -273,14 +276,12 @@ def _fit(config, recorder: _Recorder, epochs: int) -> None:
 
     class Sample(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            recorder.note_functions(
-                *(getattr(model, f"{kind}_function", None) for kind in ("train", "test"))
-            )
+            # Keras' functions of this epoch (SparseRecovery replaces them at its end).
+            self.functions = [model.train_function, model.test_function]
 
         def on_epoch_end(self, epoch, logs=None):
-            recorder.note_functions(
-                *(getattr(model, f"{kind}_function", None) for kind in ("train", "test"))
-            )
+            recorder.note_functions(*self.functions, model.test_function)
+            self.functions = []  # before counting the live traces
             recorder.sample(epoch, bool(logs.get("support_changed")))
 
     model.fit(
