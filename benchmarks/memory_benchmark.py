@@ -331,7 +331,8 @@ def _print_report(results: dict, args: argparse.Namespace, loads: tuple) -> None
 
     print(
         f"\nLive traces over a search whose support changes every epoch: C = "
-        f"{args.channels}, {args.layers} cells, {args.image_size}x{args.image_size}, batch "
+        f"{args.channels}, {args.layers} cells, {args.image_size}x{args.image_size} "
+        f"(one_stage: at least 32x32), batch "
         f"{args.batch_size}, {args.steps} steps per epoch; {os.cpu_count()} CPUs, "
         f"TensorFlow {tf.__version__}; load average {_cell(loads[0], '.2f')} before, "
         f"{_cell(loads[1], '.2f')} after"
