@@ -36,7 +36,15 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
         # gradient instead so that N replicas step exactly like one device. This
         # overrides a private Keras method: Keras has no public hook between the
         # cross-replica sum and the update (hence keras pinned to 3.15 in pyproject.toml).
-        grads_and_vars = list(super()._all_reduce_sum_gradients(grads_and_vars))
+        grads_and_vars = list(grads_and_vars)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            # Only a real sum: Keras all-reduces through a tf.custom_gradient, which in
+            # a traced step registers a gradient function in TF's process-wide
+            # registry, never removed, that holds the step's FuncGraph. Each re-trace
+            # of the step (a support change) would keep its whole graph alive; with one
+            # replica the sum is the gradient itself.
+            grads_and_vars = list(super()._all_reduce_sum_gradients(grads_and_vars))
         if self.clip_global_norm is None:
             return grads_and_vars
         present = [(g, v) for g, v in grads_and_vars if g is not None]
