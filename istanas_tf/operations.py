@@ -213,19 +213,14 @@ class FactorizedReduce(_OpWithBatchNorms):
 
     def call(self, x, training=None):
         x = tf.nn.relu(x)
-        # PyTorch only defines this for even sizes; odd ones get a zero row / column at
-        # the bottom / right, so both halves have ceil(H/2) rows instead of failing.
+        even = x[:, ::2, ::2, :]  # the pixels a stride-2 1x1 conv reads
+        shifted = x[:, 1::2, 1::2, :]  # ... and those it reads on x[:, 1:, 1:]
+        # PyTorch only defines this for even sizes; for odd sizes pad the shifted view at
+        # the bottom/right so both halves have ceil(H/2) rows instead of failing.
         height, width = x.shape[1], x.shape[2]
         if height is None or width is None or height % 2 or width % 2:
             height, width = tf.shape(x)[1], tf.shape(x)[2]
-            x = tf.pad(x, [[0, 0], [0, height % 2], [0, width % 2], [0, 0]])
-        # Each 2x2 block's pixels side by side in channels, (row, col) offsets
-        # (0, 0), (0, 1), (1, 0), (1, 1): conv1 reads the (0, 0) pixels (those a stride-2
-        # 1x1 conv reads), conv2 the (1, 1) pixels (the same on x[:, 1:, 1:]). Cheaper
-        # than two strided slices, whose gradients scatter into full-size zeros.
-        blocks = tf.nn.space_to_depth(x, 2)
-        channels = x.shape[-1]
-        even, shifted = blocks[..., :channels], blocks[..., 3 * channels :]
+            shifted = tf.pad(shifted, [[0, 0], [0, height % 2], [0, width % 2], [0, 0]])
         out = tf.concat([self.conv1(even), self.conv2(shifted)], axis=-1)
         return self.bn(out, training=training)
 
