@@ -166,10 +166,16 @@ class PointwiseConv(keras.layers.Layer):
         super().__init__(**kwargs)
         self.filters = filters
         self.use_bias = use_bias
+        # Made here, as Conv2D makes its own: an unseeded Keras initializer takes its seed
+        # from the global Python RNG when it is constructed, so constructing it at build
+        # time would give every later layer of a seeded network other initial weights.
+        self._kernel_initializer = keras.initializers.GlorotUniform()
 
     def build(self, input_shape):
         self.kernel = self.add_weight(
-            shape=(1, 1, input_shape[-1], self.filters), initializer="glorot_uniform", name="kernel"
+            shape=(1, 1, input_shape[-1], self.filters),
+            initializer=self._kernel_initializer,
+            name="kernel",
         )
         self.bias = (
             self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
