@@ -11,7 +11,7 @@ alternating baseline and current process by process for ``--rounds`` rounds, so 
 the same machine; the report gives the current / baseline ratio of each number.
 
 Command (from the repository root, on an otherwise idle machine; about 4 minutes per
-round with a baseline, plus ~10 minutes with ``--dense``, which runs the dense step once,
+round with a baseline, plus ~6 minutes with ``--dense``, which runs the dense step once,
 on the current code only):
 
     git worktree add /tmp/baseline <commit>
