@@ -10,7 +10,7 @@ auxiliary head and drop path 0.2), at batch 64, 32x32, C = 16, 8 cells. With
 alternating baseline and current process by process for ``--rounds`` rounds, so both see
 the same machine; the report gives the current / baseline ratio of each number.
 
-Command (from the repository root, on an otherwise idle machine; about 4 minutes per
+Command (from the repository root, on an otherwise idle machine; about 4.5 minutes per
 round with a baseline, plus ~6 minutes with ``--dense``, which runs the dense step once,
 on the current code only):
 
