@@ -107,33 +107,26 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _fused(self, inputs: tf.Tensor, training: bool) -> tf.Tensor:
         """FusedBatchNormV3: float32 statistics, output in the input's dtype."""
         gamma, beta = self._scale_and_offset(tf.float32)
-        x = inputs
         if training:
-            empty = tf.constant([], tf.float32)
-            # In training the kernel's batch_variance output is the unbiased variance
-            # (the normalisation itself uses the biased one), PyTorch's running update.
-            outputs, mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=gamma,
-                offset=beta,
-                mean=empty,
-                variance=empty,
-                epsilon=self.epsilon,
-                data_format="NHWC",
-                is_training=True,
-            )
-            self._update_running_statistics(mean, unbiased_variance)
+            # The kernel computes the batch statistics when given empty ones.
+            mean = variance = tf.constant([], tf.float32)
         else:
-            outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=gamma,
-                offset=beta,
-                mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32),
-                epsilon=self.epsilon,
-                data_format="NHWC",
-                is_training=False,
-            )
+            mean = tf.cast(self.moving_mean, tf.float32)
+            variance = tf.cast(self.moving_variance, tf.float32)
+        outputs, batch_mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=variance,
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=training,
+        )
+        if training:
+            # In training the kernel's batch_variance output is the unbiased variance
+            # (the normalisation itself uses the biased one): PyTorch's running update.
+            self._update_running_statistics(batch_mean, unbiased_variance)
         return tf.cast(outputs, self.compute_dtype)
 
     def _moments(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
