@@ -341,14 +341,14 @@ def solve_jointly(
             raise ValueError(f"solve_jointly needs encodings with one {attr}, got {values}")
     for encoding in encodings:
         encoding._check_finite_b()
-    # Plain tensors and static layouts in, so the traced solve is shared by every
-    # encoding of the same shape (tracing on the encoding objects would keep one graph,
-    # of 100+ MB, per object).
+    # Tensors read now and static layouts: one traced solve for every encoding of a shape
+    # (on the objects: a graph of 100+ MB each). Not variables: a MirroredVariable is
+    # captured by the trace, which then solved the first network's b for a second one.
     return list(
         _solve_stacked(
-            tuple(tuple(a.value for a in e.A) for e in encodings),
-            tuple(tuple(b.value for b in e.b) for e in encodings),
-            tuple(e.z.value for e in encodings),
+            tuple(tuple(tf.convert_to_tensor(a.value) for a in e.A) for e in encodings),
+            tuple(tuple(tf.convert_to_tensor(b.value) for b in e.b) for e in encodings),
+            tuple(tf.convert_to_tensor(e.z.value) for e in encodings),
             tuple(e._layout() for e in encodings),
             encodings[0].lam,
             bool(warm_start),
