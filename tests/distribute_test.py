@@ -258,7 +258,7 @@ def _run_mirrored_and_default(cifar10_folder, tmp_path, **job):
     return runs
 
 
-# Opt-in (about 6 minutes on 2 cores), as the one-stage run below (5): the default
+# Opt-in (about 6 minutes on 2 cores; the one-stage run below about 5): the default
 # suite checks the replica machinery (synchronized BN, all-reduced and clipped gradients,
 # both optimizers, both kinds of step) in tests/mirrored_step_test.py, in 3 minutes.
 @pytest.mark.slow
