@@ -305,6 +305,9 @@ def _env(**settings):
     return env
 
 
+# Opt-in (42 s of one worker): kept the default suite under 20 minutes on 2 cores; the
+# fit tests above run the same callbacks.
+@pytest.mark.slow
 def test_the_example_runs_as_written(cifar10_folder, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "search_with_fit.py")],

@@ -539,6 +539,9 @@ def test_resume_after_kills_on_both_sides_of_the_search_training_boundary(
     assert [r["epoch"] for r in _rows(model_dir)] == [1, 2, 3, 4]
 
 
+# Opt-in (93 s of one worker): kept the default suite under 20 minutes on 2 cores;
+# retrain_test checks --mode=export and a rerun's export of a train run by default.
+@pytest.mark.slow
 def test_export_mode_versions_and_overwrite(finished_run, tmp_path):
     model_dir, summary = finished_run
     export_dir = tmp_path / "serving"
