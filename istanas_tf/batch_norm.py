@@ -33,13 +33,42 @@ Inference uses the running statistics on every path.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
 # FusedBatchNormV3's input types (its statistics are float32 for all of them).
 FUSED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+
+
+@contextlib.contextmanager
+def custom_gradients_released() -> Iterator[None]:
+    """Forgets the gradient functions ``tf.custom_gradient`` registers while the block
+    is traced, when the block ends.
+
+    ``ReplicaContext.all_reduce`` (the synchronized path's) is a ``tf.custom_gradient``;
+    traced, each call registers its gradient function in TF's global gradient registry
+    for good, and the function holds the traced graph (tensorflow/tensorflow#97697): a
+    step traced again after every support change kept every old trace, ~200 MB per
+    epoch for the tiny super-net on 2 replicas. A tape never reads that registry (it
+    records its own gradient function), so a block that takes its gradients with a
+    tape (a train step) can forget the entries it made; nothing differentiates its
+    graph afterwards. Entries made outside the block are left alone.
+    """
+    # The registry has no public API; its entries are a dict by name (TF 2.21).
+    registry = tf_ops._gradient_registry._registry  # noqa: SLF001
+    before = set(registry)
+    try:
+        yield
+    finally:
+        for name in set(registry) - before:
+            if name.startswith("CustomGradient-"):
+                del registry[name]
 
 
 def _replicas_in_step() -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from istanas_tf import genotypes, networks
+from istanas_tf import batch_norm, genotypes, networks
 
 
 class SearchSteps:
@@ -139,8 +139,15 @@ class SearchSteps:
           data: ``((weight_images, weight_labels), (arch_images, arch_labels))``;
             one-stage: ``(images, labels)`` (see _one_stage_train_step).
         """
-        if self.config.one_stage:
-            return self._one_stage_train_step(data)
+        # Traced again after every support change: the synchronized BN's all-reduce
+        # gradients must not keep each old trace alive.
+        with batch_norm.custom_gradients_released():
+            if self.config.one_stage:
+                return self._one_stage_train_step(data)
+            return self._two_stage_train_step(data)
+
+    def _two_stage_train_step(self, data):
+        """The architecture step, then the weight step (see train_step)."""
         (images, labels), (arch_images, arch_labels) = data
         arch_vars = self.architecture_variables
         with tf.GradientTape() as tape:
