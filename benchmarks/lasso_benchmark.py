@@ -6,7 +6,9 @@ regimes, scale 1e-3 (b at its initialisation) and 1 (a b that has trained). For 
 regime and seed this script times:
 
 * ``ours``: ``lasso.solve_lasso`` on the 8 problems zero-padded to 7 x 35, one
-  batched call, cold start (no warm start), after a first call that traced and compiled;
+  batched call, cold start (no warm start), after a first call that traced it: the plain
+  graph a search runs, and ``ours XLA`` the XLA-compiled loop (``xla=True``); the first
+  calls (trace, and trace + compile) are timed once, in a line above the table;
 * ``scipy``: the same 8 problems, one by one, through the LASSO's dual as a
   least-distance problem solved by ``scipy.optimize.nnls`` (Lawson-Hanson, an exact
   active-set method), then the exact KKT solve on the support it finds;
@@ -192,11 +194,18 @@ def main():
         f"CPU cores: {os.cpu_count()}, {platform.processor() or platform.machine()}; "
         f"TF {tf.__version__}, scipy {scipy.__version__}; lam = {LAM}\n"
     )
+    A, b = (tf.constant(x) for x in recovery_problems(REGIMES[0][1], 0))
+    first = {}
+    for xla in (False, True):
+        start = time.perf_counter()
+        lasso.solve_lasso(A, b, LAM, xla=xla).numpy()
+        first[xla] = time.perf_counter() - start
+    print(f"first call (trace, compile): graph {first[False]:.2f} s, XLA {first[True]:.2f} s\n")
     print(
-        "| regime | seed | ours ms | scipy ms | speed-up | max abs rel. objective gap "
-        "| max KKT violation / lam | same top-2 |"
+        "| regime | seed | ours ms | ours XLA ms | scipy ms | speed-up (ours) "
+        "| max abs rel. objective gap | max KKT violation / lam | same top-2 |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = {}
     for regime, scale in REGIMES:
         for seed in range(args.seeds):
@@ -205,9 +214,10 @@ def main():
             z = lasso.solve_lasso(A_t, b_t, LAM).numpy()  # traces and compiles
             problems = [(A[i, :, :n], b[i]) for i, n in enumerate(NODE_WIDTHS)]
             reference = [scipy_lasso(A_i, b_i) for A_i, b_i in problems]
-            ours, theirs = median_ms(
+            ours, ours_xla, theirs = median_ms(
                 [
                     lambda: lasso.solve_lasso(A_t, b_t, LAM).numpy(),
+                    lambda: lasso.solve_lasso(A_t, b_t, LAM, xla=True).numpy(),
                     lambda: [scipy_lasso(A_i, b_i) for A_i, b_i in problems],
                 ],
                 args.repeats,
@@ -222,10 +232,11 @@ def main():
                 same += top2(z_i) == top2(reference[i])
             worst_gap = max(gaps, key=abs)
             print(
-                f"| {regime} | {seed} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.1f}x "
+                f"| {regime} | {seed} | {ours:.2f} | {ours_xla:.2f} | {theirs:.2f} "
+                f"| {theirs / ours:.1f}x "
                 f"| {worst_gap:.1e} | {max(kkt):.1e} | {same}/8 |"
             )
-            summary.setdefault(regime, []).append((ours, theirs))
+            summary.setdefault(regime, []).append((ours, ours_xla, theirs))
 
     normal = architecture.ArchitectureEncoding(seed=1, name="normal")
     reduce = architecture.ArchitectureEncoding(seed=2, name="reduce")
@@ -246,12 +257,16 @@ def main():
             times.append(time.perf_counter() - start)
     print(
         f"| encodings (solve_jointly + commit, warm start) | - | "
-        f"{1e3 * np.median(times):.2f} | - | - | - | - | - |"
+        f"{1e3 * np.median(times):.2f} | - | - | - | - | - | - |"
     )
     print()
     for regime, rows in summary.items():
-        ours, theirs = np.median(np.array(rows), axis=0)
-        print(f"{regime}: median over seeds {ours:.2f} ms (ours) vs {theirs:.2f} ms (scipy)")
+        ours, ours_xla, theirs = np.median(np.array(rows), axis=0)
+        print(
+            f"{regime}: median over seeds {ours:.2f} ms (ours), {ours_xla:.2f} ms (ours XLA), "
+            f"{theirs:.2f} ms (scipy)"
+        )
+    print(f"load average after: {open('/proc/loadavg').read().strip()}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""The homotopy (LARS-lasso) path of the LASSO, as one XLA-compiled batched loop.
+"""The homotopy (LARS-lasso) path of the LASSO, as one batched loop.
 
 For 1/2 ||A z - b||^2 + lam ||z||_1 the solution is piecewise affine in lam (Osborne,
 Presnell & Turlach 2000; Efron et al. 2004): starting from lam_max = ||A^T b||_inf, where
 z = 0, each breakpoint adds a column to the active set or drops one. :func:`solve_path`
 follows the path of k problems at once in a ``tf.while_loop`` (float64), each step one
 small Cholesky solve of the active columns, until each reaches the target lam and its
-KKT conditions verify with a rounding-error-aware tolerance. ``lasso.solve_lasso`` is
-the public entry point; this module is the algorithm.
+KKT conditions verify with a rounding-error-aware tolerance. It runs as a plain graph
+(:data:`solve_path`) or XLA-compiled (:data:`solve_path_xla`). ``lasso.solve_lasso``
+is the public entry point; this module is the algorithm.
 """
 
 from __future__ import annotations
@@ -72,11 +73,14 @@ def _cholesky_solver(G: tf.Tensor):
 
     # L^-1 by forward substitution on the identity (p sequential column steps, once);
     # each solve is then two small matrix products instead of 2p sequential steps.
-    rhs = tf.eye(p, batch_shape=tf.shape(L)[:1], dtype=L.dtype)
+    rhs = tf.broadcast_to(tf.eye(p, dtype=L.dtype), tf.shape(L))
     rows_of_inverse = []
     for i in range(p):
         row = rhs[:, i] / diagonal[:, i, None]  # [k, p]
-        rhs = rhs - L[:, :, i, None] * row[:, None, :]
+        # columns[i] is L[:, :, i]; sliced from the stacked L with a new axis, grappler's
+        # arithmetic optimizer dropped that axis (TF 2.21: [k, p] * [k, 1, p] broke the
+        # plain graph; XLA skips grappler).
+        rhs = rhs - columns[i][:, :, None] * row[:, None, :]
         rows_of_inverse.append(row)
     L_inv = tf.stack(rows_of_inverse, axis=1)  # [k, p, p] lower triangular
 
@@ -110,7 +114,7 @@ def _path_point(A, b, slot_col, slot_on, slot_sign):
     G = tf.reduce_sum(A_S[:, :, :, None] * A_S[:, :, None, :], axis=1)
     # Empty slots get an identity row/column, which decouples them from the used ones.
     both = tf.logical_and(slot_on[:, :, None], slot_on[:, None, :])
-    eye = tf.eye(G.shape[-1], batch_shape=tf.shape(G)[:1], dtype=G.dtype)
+    eye = tf.broadcast_to(tf.eye(G.shape[-1], dtype=G.dtype), tf.shape(G))
     G = tf.where(both, G, eye)
     rhs = tf.stack([_rmatvec(A_S, b), slot_sign], axis=-1)
     rhs = tf.where(slot_on[:, :, None], rhs, tf.zeros_like(rhs))
@@ -164,10 +168,7 @@ def _kkt_ok(A, b, z, signs, lam):
     return tf.logical_and(tf.reduce_all(ok, axis=-1), finite)
 
 
-# autograph=False: the loop is an explicit tf.while_loop and every Python branch is on
-# static values; converting the body cost seconds of each process's first recovery.
-@tf.function(jit_compile=True, autograph=False)
-def solve_path(A, b, settings, z0):
+def _solve_path(A, b, settings, z0):
     """Batched LASSO homotopy (see the module docstring); all tensors float64.
 
     Each loop iteration solves the current segment's system once and, per problem,
@@ -192,7 +193,7 @@ def solve_path(A, b, settings, z0):
     use_z0 = settings[1] > 0
     max_steps = tf.cast(settings[2], tf.int32)
     k = tf.shape(A)[0]
-    m, n = A.shape[1], A.shape[2]  # static: one XLA program per problem shape
+    m, n = A.shape[1], A.shape[2]  # static: one trace per problem shape
     # At most rank(A) <= min(m, n) columns are active: with m active columns the residual
     # is zero on their span, so no other correlation can reach lam (a join there would
     # only be rounding noise and make the system singular).
@@ -327,3 +328,13 @@ def solve_path(A, b, settings, z0):
         STATUS_NOT_FINITE,
     )
     return z, tf.concat([status, steps[None]], axis=0)
+
+
+# autograph=False: the loop is an explicit tf.while_loop and every Python branch is on
+# static values; converting the body cost seconds of each process's first recovery.
+solve_path = tf.function(_solve_path, autograph=False)
+# The same loop compiled by XLA: each call ~10x faster (~1 ms for a recovery's 8
+# problems), but the first call per problem shape compiles for 2-4 s, and LLVM keeps
+# ~200 MB of the process's memory. A search solves once per epoch, so it runs the plain
+# graph (~10 ms a recovery); many solves in a row (benchmarks) are worth compiling.
+solve_path_xla = tf.function(_solve_path, jit_compile=True, autograph=False)

@@ -11,13 +11,16 @@ solve. The loop stops when the path reaches the target lam *and* the KKT conditi
 there, checked with a rounding-error-aware tolerance; a problem that fails the check
 raises instead of returning a wrong support.
 
-Everything runs in float64 inside one XLA-compiled ``tf.while_loop`` batched over the
-problems, so the 8 problems of a recovery (4 normal + 4 reduce nodes, zero-padded to the
-widest node) cost one call: about 0.3-0.4 ms on a 2-core CPU (benchmarks/
-lasso_benchmark.py) after the first call per problem shape, which compiles the program
-(2-3 seconds). This module is the entry point (arguments, one compiled program per
-problem shape, failed checks raised as errors); :mod:`istanas_tf.homotopy` is the
-algorithm. Neither depends on anything but TensorFlow and NumPy.
+Everything runs in float64 inside one ``tf.while_loop`` batched over the problems, so
+the 8 problems of a recovery (4 normal + 4 reduce nodes, zero-padded to the widest node)
+cost one call. By default the loop runs as a plain graph (see benchmarks/
+lasso_benchmark.py for this machine's times): its first call per problem shape traces
+it in under a second. ``xla=True`` compiles it instead: each call ~10x faster, but the
+first one compiles for 2-4 s and the process keeps ~200 MB more memory, which a search
+(one recovery per epoch) does not win back. This module is the entry point (arguments,
+one traced program per problem shape, failed checks raised as errors);
+:mod:`istanas_tf.homotopy` is the algorithm. Neither depends on anything but TensorFlow
+and NumPy.
 
 :func:`solve_lasso_iterative` runs a fixed number of ISTA or FISTA steps instead
 (:mod:`istanas_tf.proximal`), for comparison with the exact path: they approach the
@@ -57,10 +60,11 @@ def _as_float64(x) -> tf.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_path(k: int, m: int, n: int):
-    """solve_path's concrete function for one problem shape. Calling it directly skips
+def _traced_path(k: int, m: int, n: int, xla: bool):
+    """The solve_path concrete function for one problem shape. Calling it directly skips
     tf.function's argument binding and signature matching, ~90 us per eager call."""
-    return homotopy.solve_path.get_concrete_function(
+    solve_path = homotopy.solve_path_xla if xla else homotopy.solve_path
+    return solve_path.get_concrete_function(
         tf.TensorSpec([k, m, n], tf.float64),
         tf.TensorSpec([k, m], tf.float64),
         tf.TensorSpec([3], tf.float64),
@@ -73,13 +77,15 @@ def _settings(lam: float, use_z0: bool, max_steps: int) -> tf.Tensor:
     return tf.constant([lam, float(use_z0), float(max_steps)], tf.float64)
 
 
-def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Tensor:
+def solve_lasso(
+    A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS, xla: bool = False
+) -> tf.Tensor:
     """Exact LASSO solution z = argmin_z 1/2 ||A z - b||^2 + lam ||z||_1 (paper Eq. 9).
 
     Homotopy (LARS-lasso) from lam_max = ||A^T b||_inf down to lam, stopped when lam is
     reached and the KKT conditions verify there; see the module docstring. The work is
-    one XLA-compiled tf.function (float64, on the CPU: the path is a sequential loop of
-    tiny solves, which on a GPU would be bound by launch latency). This wrapper converts
+    one tf.function (float64, on the CPU: the path is a sequential loop of tiny solves,
+    which on a GPU would be bound by launch latency). This wrapper converts
     the inputs and turns a failed check into an error; it works eagerly and inside a
     tf.function (where the check becomes an assertion op).
 
@@ -93,6 +99,8 @@ def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Ten
         the same optimum.
       max_steps: cap on homotopy loop iterations (one per breakpoint, plus one to check
         a warm start); reaching it raises.
+      xla: run the XLA-compiled loop (faster calls, a slow first call per shape and
+        more memory; see the module docstring). Same optimum, to rounding.
 
     Returns:
       z: float64, [n] or [k, n].
@@ -138,9 +146,10 @@ def solve_lasso(A, b, lam=1e-5, z0=None, max_steps=MAX_HOMOTOPY_STEPS) -> tf.Ten
             z0 = tf.reshape(z0, [k, A.shape[2]])
     with tf.device("/CPU:0"):
         if eager and isinstance(k, int):
-            z, status = _compiled_path(k, A.shape[1], A.shape[2])(A, b, settings, z0)
+            z, status = _traced_path(k, A.shape[1], A.shape[2], xla)(A, b, settings, z0)
         else:
-            z, status = homotopy.solve_path(A, b, settings, z0)
+            solve_path = homotopy.solve_path_xla if xla else homotopy.solve_path
+            z, status = solve_path(A, b, settings, z0)
     if eager:
         status = status.numpy()
         problems, steps = status[:-1], int(status[-1])

@@ -31,16 +31,17 @@ def our_problems(count: int, scale: float, seed: int):
     return A, b, widths
 
 
-@pytest.fixture(scope="module")
-def solved():
+@pytest.fixture(scope="module", params=[False, True], ids=["graph", "xla"])
+def solved(request):
     """Both regimes, 160 problems each, solved in batches of 8 (one recovery's shape,
-    which most tests share so that the solver compiles for few shapes)."""
+    which most tests share so that the solver is traced for few shapes), by the plain
+    graph (what a search runs) and by the XLA-compiled loop."""
     results = {}
     for index, (name, scale) in enumerate(REGIMES.items()):
         A, b, widths = our_problems(160, scale, seed=100 + index)
         z = np.concatenate(
             [
-                lasso.solve_lasso(A[i : i + 8], b[i : i + 8], LAM).numpy()
+                lasso.solve_lasso(A[i : i + 8], b[i : i + 8], LAM, xla=request.param).numpy()
                 for i in range(0, len(b), 8)
             ]
         )
@@ -93,6 +94,18 @@ def test_agrees_with_scipy_oracle(solved, regime):
             compared += 1
             assert set(np.argsort(-np.abs(z_i))[:2]) == set(np.argsort(-np.abs(z_ref))[:2])
     assert compared > len(widths) // 2
+
+
+@pytest.mark.parametrize("scale", REGIMES.values(), ids=REGIMES)
+def test_graph_and_xla_loops_reach_the_same_optimum(scale):
+    # The optimum is unique (columns in general position): the two programs may round
+    # differently on the way, not arrive elsewhere.
+    A, b, _ = our_problems(16, scale, seed=8)
+    for batch in (slice(0, 8), slice(8, 16)):
+        graph = lasso.solve_lasso(A[batch], b[batch]).numpy()
+        xla = lasso.solve_lasso(A[batch], b[batch], xla=True).numpy()
+        assert np.array_equal(graph != 0, xla != 0)
+        np.testing.assert_allclose(graph, xla, rtol=1e-10, atol=1e-14 * scale)
 
 
 def test_padded_problem_equals_unpadded():
