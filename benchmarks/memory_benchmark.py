@@ -12,6 +12,8 @@ EVERY epoch and reports, after each epoch (``gc.collect()`` first):
   ``Function`` (``tf.function`` objects), ``Concrete`` (ConcreteFunction), ``Atomic``
   (AtomicFunction), ``FuncGraph``; and ``runtime fns``: the functions registered in
   the eager context (``context.list_function_names()``, the C++ side of traces);
+  ``gradient fns``: entries of TF's global gradient registry (``tf.custom_gradient``
+  registers one per traced call, for good, with the traced graph in reach);
 - ``traces``: the traces made so far by the run's step functions (the sum of
   ``experimental_get_tracing_count()`` over every step function the run has used).
 
@@ -31,12 +33,16 @@ by one candidate per epoch), committed by the loop's own code through
 of random 8x8 PNGs (2 classes, 32 training and 8 test images per class), read through
 ``--dataset=folder:``; 2 training steps and 1 evaluation step per epoch, batch 8,
 C = 4, 5 cells (``one_stage``: 32x32 images, which its auxiliary head needs).
+``--replicas N`` runs it under ``MirroredStrategy`` on N logical CPUs (synchronized BN,
+all-reduced gradients: what a multi-GPU search traces; each epoch is several times
+slower to trace).
 
 Command (from the repository root; on 2 cores most of an epoch is tracing, ~10-30 s,
 so the default 30 epochs of one mode take ~5-15 min depending on the load):
 
     python benchmarks/memory_benchmark.py                      # --modes two_stage
     python benchmarks/memory_benchmark.py --modes two_stage,one_stage,fit --epochs 10
+    python benchmarks/memory_benchmark.py --replicas 2 --epochs 8
 
 Reading the output: one table per mode, a row per epoch, then a summary row per mode:
 first and last epoch, and the growth per epoch fitted (least squares) over the epochs
@@ -91,6 +97,7 @@ def live_traces() -> dict[str, int]:
     """Live objects of each TensorFlow trace class (after ``gc.collect()``), and the
     functions registered in the eager context (``runtime fns``)."""
     from tensorflow.python.eager import context
+    from tensorflow.python.framework import ops
 
     gc.collect()
     counts = collections.Counter({name: 0 for name in TRACE_CLASSES.values()})
@@ -101,6 +108,7 @@ def live_traces() -> dict[str, int]:
                 counts[name] += 1
                 break
     counts["runtime fns"] = len(context.context().list_function_names())
+    counts["gradient fns"] = len(ops._gradient_registry._registry)  # no public API
     return dict(counts)
 
 
@@ -197,6 +205,7 @@ def _configs(args: argparse.Namespace, root: str):
         eval_steps=1,
         verbose=False,
         seed=args.seed,
+        strategy="mirrored" if args.replicas > 1 else "default",
     )
     data_config = data.DataConfig(dataset=f"folder:{folder}")
     two_stage = config_lib.TwoStageConfig(
@@ -300,6 +309,13 @@ def _fit(config, recorder: _Recorder, epochs: int) -> None:
 
 
 def _worker(args: argparse.Namespace) -> dict:
+    if args.replicas > 1:
+        import tensorflow as tf  # before anything starts TF's runtime
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas
+        )
     recorder = _Recorder()
     with tempfile.TemporaryDirectory(prefix="memory_benchmark_") as root:
         two_stage, one_stage = _configs(args, root)
@@ -315,7 +331,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------- parent
-COLUMNS = ("rss_mb", "peak_mb", *TRACE_CLASSES.values(), "runtime fns", "traces")
+COLUMNS = ("rss_mb", "peak_mb", *TRACE_CLASSES.values(), "runtime fns", "gradient fns", "traces")
 
 
 def growth_per_epoch(samples: list[dict], key: str, skip: int = 2) -> float | None:
@@ -340,7 +356,8 @@ def _print_report(results: dict, args: argparse.Namespace, loads: tuple) -> None
         f"\nLive traces over a search whose support changes every epoch: C = "
         f"{args.channels}, {args.layers} cells, {args.image_size}x{args.image_size} "
         f"(one_stage: at least 32x32), batch "
-        f"{args.batch_size}, {args.steps} steps per epoch; {os.cpu_count()} CPUs, "
+        f"{args.batch_size}, {args.steps} steps per epoch, {args.replicas} replica(s); "
+        f"{os.cpu_count()} CPUs, "
         f"TensorFlow {tf.__version__}; load average {_cell(loads[0], '.2f')} before, "
         f"{_cell(loads[1], '.2f')} after"
     )
@@ -378,6 +395,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--image_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="> 1: MirroredStrategy on that many logical CPUs"
+    )
     parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -387,6 +407,10 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
 
+    if args.replicas < 1 or args.batch_size % args.replicas:
+        parser.error(
+            f"--replicas={args.replicas}: must be >= 1 and divide --batch_size={args.batch_size}"
+        )
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes: valid modes are {', '.join(MODES)}")
@@ -396,7 +420,15 @@ def main() -> None:
         print(f"[{mode}] {args.epochs} epochs ...", file=sys.stderr, flush=True)
         extra = [
             f"--{flag}={getattr(args, flag)}"
-            for flag in ("epochs", "steps", "batch_size", "channels", "layers", "image_size")
+            for flag in (
+                "epochs",
+                "steps",
+                "batch_size",
+                "channels",
+                "layers",
+                "image_size",
+                "replicas",
+            )
         ]
         result, wall, process = _run(mode, extra, args.seed)
         if result is None:
