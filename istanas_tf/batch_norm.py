@@ -51,14 +51,15 @@ def custom_gradients_released() -> Iterator[None]:
     """Forgets the gradient functions ``tf.custom_gradient`` registers while the block
     is traced, when the block ends.
 
-    ``ReplicaContext.all_reduce`` (the synchronized path's) is a ``tf.custom_gradient``;
-    traced, each call registers its gradient function in TF's global gradient registry
-    for good, and the function holds the traced graph (tensorflow/tensorflow#97697): a
-    step traced again after every support change kept every old trace, ~200 MB per
-    epoch for the tiny super-net on 2 replicas. A tape never reads that registry (it
-    records its own gradient function), so a block that takes its gradients with a
-    tape (a train step) can forget the entries it made; nothing differentiates its
-    graph afterwards. Entries made outside the block are left alone.
+    ``ReplicaContext.all_reduce`` (the synchronized path's, and Keras' all-reduce of the
+    gradients) is a ``tf.custom_gradient``; traced, each call registers its gradient
+    function in TF's global gradient registry for good, and the function holds the
+    traced graph (tensorflow/tensorflow#97697): a step traced again after every support
+    change kept every old trace, 200-300 MB per epoch for a tiny super-net on 2
+    replicas (benchmarks/memory_benchmark.py --replicas 2). A tape never reads that
+    registry (it records its own gradient function), so a block that takes its
+    gradients with a tape (a train step) can forget the entries it made; nothing
+    differentiates its graph afterwards. Entries made outside the block are left alone.
     """
     # The registry has no public API; its entries are a dict by name (TF 2.21).
     registry = tf_ops._gradient_registry._registry  # noqa: SLF001

@@ -43,7 +43,8 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
             # a traced step registers a gradient function in TF's process-wide
             # registry, never removed, that holds the step's FuncGraph. Each re-trace
             # of the step (a support change) would keep its whole graph alive; with one
-            # replica the sum is the gradient itself.
+            # replica the sum is the gradient itself. (With more, the search's train
+            # step forgets those entries: batch_norm.custom_gradients_released.)
             grads_and_vars = list(super()._all_reduce_sum_gradients(grads_and_vars))
         if self.clip_global_norm is None:
             return grads_and_vars
