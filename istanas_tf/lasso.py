@@ -60,10 +60,10 @@ def _as_float64(x) -> tf.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _traced_path(k: int, m: int, n: int, xla: bool):
-    """The solve_path concrete function for one problem shape. Calling it directly skips
-    tf.function's argument binding and signature matching, ~90 us per eager call."""
-    solve_path = homotopy.solve_path_xla if xla else homotopy.solve_path
+def _traced_path(solve_path, k: int, m: int, n: int):
+    """The concrete function of ``solve_path`` (plain or XLA) for one problem shape.
+    Calling it directly skips tf.function's argument binding and signature matching,
+    ~90 us per eager call."""
     return solve_path.get_concrete_function(
         tf.TensorSpec([k, m, n], tf.float64),
         tf.TensorSpec([k, m], tf.float64),
@@ -144,11 +144,11 @@ def solve_lasso(
         z0 = _as_float64(z0)
         if z0.shape.rank != 2:
             z0 = tf.reshape(z0, [k, A.shape[2]])
+    solve_path = homotopy.solve_path_xla if xla else homotopy.solve_path
     with tf.device("/CPU:0"):
         if eager and isinstance(k, int):
-            z, status = _traced_path(k, A.shape[1], A.shape[2], xla)(A, b, settings, z0)
+            z, status = _traced_path(solve_path, k, A.shape[1], A.shape[2])(A, b, settings, z0)
         else:
-            solve_path = homotopy.solve_path_xla if xla else homotopy.solve_path
             z, status = solve_path(A, b, settings, z0)
     if eager:
         status = status.numpy()
