@@ -78,6 +78,9 @@ def test_rerun_of_a_finished_run_exports_nothing_new(trained_run, cifar10_folder
     assert sorted(p.name for p in (model_dir / "export" / "istanas").iterdir()) == ["1"]
 
 
+# Opt-in (75 s): margin under CI's 20 minutes; the export's temporary folder and rename
+# are also covered by export_test.
+@pytest.mark.slow
 def test_kill_during_export_then_rerun_matches_an_uninterrupted_run_bit_for_bit(
     trained_run, cifar10_folder, tmp_path
 ):
