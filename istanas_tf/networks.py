@@ -224,8 +224,10 @@ class _Network(keras.Model):
         self.top1 = keras.metrics.SparseCategoricalAccuracy(name="top1")
         self.top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")
 
-    def build(self, *args, **kwargs):
-        """Sublayers create their weights on their first call (shapes vary by input)."""
+    def build(self, images_shape):
+        """Creates every weight, the auxiliary head's too, for images of ``images_shape``
+        without running anything (see build_network)."""
+        build_by_shape(self, images_shape)
 
     def call(self, images, training=None):
         """Returns logits, or ``(logits, aux_logits)`` in training with the auxiliary head."""
@@ -339,7 +341,14 @@ FAMILIES = {
 def build_network(
     kind: str, genotype, channels: int, num_cells: int, num_classes: int, image_size: int, **kwargs
 ) -> _Network:
-    """Builds and initialises (one forward pass) an evaluation network.
+    """Builds an evaluation network: every weight created from the input shape (the
+    auxiliary head's too), nothing run.
+
+    Building by shape rather than by a forward pass keeps PyTorch's initial state: a
+    training-mode pass (the only way to reach the head) would move every BN's running
+    variance from 1 to 0.9 and advance the drop-path noise. The weights keep the paths
+    and the order a forward pass gives them (Keras opens the model's name scope around
+    ``build`` as around a call), so checkpoints are unaffected.
 
     Args:
       kind: ``"cifar"`` or ``"imagenet"``.
@@ -352,9 +361,5 @@ def build_network(
     if kind not in NETWORKS:
         raise ValueError(f"unknown network kind {kind!r}; valid: {', '.join(NETWORKS)}")
     network = NETWORKS[kind](genotype, channels, num_cells, num_classes, **kwargs)
-    network(tf.zeros([1, image_size, image_size, 3]), training=False)
-    if network.auxiliary_head is not None:
-        # The head only runs in training; build its weights now so they can be counted,
-        # restored and exported like the rest.
-        network(tf.zeros([2, image_size, image_size, 3]), training=True)
+    network.build((None, image_size, image_size, 3))
     return network

@@ -1,5 +1,6 @@
 """Evaluation networks: auxiliary head, config round trip, refused settings."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,6 +29,55 @@ def test_evaluation_networks_build_without_tracing_any_layer(monkeypatch):
     )
     networks.build_network("imagenet", "ISTA_onestage", 4, 3, 10, 224, auxiliary=True)
     assert traced == []
+
+
+def _built_by_forward_passes(kind, genotype, channels, cells, classes, size, **kwargs):
+    """The oracle: weights created by running the network, the head by a training pass."""
+    network = networks.NETWORKS[kind](genotype, channels, cells, classes, **kwargs)
+    network(tf.zeros([1, size, size, 3]), training=False)
+    network(tf.zeros([2, size, size, 3]), training=True)
+    return network
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("cifar", "ISTA_twostage", 4, 5, 10, 32), ("imagenet", "ISTA_onestage", 4, 3, 10, 224)],
+    ids=["cifar", "imagenet"],
+)
+def test_built_network_starts_from_pytorchs_state(args):
+    """build_network runs nothing: every BN's running mean is 0 and variance 1 (a
+    training pass would leave 0.9), the drop-path noise is where it started, and the
+    weights have the paths, order and initial values of a network built by running
+    it (paths are checkpoint keys)."""
+    kwargs = dict(auxiliary=True, drop_path_rate=0.2, seed=3)
+    keras.utils.set_random_seed(7)
+    built = networks.build_network(*args, **kwargs)
+    keras.utils.set_random_seed(7)
+    oracle = _built_by_forward_passes(*args, **kwargs)
+
+    def by_path(network):
+        return {v.path.replace(network.name + "/", "", 1): v for v in network.weights}
+
+    built_paths, oracle_paths = by_path(built), by_path(oracle)
+    assert list(built_paths) == list(oracle_paths)
+    running = [p for p in built_paths if p.endswith(("moving_mean", "moving_variance"))]
+    assert len(running) > 20
+    for path in running:
+        expected = 0.0 if path.endswith("moving_mean") else 1.0
+        np.testing.assert_array_equal(built_paths[path].numpy(), expected, err_msg=path)
+    assert np.any(oracle_paths[running[1]].numpy() != 1.0)  # the oracle's pass moved it
+    for path, variable in built_paths.items():
+        if path not in running:
+            np.testing.assert_array_equal(variable.numpy(), oracle_paths[path].numpy(), path)
+    fresh = networks.NETWORKS[args[0]](*args[1:5], **kwargs)
+    for drop_path, unused in zip(_drop_paths(built), _drop_paths(fresh), strict=True):
+        np.testing.assert_array_equal(
+            drop_path.seed_generator.state.numpy(), unused.seed_generator.state.numpy()
+        )
+
+
+def _drop_paths(network):
+    return [layer for cell in network.cells for layer in cell.drop_paths]
 
 
 def test_network_config_round_trip():
