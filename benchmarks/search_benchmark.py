@@ -33,7 +33,8 @@ for darts, of which ~10 are the dense step's first call: tracing its ~287k-op gr
 Options: ``--batch_size 64 --channels 16 --layers 8 --image_size 32``,
 ``--steps ista=5,darts=3`` (or one number for every method), ``--methods ista,darts``,
 ``--breakdown`` (also time the architecture step, the weight step and a training-mode
-forward pass separately, each in its own ``tf.function``).
+forward pass separately, each in its own ``tf.function``), ``--tensor_memory`` (see
+below).
 
 Reading the output (a markdown table, one row per method, then the ratios):
 
@@ -52,6 +53,14 @@ Reading the output (a markdown table, one row per method, then the ratios):
 - ``graph ops``: operations in the traced step graph (shows whether inactive candidate
   ops are traced: the sparse graph should be ~7x smaller in the cells).
 - ``updated weights``: weight variables the weight step updates.
+- ``tensor peak MB`` (with ``--tensor_memory``): the most memory TensorFlow's CPU
+  allocator held for tensors at once during the timed steps (and, with
+  ``--breakdown``, during each part's timed calls). It separates the step's own data
+  (activations kept for the backward pass, gradients) from the process's fixed cost
+  (TensorFlow, the Keras objects, the traced and optimised graphs, freed memory the
+  C allocator keeps). The worker then runs on TensorFlow's BFC allocator
+  (``TF_CPU_ALLOCATOR_USE_BFC``), the only CPU allocator that counts: its times and RSS
+  are not comparable with a run without the flag.
 - ratios sparse / dense for the median step time (target <= 0.1), peak RSS (target
   <= 0.3) and the step's memory increment, next to the published PyTorch ratios.
 """
@@ -162,6 +171,20 @@ def build_step(args: argparse.Namespace, method: str = "ista"):
     return model, train_fn, weights_batch, arch_batch, build_s
 
 
+def _tensor_peak_mb(reset: bool = False) -> float | None:
+    """TensorFlow's CPU allocator's peak since the last reset, in MB (None unless the
+    process runs on the BFC allocator, see --tensor_memory); ``reset`` starts anew."""
+    import tensorflow as tf
+
+    try:
+        if reset:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            return None
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
+    except ValueError:  # "Allocator stats not available": the default allocator
+        return None
+
+
 def _worker(args: argparse.Namespace) -> dict:
     """Builds one super-net like TwoStageRun, times its traced search step, measures memory."""
     import numpy as np
@@ -187,7 +210,9 @@ def _worker(args: argparse.Namespace) -> dict:
     peak_reset = _reset_peak_rss()
 
     warmup = [step() for _ in range(WARMUP_STEPS)]
+    _tensor_peak_mb(reset=True)
     timed = [step() for _ in range(args.steps)]
+    tensor_peak = _tensor_peak_mb()
 
     step_peak = _mb(_proc_status_kb("VmHWM")) if peak_reset else None
     graph = train_fn.get_concrete_function(weights_batch, arch_batch).graph
@@ -211,6 +236,7 @@ def _worker(args: argparse.Namespace) -> dict:
             None if step_peak is None or baseline_rss is None else step_peak - baseline_rss
         ),
         "peak_rss_mb": _max_rss_mb(),
+        "tensor_peak_mb": tensor_peak,
         "supports": {k: [list(s) for s in v] for k, v in model.supports.items()},
     }
     if args.breakdown:
@@ -258,14 +284,17 @@ def _breakdown(model, weights_batch, arch_batch, steps: int) -> dict:
         start = time.perf_counter()
         fn(*fn_args).numpy()
         first = time.perf_counter() - start
+        fn(*fn_args).numpy()  # one more warm-up, then the timed calls
+        _tensor_peak_mb(reset=True)
         times = []
-        for _ in range(1 + steps):  # one more warm-up, then the timed calls
+        for _ in range(steps):
             start = time.perf_counter()
             fn(*fn_args).numpy()
             times.append(time.perf_counter() - start)
         out[name] = {
             "first_s": first,
-            "median_s": statistics.median(times[1:]),
+            "median_s": statistics.median(times),
+            "tensor_peak_mb": _tensor_peak_mb(),
             "graph_ops": len(fn.get_concrete_function(*fn_args).graph.get_operations()),
         }
     return out
@@ -284,6 +313,7 @@ def _parse_steps(text: str, methods) -> dict[str, int]:
 
 def _run_method(method: str, steps: int, args: argparse.Namespace) -> dict:
     extra = ["--steps", str(steps)] + (["--breakdown"] if args.breakdown else [])
+    extra += ["--tensor_memory"] if args.tensor_memory else []
     print(
         f"[{method}] running {steps} timed steps after {WARMUP_STEPS} warm-up steps ...",
         file=sys.stderr,
@@ -323,9 +353,9 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
     print(
         "| method | timed steps | s/step (median) | min-max s | first step s (tracing) "
         "| 2nd step s | build s | peak RSS MB | baseline RSS MB | step peak +MB "
-        "| graph ops | updated weights |"
+        "| graph ops | updated weights | tensor peak MB |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- |" + " ---: |" * 12)
     for method, r in results.items():
         label = {"ista": "ista (sparse)", "darts": "darts (dense)"}.get(method, method)
         times = r["step_times_s"]
@@ -334,13 +364,14 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
             f"{min(times):.2f}-{max(times):.2f} | {r['first_step_s']:.1f} | "
             f"{_fmt(r['second_step_s'])} | {r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{_fmt(r['baseline_rss_mb'], '.0f')} | {_fmt(r['step_increment_mb'], '.0f')} | "
-            f"{r['graph_ops']} | {r['updated_weights']}/{r['all_weights']} |"
+            f"{r['graph_ops']} | {r['updated_weights']}/{r['all_weights']} | "
+            f"{_fmt(r.get('tensor_peak_mb'), '.0f')} |"
         )
     for method, published in PUBLISHED.items():
         label = {"ista": "published PyTorch, sparse", "darts": "published PyTorch, dense"}
         print(
             f"| {label[method]} | - | {published['s_per_step']:.1f} | - | - | - | - | "
-            f"{published['peak_mb']:.0f} | - | - | - | - |"
+            f"{published['peak_mb']:.0f} | - | - | - | - | - |"
         )
 
     time_ratio = _ratio(results, "median_s")
@@ -368,13 +399,15 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
             )
 
     if args.breakdown:
-        print("\n| method | part | first call s (tracing) | median s | graph ops |")
-        print("| --- | --- | ---: | ---: | ---: |")
+        print(
+            "\n| method | part | first call s (tracing) | median s | graph ops | tensor peak MB |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
         for method, r in results.items():
             for part, b in r.get("breakdown", {}).items():
                 print(
                     f"| {method} | {part} | {b['first_s']:.1f} | {b['median_s']:.3f} | "
-                    f"{b['graph_ops']} |"
+                    f"{b['graph_ops']} | {_fmt(b.get('tensor_peak_mb'), '.0f')} |"
                 )
     harness.save_results(args, results)
 
@@ -386,10 +419,17 @@ def main() -> None:
     parser.add_argument("--steps", default="ista=5,darts=3", help=steps_help)
     parser.add_argument("--methods", default="ista,darts", help="methods, each in a process")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts")
+    parser.add_argument(
+        "--tensor_memory",
+        action="store_true",
+        help="also report the peak memory of tensors (runs TF's BFC allocator; see above)",
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
+        if args.tensor_memory:  # read when TensorFlow starts, which it has not yet
+            os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
         args.steps = int(args.steps)
         if args.steps < 1:
             parser.error("--steps must be >= 1")
