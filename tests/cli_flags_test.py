@@ -1,6 +1,7 @@
 """train/cli_flags.py: flags -> configs, with every default taken from the dataclasses."""
 
 import importlib.util
+import sys
 
 import pytest
 from absl import flags
@@ -14,6 +15,8 @@ def cli():
     """The flags module of the command line, its flags defined on a private FlagValues."""
     spec = importlib.util.spec_from_file_location("cli_flags", REPO / "train" / "cli_flags.py")
     module = importlib.util.module_from_spec(spec)
+    # As an import would: absl records each flag's defining module from sys.modules.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     values = flags.FlagValues()
     module.define_flags(values)
@@ -150,9 +153,23 @@ def test_flags_text_holds_only_this_projects_flags_that_were_given(cli):
     assert lines[:2] == ["--epochs=3", "--model_dir=/tmp/x"]
     assert lines[2:] == ["--mode=search", "--method=darts"]
     assert all(
-        line.split("=")[0].lstrip("-").removeprefix("no") in {*module.project_flag_names()}
+        line.split("=")[0].lstrip("-").removeprefix("no") in {*module.project_flag_names(values)}
         for line in lines
     )
+
+
+def test_project_flags_are_those_define_flags_defines(cli):
+    """Found from absl's record of each flag's module: every flag define_flags makes
+    (the settings and the mode flags), none defined elsewhere (absl's, TF's, a user's)."""
+    module, _ = cli
+    values = flags.FlagValues()
+    flags.DEFINE_string("defined_elsewhere", None, "not this project's", flag_values=values)
+    module.define_flags(values)
+    names = module.project_flag_names(values)
+    assert names[: len(module.setting_flags())] == list(module.setting_flags())
+    assert names[len(module.setting_flags()) :][:2] == ["mode", "method"]
+    assert {"split", "saved_model", "version", "overwrite", "diagram"} <= set(names)
+    assert "defined_elsewhere" not in names and len(names) == len(values) - 1
 
 
 @pytest.mark.parametrize("flagfile", sorted(p.name for p in (REPO / "train/configs").glob("*.cfg")))

@@ -143,9 +143,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def project_flag_names(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """The flags :func:`define_flags` defines (not absl's, TF's or tfds' own)."""
-    names = [*setting_flags(), "mode", "method", "diagram", "version", "overwrite"]
-    return [*names, "saved_model", "split"]
+    """The flags :func:`define_flags` defines (not absl's, TF's or tfds' own), in the
+    order it defines them: absl records the module that defines each flag, so a flag
+    added there is recorded and replayed without being listed anywhere else."""
+    return [flag.name for flag in flag_values.get_flags_for_module(__name__)]
 
 
 def flags_text(FLAGS) -> str:
@@ -154,7 +155,7 @@ def flags_text(FLAGS) -> str:
     replays (a resume)."""
     lines = [
         FLAGS[name].serialize()
-        for name in project_flag_names()
+        for name in project_flag_names(FLAGS)
         if name in FLAGS
         and (
             name in ("mode", "method")
