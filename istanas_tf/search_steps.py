@@ -123,6 +123,7 @@ class SearchSteps:
         names = ("loss",) if self.config.one_stage else ("loss", "arch_loss")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        networks.release_cached_kernels()  # every variable of the run exists now
 
     @property
     def metrics(self):

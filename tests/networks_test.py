@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from testing import record_symbolic_builds
 
-from istanas_tf import genotypes, networks
+from istanas_tf import genotypes, networks, optimizers
 
 
 def test_auxiliary_logits_only_in_training():
@@ -78,6 +78,31 @@ def test_built_network_starts_from_pytorchs_state(args):
 
 def _drop_paths(network):
     return [layer for cell in network.cells for layer in cell.drop_paths]
+
+
+def test_compile_releases_cached_kernels_after_the_slots(monkeypatch):
+    network = networks.build_network("cifar", "DARTS_V2", 4, 3, 10, 32, auxiliary=True)
+    optimizer = optimizers.TorchSGD(0.05, momentum=0.9)
+    count = lambda: len(network.variables) + len(optimizer.variables)
+    released_at = []
+    monkeypatch.setattr(networks, "release_cached_kernels", lambda: released_at.append(count()))
+    network.compile(optimizer)
+    assert released_at == [count()] and len(optimizer.variables) > len(network.trainable_weights)
+
+
+def test_cached_kernels_are_released_without_touching_variables_or_traces():
+    """The real release: a built network's weights, and a step traced before it, are
+    the same after it."""
+    network = networks.build_network("cifar", "DARTS_V2", 4, 3, 10, 32)
+    images = tf.random.stateless_normal([2, 32, 32, 3], seed=[1, 2])
+    forward = tf.function(lambda x: network(x, training=False))
+    traced, eager = forward(images).numpy(), network(images, training=False).numpy()
+    weights = [w.numpy() for w in network.weights]
+    networks.release_cached_kernels()
+    np.testing.assert_array_equal(forward(images).numpy(), traced)
+    np.testing.assert_array_equal(network(images, training=False).numpy(), eager)
+    for variable, value in zip(network.weights, weights, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)
 
 
 def test_network_config_round_trip():

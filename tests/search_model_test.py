@@ -27,6 +27,19 @@ def _compile(network):
     )
 
 
+def test_compile_releases_cached_kernels_once_every_variable_exists(monkeypatch):
+    """Creating a variable caches a kernel nothing runs again (its VarHandleOp's
+    debug_name); compile releases them after the last variable (slots, metrics)."""
+    network = _network()
+    weights = optimizers.TorchSGD(0.05, momentum=0.9)
+    arch = optimizers.TorchAdam(6e-4, beta_1=0.5)
+    count = lambda: len(network.variables) + len(weights.variables) + len(arch.variables)
+    released_at = []
+    monkeypatch.setattr(networks, "release_cached_kernels", lambda: released_at.append(count()))
+    network.compile(weights, arch)
+    assert released_at == [count()] and len(weights.variables) > len(network.weight_variables)
+
+
 def test_every_candidate_op_has_weights_but_only_the_support_gets_gradients():
     network = _network()
     cell = network.cells[0]
