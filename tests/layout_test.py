@@ -197,3 +197,32 @@ def test_ruff_lint_and_format_are_clean(command):
         f"`ruff check --fix` and `ruff format` repair most findings):\n"
         f"{result.stdout[-3000:]}{result.stderr[-2000:]}"
     )
+
+
+IMPORT_EVERYTHING_THEN_CONFIGURE = """
+import pkgutil, importlib, sys
+import tensorflow as tf
+import istanas_tf
+for module in pkgutil.walk_packages(istanas_tf.__path__, "istanas_tf."):
+    importlib.import_module(module.name)
+sys.path.insert(0, "train")
+import cli_flags
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+print("configured", len(tf.config.list_logical_devices("CPU")))
+"""
+
+
+def test_importing_the_package_leaves_tensorflow_unconfigured():
+    """No module runs TensorFlow at import: once its runtime starts, logical devices and
+    a MultiWorkerMirroredStrategy ("Collective ops must be configured at program
+    startup") can no longer be set up, and the command line makes its strategy after
+    importing the package (a module-level eager constant once broke every
+    multi-worker run)."""
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERYTHING_THEN_CONFIGURE],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0 and "configured 2" in result.stdout, result.stderr[-3000:]
