@@ -54,17 +54,10 @@ import tensorflow as tf
 _GAP_ROUNDING = 4.0 * np.finfo(np.float64).eps
 # Slack on an eigenvalue of A_S A_S^T, in units of eps times the largest one.
 _EIGENVALUE_ROUNDING = 256.0 * np.finfo(np.float64).eps
-
-
-def _zero() -> tf.Tensor:
-    # Made at each use, not at import: an eager tensor made while importing would start
-    # TensorFlow's runtime, after which no multi-worker strategy or logical device can
-    # be configured.
-    return tf.constant(0.0, tf.float64)
-
-
-def _inf() -> tf.Tensor:
-    return tf.constant(np.inf, tf.float64)
+# NumPy scalars, which tf.where takes as float64: a TF constant made at import would
+# start TensorFlow's runtime, after which no multi-worker strategy or logical device
+# can be configured.
+_ZERO, _INF = np.float64(0.0), np.float64(np.inf)
 
 
 def _float64(*values):
@@ -105,7 +98,7 @@ def _duality_gap(A, b, z, lam, columns):
     """Duality gap of z for the problem restricted to ``columns`` ([k, n] bools; z is
     zero outside them), with the dual point of step 1 and the rounding slack; [k]."""
     r = b - _matvec(A, z)
-    g = tf.where(columns, _rmatvec(A, r), _zero())
+    g = tf.where(columns, _rmatvec(A, r), _ZERO)
     largest = tf.reduce_max(tf.abs(g), axis=-1)
     s = tf.where(largest > lam, lam / tf.maximum(largest, lam), tf.ones_like(largest))
     terms = lam * tf.abs(z) - s[:, None] * g * z
@@ -143,13 +136,13 @@ def magnitude_bounds(A, b, z, lam) -> tuple[tf.Tensor, tf.Tensor]:
     sigma_squared = smallest - _EIGENVALUE_ROUNDING * m * eigenvalues[:, -1]
     bounded = (survivors <= m) & ((sigma_squared > 0.0) | (survivors == 0))
 
-    z_S = tf.where(survives, z, _zero())
+    z_S = tf.where(survives, z, _ZERO)
     gap_S, _ = _duality_gap(A, b, z_S, lam, survives)
     delta = tf.sqrt(2.0 * gap_S / tf.where(sigma_squared > 0.0, sigma_squared, 1.0))
-    delta = tf.where(bounded, delta, _inf())[:, None]
+    delta = tf.where(bounded, delta, _INF)[:, None]
     magnitude = tf.abs(z)
-    lower = tf.where(survives, tf.maximum(magnitude - delta, 0.0), _zero())
-    upper = tf.where(survives, magnitude + delta, _zero())
+    lower = tf.where(survives, tf.maximum(magnitude - delta, 0.0), _ZERO)
+    upper = tf.where(survives, magnitude + delta, _ZERO)
     return lower, upper
 
 
@@ -170,8 +163,8 @@ def support_certified(lower, upper, support, num_ops: int, distinct_inputs: bool
     n = lower.shape[-1]
     if not distinct_inputs:
         picked = tf.reduce_any(tf.equal(tf.range(n)[:, None], support[None, :]), axis=1)
-        weakest_pick = tf.reduce_min(tf.where(picked, lower, _inf()))
-        strongest_rest = tf.reduce_max(tf.where(picked, -_inf(), upper))
+        weakest_pick = tf.reduce_min(tf.where(picked, lower, _INF))
+        strongest_rest = tf.reduce_max(tf.where(picked, -_INF, upper))
         return weakest_pick > strongest_rest
     lower = tf.reshape(lower, [n // num_ops, num_ops])
     upper = tf.reshape(upper, [n // num_ops, num_ops])
@@ -179,8 +172,8 @@ def support_certified(lower, upper, support, num_ops: int, distinct_inputs: bool
     own = tf.gather_nd(lower, tf.stack([inputs, ops], axis=1))  # [k]
     # Each picked predecessor's op must beat the predecessor's other ops ...
     other_ops = tf.not_equal(tf.range(num_ops)[None, :], ops[:, None])
-    rival_ops = tf.reduce_max(tf.where(other_ops, tf.gather(upper, inputs), -_inf()), axis=1)
+    rival_ops = tf.reduce_max(tf.where(other_ops, tf.gather(upper, inputs), -_INF), axis=1)
     # ... and the picked predecessors must beat the best op of every other one.
     picked = tf.reduce_any(tf.equal(tf.range(n // num_ops)[:, None], inputs[None, :]), axis=1)
-    rival_inputs = tf.reduce_max(tf.where(picked, -_inf(), tf.reduce_max(upper, axis=1)))
+    rival_inputs = tf.reduce_max(tf.where(picked, -_INF, tf.reduce_max(upper, axis=1)))
     return tf.reduce_all(own > rival_ops) & (tf.reduce_min(own) > rival_inputs)
