@@ -70,6 +70,34 @@ def mixed_precision_policy(mixed_precision: str | None):
         keras.mixed_precision.set_global_policy(previous)
 
 
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process (None: unknown).
+
+    TensorFlow decides once, when it starts, from ``TF_ENABLE_ONEDNN_OPTS`` (unset: on
+    only for CPUs with AVX-512 or AMX); ``train/main.py`` sets it to 1 unless it is set.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # a TensorFlow without the (private) query
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def log_cpu_kernels() -> None:
+    """Logs which CPU kernels the run's float32 ops use: oneDNN's, or TensorFlow's own
+    (about 1.4-1.8x slower steps on an AVX2 CPU, WORKSPACE.md) with how to switch."""
+    enabled = onednn_enabled()
+    if enabled:
+        logging.info(
+            "CPU kernels: oneDNN (TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow starts: TF's own)"
+        )
+    elif enabled is False and not tf.config.list_physical_devices("GPU"):
+        logging.info(
+            "CPU kernels: TensorFlow's own, not oneDNN's; on x86 CPUs oneDNN's are faster: "
+            "set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow starts (train/main.py does)"
+        )
+
+
 def seed_process(loop: config_lib.LoopConfig) -> None:
     """With ``--deterministic``: seeds Python, NumPy and TF, and makes TF's kernels
     deterministic. (The data pipeline is seeded by its own config either way.)"""
@@ -146,6 +174,7 @@ def start(
         over the replicas, or a run directory holding another run (``RunDirError``).
     """
     config.validate()
+    log_cpu_kernels()
     seed_process(config.loop)
     strategy = make_strategy(config.loop.strategy)
     chief = is_chief(strategy)
