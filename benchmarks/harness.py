@@ -15,6 +15,10 @@ import subprocess
 import sys
 import time
 
+# The command line's CPU kernels (train/main.py turns oneDNN on unless told otherwise),
+# set before any script imports TensorFlow; workers inherit it.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NETWORK_FLAGS = ("batch_size", "channels", "layers", "image_size", "num_classes", "seed")
 
@@ -45,6 +49,15 @@ def load_average() -> float | None:
         return None
 
 
+def cpu_kernels() -> str:
+    """Which CPU kernels this process's TensorFlow runs, for the reports' header."""
+    from istanas_tf.training import runtime
+
+    return {True: "oneDNN kernels", False: "TF's own kernels (oneDNN off)"}.get(
+        runtime.onednn_enabled(), "kernels unknown"
+    )
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (``ru_maxrss``) in MB."""
     import resource
@@ -61,6 +74,7 @@ def run_worker(
     extra: list[str],
     prefix: str,
     library: str | None = None,
+    env_overrides: dict[str, str] | None = None,
 ) -> tuple[dict | None, float, subprocess.CompletedProcess]:
     """Runs ``script --worker name`` with the network flags of ``args`` and ``extra``.
 
@@ -68,6 +82,8 @@ def run_worker(
       library: a checkout whose ``istanas_tf`` the worker imports instead of the
         installed one (put first on PYTHONPATH): to measure another commit's code with
         this commit's benchmark, in the same run.
+      env_overrides: environment variables set for the worker only (e.g.
+        ``TF_ENABLE_ONEDNN_OPTS=0`` for a baseline on TensorFlow's own kernels).
 
     Returns:
       ``(result or None if the worker printed none, wall seconds, the process)``.
@@ -75,7 +91,7 @@ def run_worker(
     command = [sys.executable, os.path.abspath(script), "--worker", name, *extra]
     for flag in NETWORK_FLAGS:
         command += [f"--{flag}", str(getattr(args, flag))]
-    env = dict(os.environ)
+    env = {**os.environ, **(env_overrides or {})}
     if library:
         env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(library), env.get("PYTHONPATH", "")])
     start = time.perf_counter()

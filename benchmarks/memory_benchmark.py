@@ -358,7 +358,8 @@ def _print_report(results: dict, args: argparse.Namespace, loads: tuple) -> None
         f"(one_stage: at least 32x32), batch "
         f"{args.batch_size}, {args.steps} steps per epoch, {args.replicas} replica(s); "
         f"{os.cpu_count()} CPUs, "
-        f"TensorFlow {tf.__version__}; load average {_cell(loads[0], '.2f')} before, "
+        f"TensorFlow {tf.__version__} ({harness.cpu_kernels()}); "
+        f"load average {_cell(loads[0], '.2f')} before, "
         f"{_cell(loads[1], '.2f')} after"
     )
     header = ("epoch", "s", "changed", "RSS MB", "peak MB", *COLUMNS[2:])

@@ -53,14 +53,14 @@ Reading the output (a markdown table, one row per method, then the ratios):
 - ``graph ops``: operations in the traced step graph (shows whether inactive candidate
   ops are traced: the sparse graph should be ~7x smaller in the cells).
 - ``updated weights``: weight variables the weight step updates.
-- ``tensor peak MB`` (with ``--tensor_memory``): the most memory TensorFlow's CPU
-  allocator held for tensors at once during the timed steps (and, with
-  ``--breakdown``, during each part's timed calls). It separates the step's own data
-  (activations kept for the backward pass, gradients) from the process's fixed cost
-  (TensorFlow, the Keras objects, the traced and optimised graphs, freed memory the
-  C allocator keeps). The worker then runs on TensorFlow's BFC allocator
-  (``TF_CPU_ALLOCATOR_USE_BFC``), the only CPU allocator that counts: its times and RSS
-  are not comparable with a run without the flag.
+- ``tensor peak MB``: the most memory TensorFlow's CPU allocator held for tensors at
+  once during the timed steps (and, with ``--breakdown``, during each part's timed
+  calls). It separates the step's own data (activations kept for the backward pass,
+  gradients) from the process's fixed cost (TensorFlow, the Keras objects, the traced
+  and optimised graphs, freed memory the C allocator keeps). Only TensorFlow's BFC
+  allocator counts: TensorFlow runs it with oneDNN's kernels (the benchmarks' default,
+  as the command line's); ``--tensor_memory`` forces it (``TF_CPU_ALLOCATOR_USE_BFC``)
+  when oneDNN is off, whose times and RSS are then not those of a run without the flag.
 - ratios sparse / dense for the median step time (target <= 0.1), peak RSS (target
   <= 0.3) and the step's memory increment, next to the published PyTorch ratios.
 """
@@ -173,7 +173,8 @@ def build_step(args: argparse.Namespace, method: str = "ista"):
 
 def _tensor_peak_mb(reset: bool = False) -> float | None:
     """TensorFlow's CPU allocator's peak since the last reset, in MB (None unless the
-    process runs on the BFC allocator, see --tensor_memory); ``reset`` starts anew."""
+    process runs on the BFC allocator: with oneDNN, or --tensor_memory); ``reset``
+    starts anew."""
     import tensorflow as tf
 
     try:
@@ -347,7 +348,8 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
     print(
         f"\nSearch step (architecture step + weight step), batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, C = {args.channels}, {args.layers} cells, "
-        f"{args.num_classes} classes; {os.cpu_count()} CPUs, TensorFlow {tf.__version__}; "
+        f"{args.num_classes} classes; {os.cpu_count()} CPUs, "
+        f"TensorFlow {tf.__version__} ({harness.cpu_kernels()}); "
         f"{WARMUP_STEPS} warm-up steps, then the timed steps\n"
     )
     print(
@@ -422,7 +424,8 @@ def main() -> None:
     parser.add_argument(
         "--tensor_memory",
         action="store_true",
-        help="also report the peak memory of tensors (runs TF's BFC allocator; see above)",
+        help="report the peak memory of tensors with oneDNN off too (runs TF's BFC allocator; "
+        "see above)",
     )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -58,8 +58,9 @@ def _run(config: str, code: str, library: str | None, args) -> dict:
     script, worker, extra = CONFIGS[config]
     print(f"[{config} / {code}] ...", file=sys.stderr, flush=True)
     load_before = harness.load_average()
+    env = args.baseline_env if code == "baseline" else None
     result, wall, process = harness.run_worker(
-        os.path.join(HERE, script), worker, args, extra, PREFIXES[script], library
+        os.path.join(HERE, script), worker, args, extra, PREFIXES[script], library, env
     )
     if result is None:
         sys.stderr.write(process.stdout[-3000:] + process.stderr[-5000:])
@@ -82,7 +83,10 @@ def _print_report(results: dict, args) -> None:
     print(
         f"\nBatch {args.batch_size}, {args.image_size}x{args.image_size}, C = {args.channels}, "
         f"{args.layers} cells; {os.cpu_count()} CPUs; medians over {args.rounds} round(s), "
-        "each configuration in a fresh process\n"
+        "each configuration in a fresh process; current: "
+        f"{harness.cpu_kernels()}"
+        + (f"; baseline's environment: {args.baseline_env}" if args.baseline_env else "")
+        + "\n"
     )
     header = " | ".join(label for _, label in NUMBERS)
     print(f"| configuration | code | {header} | load avg before/after |")
@@ -120,6 +124,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_network_arguments(parser)
     parser.add_argument("--baseline", default="", help="a checkout of the commit to compare")
+    parser.add_argument(
+        "--baseline_env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the baseline's processes only (repeatable), e.g. "
+        "TF_ENABLE_ONEDNN_OPTS=0 to run the baseline on TensorFlow's own CPU kernels",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     parser.add_argument("--dense", action="store_true", help="also the dense DARTS step")
     parser.add_argument(
@@ -130,6 +142,12 @@ def main() -> None:
         parser.error("--rounds must be >= 1")
     if args.baseline and not os.path.isdir(os.path.join(args.baseline, "istanas_tf")):
         parser.error(f"--baseline={args.baseline!r} is not a checkout (no istanas_tf/ in it)")
+    malformed = [item for item in args.baseline_env if "=" not in item.strip("=")]
+    if malformed:
+        parser.error(f"--baseline_env: expected NAME=VALUE, got {malformed}")
+    if args.baseline_env and not args.baseline:
+        parser.error("--baseline_env needs --baseline (the checkout it applies to)")
+    args.baseline_env = dict(item.split("=", 1) for item in args.baseline_env)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if args.dense and "dense search step" not in configs:
         configs.append("dense search step")

@@ -229,7 +229,8 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
         f"{args.batch_size}, {args.image_size}x{args.image_size}, C = {args.channels}, "
         f"{args.layers} cells, {args.num_classes} classes, auxiliary head (weight "
         f"{AUXILIARY_WEIGHT}), drop path {args.drop_path}; {os.cpu_count()} CPUs "
-        f"({platform.processor() or platform.machine()}), TensorFlow {tf.__version__}; "
+        f"({platform.processor() or platform.machine()}), "
+        f"TensorFlow {tf.__version__} ({harness.cpu_kernels()}); "
         f"{WARMUP_STEPS} warm-up steps, then {args.steps} timed steps\n"
     )
     graph = results.get("graph")

@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
+
+from istanas_tf.training import runtime
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -24,11 +27,30 @@ def _load(name: str, monkeypatch):
 
 
 def test_no_tensor_peak_where_the_allocator_keeps_no_statistics(monkeypatch):
-    """TF's default CPU allocator (the tests') counts nothing: the report is empty, not 0."""
+    """TF's CPU allocator without oneDNN counts nothing: the report is empty, not 0."""
     _load("harness", monkeypatch)
     search_benchmark = _load("search_benchmark", monkeypatch)
+
+    def no_statistics(device):
+        raise ValueError(f"Allocator stats not available on {device}")  # TF's words
+
+    monkeypatch.setattr(tf.config.experimental, "get_memory_info", no_statistics)
+    monkeypatch.setattr(tf.config.experimental, "reset_memory_stats", no_statistics)
     assert search_benchmark._tensor_peak_mb(reset=True) is None
     assert search_benchmark._tensor_peak_mb() is None
+
+
+def test_tensor_peak_is_counted_with_onednn(monkeypatch):
+    """With oneDNN's kernels (the tests' and the command line's) TensorFlow runs its BFC
+    allocator, which counts: a tensor held raises the peak by at least its size."""
+    _load("harness", monkeypatch)
+    search_benchmark = _load("search_benchmark", monkeypatch)
+    if not runtime.onednn_enabled():
+        pytest.skip("oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0): TF's allocator counts nothing")
+    search_benchmark._tensor_peak_mb(reset=True)
+    held = tf.ones([4, 2**20])  # 16 MB
+    assert search_benchmark._tensor_peak_mb() >= 16
+    del held
 
 
 @pytest.mark.slow  # ~40 s: a worker process builds and traces a tiny super-net
