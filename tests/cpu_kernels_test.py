@@ -13,11 +13,11 @@ from istanas_tf.training import runtime
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Imports train/main.py as a module (its flags are defined, nothing runs), then asks
-# TensorFlow whether it started with oneDNN's kernels.
+# Imports train/main.py as a module (its flags are defined, nothing runs; its neighbour
+# cli_flags found through PYTHONPATH), then asks TensorFlow whether it started with
+# oneDNN's kernels.
 IMPORT_MAIN_THEN_ASK = """
-import runpy, sys
-sys.path.insert(0, "train")
+import runpy
 runpy.run_path("train/main.py", run_name="not_main")
 from istanas_tf.training import runtime
 print("onednn", runtime.onednn_enabled())
@@ -33,6 +33,7 @@ def test_the_tests_run_the_command_lines_kernels():
 @pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False")])
 def test_the_command_line_turns_onednn_on_unless_told_not_to(setting, expected):
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "train"), env.get("PYTHONPATH")]))
     if setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = setting
     result = subprocess.run(
