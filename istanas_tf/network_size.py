@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from istanas_tf import genotypes, networks
+from istanas_tf import genotypes, networks, operations
 
 
 def count_parameters(network: keras.Model, include_auxiliary: bool = False) -> int:
@@ -47,13 +47,20 @@ def traced_multiply_adds(function, input_shape) -> tuple[int, object]:
 
 def graph_multiply_adds(graph: tf.Graph) -> int:
     """Every Conv2D, DepthwiseConv2dNative and MatMul op of ``graph`` with its static
-    output shape: ``H_out * W_out * C_out * k_h * k_w * C_in / groups``."""
+    output shape: ``H_out * W_out * C_out * k_h * k_w * C_in / groups``.
+
+    FactorizedReduce's 2x2 conv (op name ``operations.TWO_TAP_CONV``) counts one tap per
+    output channel: its kernel holds PyTorch's two 1x1 convs, zeros elsewhere.
+    """
     total = 0
     for op in graph.get_operations():
         if op.type == "Conv2D":
             kernel = op.inputs[1].shape  # [kh, kw, c_in, c_out]
             out = op.outputs[0].shape
-            total += out[1] * out[2] * out[3] * kernel[0] * kernel[1] * kernel[2]
+            taps = kernel[0] * kernel[1]
+            if op.name.rsplit("/", 1)[-1].startswith(operations.TWO_TAP_CONV):
+                taps = 1
+            total += out[1] * out[2] * out[3] * taps * kernel[2]
         elif op.type == "DepthwiseConv2dNative":
             kernel = op.inputs[1].shape  # [kh, kw, c_in, multiplier]
             out = op.outputs[0].shape

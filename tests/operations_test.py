@@ -1,5 +1,7 @@
 """Numeric tests of the candidate ops against hand computations and a numpy reference."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -180,6 +182,60 @@ def test_ops_build_by_channels_the_weights_keras_built_by_tracing(name, stride, 
     assert [path for path, _ in built] == [path for path, _ in expected]
     for (path, value), (_, expected_value) in zip(built, expected):
         np.testing.assert_array_equal(value, expected_value, err_msg=path)
+
+
+@contextlib.contextmanager
+def _float64_layers():
+    """Layers made in this scope compute and keep their variables in float64."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class _SlicingFactorizedReduce(ops.FactorizedReduce):
+    """FactorizedReduce as PyTorch writes it (and as it was here): two 1x1 convs on the
+    stride-2 pixels and on those of ``x[:, 1:, 1:]``, concatenated; an odd size pads the
+    shifted half with zeros at the bottom/right."""
+
+    def call(self, x, training=None):
+        x = tf.nn.relu(x)
+        even, shifted = x[:, ::2, ::2, :], x[:, 1::2, 1::2, :]
+        rows, columns = even.shape[1] - shifted.shape[1], even.shape[2] - shifted.shape[2]
+        shifted = tf.pad(shifted, [[0, 0], [0, rows], [0, columns], [0, 0]])
+        return self.bn(tf.concat([self.conv1(even), self.conv2(shifted)], -1), training=training)
+
+
+@pytest.mark.parametrize("height, width", [(8, 8), (7, 9), (5, 4)])
+def test_factorized_reduce_is_pytorchs_two_convs_in_one(height, width, monkeypatch):
+    """One 2x2 stride-2 conv holding the two 1x1 convs' kernels: the same weights (paths,
+    creation order, seeded values) as the version that called the convs and was built by
+    running, and in float64 the same outputs, input and weight gradients, and BN
+    statistics, even and odd sizes."""
+    x = tf.random.stateless_normal([2, height, width, 3], seed=[1, 2], dtype=tf.float64)
+    layers = []
+    for cls in (ops.FactorizedReduce, _SlicingFactorizedReduce):
+        with monkeypatch.context() as patch, _float64_layers():
+            if cls is _SlicingFactorizedReduce:
+                build_by_run(patch, cls)
+            keras.utils.set_random_seed(0)
+            layer = cls(6, name="reduce")
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * tf.sin(y))
+        weights = [layer.conv1.kernel, layer.conv2.kernel, layer.bn.gamma]
+        layers.append((layer, [y, *tape.gradient(loss, [x, *weights])]))
+    (layer, results), (oracle, expected) = layers
+    built, reference = variables_by_creation(layer), variables_by_creation(oracle)
+    assert [path for path, _ in built] == [path for path, _ in reference]
+    assert results[0].shape == (2, (height + 1) // 2, (width + 1) // 2, 6)
+    for value, oracle_value in zip(results, expected):
+        np.testing.assert_allclose(value, oracle_value, rtol=1e-12, atol=1e-12)
+    for (path, value), (_, oracle_value) in zip(built, reference):
+        np.testing.assert_allclose(value, oracle_value, rtol=1e-12, atol=1e-14, err_msg=path)
 
 
 def test_preprocessing_ops_build_without_tracing(monkeypatch):
