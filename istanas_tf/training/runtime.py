@@ -91,7 +91,7 @@ def log_cpu_kernels() -> None:
         logging.info(
             "CPU kernels: oneDNN (TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow starts: TF's own)"
         )
-    elif enabled is False and not tf.config.list_physical_devices("GPU"):
+    elif enabled is False:
         logging.info(
             "CPU kernels: TensorFlow's own, not oneDNN's; on x86 CPUs oneDNN's are faster: "
             "set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow starts (train/main.py does)"
