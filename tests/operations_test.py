@@ -1,7 +1,5 @@
 """Numeric tests of the candidate ops against hand computations and a numpy reference."""
 
-import contextlib
-
 import keras
 import numpy as np
 import pytest
@@ -184,15 +182,13 @@ def test_ops_build_by_channels_the_weights_keras_built_by_tracing(name, stride, 
         np.testing.assert_array_equal(value, expected_value, err_msg=path)
 
 
-@contextlib.contextmanager
-def _float64_layers():
-    """Layers made in this scope compute and keep their variables in float64."""
-    previous = keras.config.dtype_policy()
+@pytest.fixture
+def float64_layers():
+    """Layers made during the test compute and keep their variables in float64."""
+    before = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
+    yield
+    keras.config.set_dtype_policy(before)
 
 
 class _SlicingFactorizedReduce(ops.FactorizedReduce):
@@ -209,7 +205,7 @@ class _SlicingFactorizedReduce(ops.FactorizedReduce):
 
 
 @pytest.mark.parametrize("height, width", [(8, 8), (7, 9), (5, 4)])
-def test_factorized_reduce_is_pytorchs_two_convs_in_one(height, width, monkeypatch):
+def test_factorized_reduce_is_pytorchs_two_convs_in_one(height, width, monkeypatch, float64_layers):
     """One 2x2 stride-2 conv holding the two 1x1 convs' kernels: the same weights (paths,
     creation order, seeded values) as the version that called the convs and was built by
     running, and in float64 the same outputs, input and weight gradients, and BN
@@ -217,7 +213,7 @@ def test_factorized_reduce_is_pytorchs_two_convs_in_one(height, width, monkeypat
     x = tf.random.stateless_normal([2, height, width, 3], seed=[1, 2], dtype=tf.float64)
     layers = []
     for cls in (ops.FactorizedReduce, _SlicingFactorizedReduce):
-        with monkeypatch.context() as patch, _float64_layers():
+        with monkeypatch.context() as patch:
             if cls is _SlicingFactorizedReduce:
                 build_by_run(patch, cls)
             keras.utils.set_random_seed(0)
