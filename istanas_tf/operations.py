@@ -229,11 +229,12 @@ class FactorizedReduce(_OpWithBatchNorms):
         # A 2x2 stride-2 conv reads each 2x2 block once: its top-left pixel is what the
         # stride-2 1x1 conv reads, its bottom-right what the same conv reads on
         # x[:, 1:, 1:]. The two convs' products (the other taps multiply by zero) in one
-        # op, without strided slices, whose gradients are slow on CPU (forward + backward
-        # 8.5 vs 14.0 ms at 64x32x32x16 -> 32 with oneDNN). PyTorch only
-        # defines FactorizedReduce for even sizes; an odd size is padded by one zero row
-        # or column at the bottom/right, so the shifted half reads zeros there and both
-        # halves have ceil(H/2) rows.
+        # op, without strided slices, whose gradients are slow on CPU (forward +
+        # backward 8.5 vs 14.0 ms at 64x32x32x16 -> 32 with oneDNN). PyTorch defines
+        # FactorizedReduce for even sizes only; an odd size is padded by one zero row or
+        # column at the bottom/right, so the shifted half reads zeros there and both
+        # halves have ceil(H/2) rows. The conv thus never sees an odd size, where TF 2.21
+        # with oneDNN corrupted the heap in strided 1x1 conv gradients (55x55, 63x63).
         height, width = x.shape[1], x.shape[2]
         if height is None or width is None:
             height, width = tf.shape(x)[1], tf.shape(x)[2]
