@@ -236,9 +236,8 @@ class FactorizedReduce(_OpWithBatchNorms):
         # halves have ceil(H/2) rows. The conv thus never sees an odd size, where TF 2.21
         # with oneDNN corrupted the heap in strided 1x1 conv gradients (55x55, 63x63).
         height, width = x.shape[1], x.shape[2]
-        if height is None or width is None:
+        if height is None or width is None or height % 2 or width % 2:
             height, width = tf.shape(x)[1], tf.shape(x)[2]
-        if not (isinstance(height, int) and isinstance(width, int)) or height % 2 or width % 2:
             x = tf.pad(x, [[0, 0], [0, height % 2], [0, width % 2], [0, 0]])
         out = tf.nn.conv2d(
             x, self._kernel_2x2(x.dtype), strides=2, padding="VALID", name=TWO_TAP_CONV
