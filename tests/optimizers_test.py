@@ -1,6 +1,7 @@
 """The PyTorch-rule optimizers against a numpy transcription of torch.optim."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from istanas_tf import optimizers
@@ -68,3 +69,33 @@ def test_global_norm_clipping_spans_all_variables():
     # Global norm 5 -> scaled by 1/5: steps of 0.6 and 0.8.
     np.testing.assert_allclose(a.numpy(), [-0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(b.numpy(), [-0.8], rtol=1e-6)
+
+
+def _written_out_sgd(w, grads, lrs, momentum, wd):
+    """PyTorch's SGD rule as separate float32 TF ops (the optimizer's former body)."""
+    w, buf = tf.constant(w), tf.zeros_like(w)
+    for g, lr in zip(grads, lrs):
+        g = tf.constant(g) + tf.constant(wd, tf.float32) * w
+        buf = momentum * buf + g
+        w = w - tf.constant(lr, tf.float32) * buf
+    return w.numpy()
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_sgd_fused_kernel_is_bit_identical_to_the_written_out_rule(traced):
+    # The fused ResourceApplyMomentum must round exactly as the separate products and
+    # sums did: a deterministic run's genotype depends on every float32 bit.
+    rng = np.random.default_rng(2)
+    w0 = rng.normal(size=[3, 3, 4, 6]).astype(np.float32)
+    grads = [rng.normal(size=w0.shape).astype(np.float32) for _ in range(5)]
+    lrs = [0.1, 0.07, 0.05, 0.02, 0.003]
+    variable = tf.Variable(w0)
+    opt = optimizers.TorchSGD(learning_rate=lrs[0], momentum=0.9, l2=3e-4)
+    opt.build([variable])
+    apply = tf.function(opt.apply) if traced else opt.apply
+    for g, lr in zip(grads, lrs):
+        opt.learning_rate.assign(lr)
+        apply([tf.constant(g)], [variable])
+    expected = _written_out_sgd(w0, grads, lrs, 0.9, 3e-4)
+    np.testing.assert_array_equal(variable.numpy(), expected)
+    assert not np.array_equal(expected, w0)
