@@ -158,7 +158,10 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
             config = SearchNetworkConfig(**config)
         config.validate()
         self.config = config
-        with blocks.synchronized_batch_norm(config.sync_batch_norm):
+        with (
+            blocks.synchronized_batch_norm(config.sync_batch_norm),
+            networks.unnamed_tf_variables(),
+        ):
             self._build_layers(config)
         self._supports = self._frozen = self._bn_trainable = None
         self._size = None  # evaluation_size(), made on first use

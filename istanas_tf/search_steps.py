@@ -117,8 +117,9 @@ class SearchSteps:
         super().compile(optimizer=weight_optimizer, **kwargs)
         self.arch_optimizer = arch_optimizer
         self.label_smoothing = label_smoothing
-        weight_optimizer.build(self.weight_variables)
-        arch_optimizer.build(self.architecture_variables)
+        with networks.unnamed_tf_variables():
+            weight_optimizer.build(self.weight_variables)
+            arch_optimizer.build(self.architecture_variables)
         # The one-stage step has a single loss (on the same batch for both optimizers).
         names = ("loss",) if self.config.one_stage else ("loss", "arch_loss")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}

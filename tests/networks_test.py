@@ -90,6 +90,16 @@ def test_compile_releases_cached_kernels_after_the_slots(monkeypatch):
     assert released_at == [count()] and len(optimizer.variables) > len(network.trainable_weights)
 
 
+def test_evaluation_weights_and_slots_share_one_tf_name():
+    """See search_model_test: one VarHandleOp kernel for all of them; paths distinct."""
+    network = networks.build_network("cifar", "DARTS_V2", 4, 3, 10, 32, auxiliary=True)
+    optimizer = optimizers.TorchSGD(0.05, momentum=0.9)
+    network.compile(optimizer)
+    built = [v for v in network.weights if v.path != f"{network.name}/drop_path_rate"]
+    assert {v.value.name for v in built + optimizer.momentums} == {"Variable:0"}
+    assert len({v.path for v in network.weights}) == len(network.weights)
+
+
 def test_cached_kernels_are_released_without_touching_variables_or_traces():
     """The real release: a built network's weights, and a step traced before it, are
     the same after it."""

@@ -40,6 +40,21 @@ def test_compile_releases_cached_kernels_once_every_variable_exists(monkeypatch)
     assert released_at == [count()] and len(weights.variables) > len(network.weight_variables)
 
 
+def test_weights_and_slots_share_one_tf_name_so_one_eager_kernel():
+    """A TF-level name per variable would cost a kernel per variable (its VarHandleOp's
+    debug_name) and ~1 ms to make it: the super-net's weights, made in its constructor
+    and build_all, and both optimizers' slots all carry the same one. Keras paths, the
+    checkpoint keys, stay distinct."""
+    network = _network()
+    weights, arch = optimizers.TorchSGD(0.05, momentum=0.9), optimizers.TorchAdam(6e-4)
+    network.compile(weights, arch)
+    slots = weights.momentums + arch.first_moments + arch.second_moments
+    assert {v.value.name for v in network.weights + slots} == {"Variable:0"}
+    assert len({v.path for v in network.weights}) == len(network.weights) > 100
+    # The scope ends with the build: a variable made afterwards keeps its name.
+    assert tf.Variable(1.0, name="after").name == "after:0"
+
+
 def test_every_candidate_op_has_weights_but_only_the_support_gets_gradients():
     network = _network()
     cell = network.cells[0]
