@@ -106,11 +106,11 @@ class TorchSGD(_TorchStyleOptimizer):
         # _get_variable_index is private, but it is how Keras' own optimizers find a
         # variable's slots; there is no public equivalent (keras pinned to 3.15).
         buffer = self.momentums[self._get_variable_index(variable)]
-        # One fused kernel per variable: ``buf = buf * m + g; w -= buf * lr``, the same
-        # float operations in the same order as the two assignments it replaces (TF's
-        # CPU kernel has no fused multiply-add), so the results are bit for bit those
-        # of PyTorch's rule written out; the written-out rule traced ~12 ops per
-        # variable (reads, constants, products, assignments), this 1 (plus the L2).
+        # One fused kernel per variable: ``buf = buf * m + g; w -= buf * lr``, the
+        # rule's float operations in its order (TF's CPU kernel has no fused
+        # multiply-add), eager and traced alike. Written out as separate ops it traced
+        # ~8 more ops per variable, and in a traced step grappler's arithmetic
+        # optimizer rearranged them (results 1 ulp apart from the rule's).
         tf.raw_ops.ResourceApplyMomentum(
             var=_handle(variable),
             accum=_handle(buffer),
