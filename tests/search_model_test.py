@@ -28,8 +28,9 @@ def _compile(network):
 
 
 def test_compile_releases_cached_kernels_once_every_variable_exists(monkeypatch):
-    """Creating a variable caches a kernel nothing runs again (its VarHandleOp's
-    debug_name); compile releases them after the last variable (slots, metrics)."""
+    """Creating variables caches kernels nothing runs again (initializers; the
+    VarHandleOp of any variable with its own TF name); compile releases them after the
+    last variable (slots, metrics)."""
     network = _network()
     weights = optimizers.TorchSGD(0.05, momentum=0.9)
     arch = optimizers.TorchAdam(6e-4, beta_1=0.5)
