@@ -357,3 +357,44 @@ def test_drop_path_does_no_work_at_rate_zero():
     # Each sample is either dropped (0) or kept and scaled by 1 / (1 - 0.5).
     for sample, original in zip(dropped, x.numpy()):
         assert np.array_equal(sample, 0 * original) or np.allclose(sample, 2 * original)
+
+
+def test_drop_path_is_pytorchs_division_then_mask_bit_for_bit_in_one_pass():
+    """Kept samples are x / keep and dropped ones the signed zeros of x / keep * 0, as
+    PyTorch's ``x.div_(keep); x.mul_(mask)``, values and gradient bit for bit; traced,
+    one op makes an x-sized result (not a division and a product)."""
+    layer = blocks.DropPath(seed=7)
+    x = tf.random.stateless_normal([64, 3, 3, 2], [5, 6])  # no exact zeros
+    upstream = tf.random.stateless_normal(x.shape, [7, 8])
+
+    @tf.function
+    def forward_and_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, rate=0.3, training=True)
+        return y, tape.gradient(y, x, output_gradients=upstream)
+
+    y, dx = (t.numpy() for t in forward_and_gradient(x))
+    kept = np.any(y != 0, axis=(1, 2, 3)).astype(np.float32)[:, None, None, None]
+    assert 0 < kept.sum() < len(kept)
+    keep = np.float32(1.0) - np.float32(0.3)
+    expected = x.numpy() / keep * kept
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(expected))
+    expected_dx = upstream.numpy() * kept / keep
+    np.testing.assert_array_equal(dx, expected_dx)
+    np.testing.assert_array_equal(np.signbit(dx), np.signbit(expected_dx))
+
+    graph = (
+        tf.function(lambda x: layer(x, rate=0.3, training=True))
+        .get_concrete_function(tf.TensorSpec(x.shape))
+        .graph
+    )
+    full_size = [
+        op.type
+        for op in graph.get_operations()
+        if op.outputs
+        and op.outputs[0].shape == x.shape
+        and op.type not in ("Placeholder", "Identity")
+    ]
+    assert full_size == ["RealDiv"]
