@@ -194,8 +194,9 @@ class SearchCell(keras.layers.Layer):
       seed: seed of the drop path noise.
 
     ``call(s0, s1, supports, weights, drop_path_rate)`` takes, per node, a tuple of flat
-    candidate indices (``predecessor * 7 + op``, Python ints) and a weight tensor of
-    that length.
+    candidate indices (``predecessor * 7 + op``, Python ints) and the weights of those
+    candidates: a tensor of that length, or a sequence of scalar tensors (the super-net
+    unstacks each node's weights once for all its cells).
     """
 
     def __init__(
@@ -259,14 +260,17 @@ class SearchCell(keras.layers.Layer):
     def call(self, s0, s1, supports, weights, drop_path_rate=0.0, training=None):
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         for node in range(self.steps):
-            total = 0.0
+            total = None
             for position, index in enumerate(supports[node]):
                 op = self.candidates[node][index]
                 out = op(states[index // NUM_OPS], training=training)
                 if self.drop_path_layer is not None:
                     out = self.drop_path_layer(out, rate=drop_path_rate, training=training)
-                total = total + weights[node][position] * out
-            states.append(total)
+                weighted = weights[node][position] * out
+                # Summed from the first product, not from 0.0: the same value (0 + x is x)
+                # without an add and a constant per node in the trace.
+                total = weighted if total is None else total + weighted
+            states.append(0.0 if total is None else total)
         return tf.concat(states[2:], axis=-1)
 
     def active_ops(self, supports) -> list[keras.layers.Layer]:

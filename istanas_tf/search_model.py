@@ -407,6 +407,13 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
         """Returns ``(logits, aux_logits)``; aux_logits is None unless ``auxiliary`` and
         the network has an auxiliary head."""
         s0, s1 = networks.run_stem(self.stem_layers, images, training)
+        # Each node's weights split into scalars once for every cell of its type: indexed
+        # per op and cell, a weight vector traced a strided slice and its gradient's
+        # ~9 ops for each (10 % of the sparse step's graph, more of the dense one's).
+        weights = {
+            cell_type: [tf.unstack(node_weights) for node_weights in cell_weights]
+            for cell_type, cell_weights in weights.items()
+        }
         aux_logits = None
         for i, cell in enumerate(self.cells):
             cell_type = genotypes.cell_type(cell.reduction)

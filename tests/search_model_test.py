@@ -206,3 +206,32 @@ def test_bad_config_names_the_flag():
         search_model.SearchNetworkConfig(layers=2).validate()
     with pytest.raises(ValueError, match="--recovery_solver='lars' is not valid"):
         search_model.SearchNetworkConfig(recovery_solver="lars").validate()
+
+
+@pytest.mark.parametrize("method", ["ista", "darts"])
+def test_node_weights_are_split_once_for_all_cells_of_their_type(method):
+    """Each node's weights become scalars once per cell type (an Unpack, whose gradient
+    is one Pack), not sliced per op and cell (a strided slice and ~8 gradient ops each:
+    10 % of the sparse step's graph). The traced forward and gradient slice no weight in
+    any cell, and every architecture variable still gets a gradient."""
+    network = _network(method=method)
+    images = tf.random.stateless_normal([2, 8, 8, 3], [1, 2])
+    # Not the logits' plain sum: its gradient nearly cancels (softmax-free, ~1e-7 noise).
+    projection = tf.random.stateless_normal([2, 10], [3, 4])
+    variables = network.architecture_variables
+
+    @tf.function
+    def gradients(images):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(network(images, training=True) * projection)
+        return tape.gradient(loss, variables)
+
+    graph = gradients.get_concrete_function(tf.TensorSpec(images.shape)).graph
+    # Ops of the cells themselves (not of their candidate ops' layers).
+    cell_level = re.compile(r"/cell\d+(_\d+)?/[^/]+$")
+    in_cells = [op for op in graph.get_operations() if cell_level.search(op.name)]
+    assert in_cells and not [op.name for op in in_cells if op.type.startswith("StridedSlice")]
+    unpacks = [op for op in graph.get_operations() if op.type == "Unpack"]
+    assert len(unpacks) == 2 * genotypes.STEPS  # per node of each cell type
+    for gradient in gradients(images):  # every node weight still reaches the loss
+        assert np.all(np.isfinite(gradient)) and np.any(gradient != 0)
