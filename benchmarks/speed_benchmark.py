@@ -20,7 +20,8 @@ on the current code only):
 Reading the output: one row per configuration and code (``baseline`` / ``current``),
 the medians over rounds of: the step's median time (``s/step``), the first step
 (tracing and first run), the build (network, optimizers, first recovery), the process's
-peak RSS; then ``current / baseline`` per number (below 1: this commit is faster or
+peak RSS, the traced step's op count (``traced ops``: exact, and what the first step's
+cost scales with); then ``current / baseline`` per number (below 1: this commit is faster or
 leaner), the sparse / dense step ratio, and the 1-minute load average before and after
 each process (above the CPU count, other work competed and times are inflated).
 """
@@ -51,7 +52,11 @@ NUMBERS = (
     ("first_step_s", "first step s"),
     ("build_s", "build s"),
     ("peak_rss_mb", "peak RSS MB"),
+    # The traced step's op count: no noise, and what tracing and grappler's first-call
+    # passes cost scales with (~1 ms per op here).
+    ("graph_ops", "traced ops"),
 )
+FORMATS = {"median_s": ".3f", "graph_ops": ".0f"}
 
 
 def _run(config: str, code: str, library: str | None, args) -> dict:
@@ -96,13 +101,7 @@ def _print_report(results: dict, args) -> None:
             cells = []
             for key, _ in NUMBERS:
                 value = _median(runs, key)
-                cells.append(
-                    "-"
-                    if value is None
-                    else f"{value:.3f}"
-                    if key == "median_s"
-                    else f"{value:.1f}"
-                )
+                cells.append("-" if value is None else format(value, FORMATS.get(key, ".1f")))
             loads = ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in runs)
             print(f"| {config} | {code} | {' | '.join(cells)} | {loads} |")
         if "baseline" in by_code and "current" in by_code:

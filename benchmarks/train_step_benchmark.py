@@ -165,6 +165,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "step_times_s": times,
         "median_s": statistics.median(times),
         "tracing_count": train_fn.experimental_get_tracing_count(),
+        "graph_ops": len(train_fn.get_concrete_function(batch).graph.get_operations()),
         "parameters": network_size.count_parameters(model),
         "parameters_with_auxiliary": network_size.count_parameters(model, include_auxiliary=True),
         "drop_path_rate": float(model.drop_path_rate.numpy()),

@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import tensorflow as tf
@@ -70,3 +71,25 @@ def test_tensor_peak_is_reported_on_the_bfc_allocator(tmp_path):
     assert 0 < result["tensor_peak_mb"] < result["peak_rss_mb"]
     header = next(line for line in process.stdout.splitlines() if line.startswith("| method"))
     assert header.rstrip().endswith("| tensor peak MB |")
+
+
+def test_speed_report_gives_traced_ops_and_their_ratio(monkeypatch, capsys):
+    """The traced step's op count is the one number of the report without noise: each
+    code's median, and current / baseline, as for the times."""
+    _load("harness", monkeypatch)
+    speed_benchmark = _load("speed_benchmark", monkeypatch)
+    run = dict(median_s=1.0, first_step_s=20.0, build_s=10.0, peak_rss_mb=1600.0)
+    run.update(load_before=1.0, load_after=1.0)
+    results = {
+        "sparse search step": {
+            "baseline": [{**run, "graph_ops": 11625}, {**run, "graph_ops": 11625}],
+            "current": [{**run, "graph_ops": 9788}, {**run, "graph_ops": 9788}],
+        }
+    }
+    args = SimpleNamespace(batch_size=64, image_size=32, channels=16, layers=8, rounds=2)
+    args.baseline_env, args.json = {}, ""
+    speed_benchmark._print_report(results, args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert rows[0].split(" | ")[-2] == "traced ops"
+    assert rows[2].split(" | ")[-2] == "11625" and rows[3].split(" | ")[-2] == "9788"
+    assert rows[4].split(" | ")[-2] == "0.84"
