@@ -27,17 +27,20 @@ _register = keras.saving.register_keras_serializable(package="istanas_tf")
 _GRAPH_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _once_per_graph(key, make):
-    """``make()``, made once per traced graph and shared by every variable's update.
+def _once_per_graph(key, variable, make):
+    """``make()``, made once per traced graph and device, shared by the updates of every
+    variable on that device.
 
     An optimizer's ``update_step`` runs once per variable: a constant or a cast made in it
     is traced once per variable (two ``Const`` and a read of the learning rate each, a
     few thousand ops in the dense super-net's step), and tracing costs ~0.4 ms an op.
-    The cache holds the graph and the tensors weakly (a tensor holds its graph), so it
-    keeps no trace alive. Eager: ``make()`` each call.
+    Keyed by ``variable``'s device too, so that under a ``MirroredStrategy`` each
+    device's updates read their own. The cache holds the graph and the tensors weakly (a
+    tensor holds its graph), so it keeps no trace alive. Eager: ``make()`` each call.
     """
     if tf.executing_eagerly():
         return make()
+    key = (*key, _tf_variable(variable).device)
     cache = _GRAPH_TENSORS.setdefault(tf.compat.v1.get_default_graph(), {})
     tensor = cache[key]() if key in cache else None
     if tensor is None:
@@ -80,7 +83,9 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
     def _with_l2(self, gradient, variable):
         if self.l2:
             l2 = _once_per_graph(
-                ("l2", self.l2, gradient.dtype), lambda: tf.constant(self.l2, gradient.dtype)
+                ("l2", self.l2, gradient.dtype),
+                variable,
+                lambda: tf.constant(self.l2, gradient.dtype),
             )
             return gradient + l2 * tf.convert_to_tensor(variable)
         return gradient
@@ -89,12 +94,16 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
         return {**super().get_config(), "l2": self.l2, "clip_global_norm": self.clip_global_norm}
 
 
+def _tf_variable(variable):
+    """The TF variable of a Keras or TF variable (inside a strategy's ``update``, a
+    distributed variable's local component)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 def _handle(variable):
     """The resource handle of a Keras or TF variable (per device inside a strategy's
     ``update``, where a distributed variable's handle is its local component's)."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return variable.handle
+    return _tf_variable(variable).handle
 
 
 @_register
@@ -143,11 +152,13 @@ class TorchSGD(_TorchStyleOptimizer):
             var=_handle(variable),
             accum=_handle(buffer),
             lr=_once_per_graph(
-                ("lr", id(learning_rate), dtype), lambda: tf.cast(learning_rate, dtype)
+                ("lr", id(learning_rate), dtype), variable, lambda: tf.cast(learning_rate, dtype)
             ),
             grad=gradient,
             momentum=_once_per_graph(
-                ("momentum", self.momentum, dtype), lambda: tf.constant(self.momentum, dtype)
+                ("momentum", self.momentum, dtype),
+                variable,
+                lambda: tf.constant(self.momentum, dtype),
             ),
             use_locking=False,
             use_nesterov=False,

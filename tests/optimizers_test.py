@@ -1,6 +1,12 @@
 """The PyTorch-rule optimizers against a numpy transcription of torch.optim."""
 
 import gc
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 import weakref
 
 import numpy as np
@@ -8,6 +14,8 @@ import pytest
 import tensorflow as tf
 
 from istanas_tf import optimizers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _torch_sgd_reference(w, grads, lrs, momentum, wd, clip):
@@ -140,3 +148,51 @@ def test_constants_made_once_per_graph_keep_no_graph_alive():
     del apply, graph, momentum_inputs
     gc.collect()
     assert graph_ref() is None
+
+
+_TWO_DEVICE_UPDATE = textwrap.dedent("""
+    import json
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from istanas_tf import optimizers
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        variables = [tf.Variable(tf.zeros([3])) for _ in range(2)]
+        opt = optimizers.TorchSGD(0.1, momentum=0.9, l2=3e-4)
+        opt.build(variables)
+    step = tf.function(lambda: strategy.run(lambda: opt.apply([tf.ones([3])] * 2, variables)))
+    graph = step.get_concrete_function().graph
+    print(json.dumps([
+        [op.device, op.inputs[2].op.name, op.inputs[2].device, op.inputs[-1].op.name,
+         op.inputs[-1].device]
+        for op in graph.get_operations() if op.type == "ResourceApplyMomentum"
+    ]))
+""")
+
+
+def test_each_device_updates_with_its_own_constants():
+    """Under a MirroredStrategy each device's updates share that device's learning-rate
+    read and momentum constant, not device 0's (a copy per update otherwise)."""
+    process = subprocess.run(
+        [sys.executable, "-c", _TWO_DEVICE_UPDATE],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    updates = json.loads(process.stdout.splitlines()[-1])
+    assert len(updates) == 4 and len({device for device, *_ in updates}) == 2
+    for device, _, lr_device, _, momentum_device in updates:
+        assert momentum_device == device and lr_device in ("", device)  # "": placer's pick
+    reads, constants = {}, {}
+    for device, lr, _, momentum, _ in updates:
+        reads.setdefault(device, set()).add(lr)
+        constants.setdefault(device, set()).add(momentum)
+    # One of each per device, shared by both variables there, none shared across devices.
+    assert all(len(names) == 1 for names in [*reads.values(), *constants.values()])
+    assert len(set.union(*reads.values())) == len(set.union(*constants.values())) == 2
