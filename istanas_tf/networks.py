@@ -304,6 +304,22 @@ class _Network(keras.Model):
             optimizer.build(self.trainable_variables)
         release_cached_kernels()  # every variable of the run exists now
 
+    def get_compile_config(self):
+        """Keras' compile config (the optimizer, serialized) and the loss recipe: a
+        ``.keras`` file of a compiled network loads compiled, its optimizer's slots too."""
+        config = super().get_compile_config()
+        if not config:  # not compiled: Keras' empty config
+            return config
+        return {
+            **config,
+            "auxiliary_weight": self.auxiliary_weight,
+            "label_smoothing": self.label_smoothing,
+        }
+
+    def compile_from_config(self, config):
+        """Compiles from :meth:`get_compile_config`'s config (``keras.models.load_model``)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     @property
     def metrics(self):
         return [self.loss_tracker, self.top1, self.top5]

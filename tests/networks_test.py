@@ -1,5 +1,7 @@
 """Evaluation networks: auxiliary head, config round trip, refused settings."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -138,3 +140,44 @@ def test_fewer_than_three_layers_is_refused():
 def test_unknown_genotype_name_lists_valid_names():
     with pytest.raises(genotypes.GenotypeError, match="valid names: ISTA_twostage"):
         networks.NetworkCIFAR("ISTA_threestage", 16, 8, 10)
+
+
+def test_a_saved_keras_file_loads_the_network_compiled_and_training_goes_on_alike(tmp_path):
+    """``model.save("x.keras")`` and ``keras.models.load_model``: the same outputs, and a
+    compiled network comes back compiled (Keras only warns and drops the optimizer of a
+    model whose ``compile`` is its own unless it says how to recompile): the PyTorch-rule
+    optimizer with its settings, step count and momentum slots, the loss recipe, and a
+    next step that moves every weight exactly as the original's next step does."""
+    images = tf.random.stateless_normal([2, 32, 32, 3], [1, 2])
+    labels = tf.constant([1, 3])
+    uncompiled = networks.build_network("cifar", "ISTA_twostage", 4, 3, 10, 32, seed=0)
+    uncompiled.save(tmp_path / "uncompiled.keras")
+    loaded = keras.models.load_model(tmp_path / "uncompiled.keras")
+    np.testing.assert_array_equal(loaded(images), uncompiled(images))
+    assert not loaded.compiled
+
+    network = networks.build_network("cifar", "ISTA_twostage", 4, 3, 10, 32, auxiliary=True, seed=0)
+    network.compile(
+        optimizers.TorchSGD(0.1, momentum=0.9, l2=3e-4, clip_global_norm=5.0),
+        auxiliary_weight=0.3,
+        label_smoothing=0.1,
+    )
+    network.train_step((images, labels))
+    network.save(tmp_path / "compiled.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "compile() was not called ..."
+        loaded = keras.models.load_model(tmp_path / "compiled.keras")
+    np.testing.assert_array_equal(loaded(images), network(images))
+    assert isinstance(loaded.optimizer, optimizers.TorchSGD)
+    assert loaded.optimizer.get_config() == network.optimizer.get_config()
+    assert (loaded.auxiliary_weight, loaded.label_smoothing) == (0.3, 0.1)
+    assert int(loaded.optimizer.iterations.numpy()) == 1
+    assert np.abs(network.optimizer.momentums[0].numpy()).max() > 0
+    for saved, restored in zip(
+        network.optimizer.variables, loaded.optimizer.variables, strict=True
+    ):
+        np.testing.assert_array_equal(restored, saved)
+    network.train_step((images, labels))
+    loaded.train_step((images, labels))
+    for saved, restored in zip(network.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(restored, saved)
