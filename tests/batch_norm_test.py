@@ -24,8 +24,6 @@ Measured (TF 2.21, CPU): at most 8.4e-7 in float32 and 8.7e-16 in float64.
 """
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -34,10 +32,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import this_checkout_env
 
 from istanas_tf.batch_norm import BatchNorm
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 EPS, MOMENTUM = 1e-5, 0.9
 SHAPE_4D, SHAPE_2D = (3, 4, 5, 6), (60, 6)  # n = 60 values per channel either way
 F64_RTOL, F32_RTOL = 1e-12, 2e-5
@@ -463,11 +461,7 @@ def mirrored(tmp_path_factory):
         [sys.executable, str(script), str(record)],
         check=True,
         cwd=folder,
-        # This checkout's package first (the installed one may be another checkout's).
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=this_checkout_env(),
         timeout=300,
     )
     with np.load(record) as arrays:

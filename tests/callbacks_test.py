@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import this_checkout_env
 
 from istanas_tf import absorption, callbacks, data, export, genotypes, search_data, search_model
 from istanas_tf.training import builders, two_stage
@@ -298,11 +299,8 @@ def test_callbacks_refuse_the_other_search(cifar10_folder):
 
 
 def _env(**settings):
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update({k: str(v) for k, v in settings.items()})
-    return env
+    quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    return this_checkout_env(**{"TF_CPP_MIN_LOG_LEVEL": quiet, **settings})
 
 
 # Opt-in (42 s of one worker): kept the default suite under 20 minutes on 2 cores; the

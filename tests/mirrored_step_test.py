@@ -29,8 +29,6 @@ What holds by construction, and is asserted:
 """
 
 import json
-import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -38,8 +36,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from testing import this_checkout_env
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # A tenth of the default: Adam moves each b by about this much whatever the size of its
 # gradient, so a gradient at noise level may move it either way in the two runs.
 ARCH_LEARNING_RATE = 6e-5
@@ -169,11 +167,7 @@ def record(tmp_path_factory):
         capture_output=True,
         text=True,
         cwd=folder,
-        # This checkout's package first (the installed one may be another checkout's).
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=this_checkout_env(),
         timeout=900,
     )
     assert process.returncode == 0, process.stderr[-4000:]

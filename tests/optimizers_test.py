@@ -2,8 +2,6 @@
 
 import gc
 import json
-import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -12,10 +10,9 @@ import weakref
 import numpy as np
 import pytest
 import tensorflow as tf
+from testing import this_checkout_env
 
 from istanas_tf import optimizers
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _torch_sgd_reference(w, grads, lrs, momentum, wd, clip):
@@ -178,10 +175,7 @@ def test_each_device_updates_with_its_own_constants():
         [sys.executable, "-c", _TWO_DEVICE_UPDATE],
         capture_output=True,
         text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=this_checkout_env(),
         timeout=300,
     )
     assert process.returncode == 0, process.stderr[-3000:]

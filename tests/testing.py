@@ -18,6 +18,8 @@ import dataclasses
 import inspect
 import json
 import math
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +36,19 @@ PACKAGE = "istanas_tf"
 CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def this_checkout_env(**settings) -> dict[str, str]:
+    """The environment for a subprocess that must import this checkout's package (put
+    first on ``PYTHONPATH``: the installed one may be another checkout's), plus
+    ``settings``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update({key: str(value) for key, value in settings.items()})
+    return env
 
 
 def tiny_loop(**settings):
