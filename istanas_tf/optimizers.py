@@ -23,6 +23,18 @@ import tensorflow as tf
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
 
+def _tf_variable(variable):
+    """The TF variable of a Keras or TF variable (inside a strategy's ``update``, a
+    distributed variable's local component)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _handle(variable):
+    """The resource handle of a Keras or TF variable (per device inside a strategy's
+    ``update``, where a distributed variable's handle is its local component's)."""
+    return _tf_variable(variable).handle
+
+
 # Per traced graph: key -> weak reference to the tensor made for it (see _once_per_graph).
 _GRAPH_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -92,18 +104,6 @@ class _TorchStyleOptimizer(keras.optimizers.Optimizer):
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "clip_global_norm": self.clip_global_norm}
-
-
-def _tf_variable(variable):
-    """The TF variable of a Keras or TF variable (inside a strategy's ``update``, a
-    distributed variable's local component)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-def _handle(variable):
-    """The resource handle of a Keras or TF variable (per device inside a strategy's
-    ``update``, where a distributed variable's handle is its local component's)."""
-    return _tf_variable(variable).handle
 
 
 @_register
