@@ -34,11 +34,15 @@ Inference uses the running statistics on every path.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
+from tensorflow.python.eager import record
 from tensorflow.python.framework import ops as tf_ops
+
+from istanas_tf import graph_constants
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
@@ -78,6 +82,42 @@ def _replicas_in_step() -> int:
     return 1 if context is None else context.num_replicas_in_sync
 
 
+def _record_output_only(normalize, x, scale, offset, epsilon: float) -> list[tf.Tensor]:
+    """Runs the training-mode ``FusedBatchNormV3`` ``normalize()`` with only its output
+    ``y`` recorded for gradients; returns all six outputs.
+
+    Recorded as TF records it, every output a gradient does not reach gets a zeros
+    tensor before TF's gradient function runs, which reads only ``y``'s: five per BN
+    (4 ``Const`` and a ``ZerosLike``), 8 % of the sparse search step's traced ops.
+    TF skips them only for the V1 op, which the remapper does not fuse with a following
+    ReLU. The gradient here is TF's own for the op in training mode
+    (``FusedBatchNormGradV3`` on the same reserve spaces): the same values, bit for bit.
+    The op is the same as before, so grappler fuses it as before.
+    """
+    # tensorflow.python.eager.record: what tf.custom_gradient records with, without
+    # its IdentityN (which would sit between the BN and its ReLU) or its global
+    # gradient-registry entry.
+    with record.stop_recording():
+        outputs = normalize()
+
+    def backward(output_gradient):
+        dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=output_gradient,
+            x=x,
+            scale=scale,
+            reserve_space_1=outputs[3],
+            reserve_space_2=outputs[4],
+            reserve_space_3=outputs[5],
+            epsilon=epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )
+        return [dx, dscale, doffset]
+
+    record.record_operation("FusedBatchNormV3", [outputs[0]], [x, scale, offset], backward)
+    return outputs
+
+
 @_register
 class BatchNormalization(keras.layers.BatchNormalization):
     """Keras' BatchNormalization (channels last) with PyTorch's running-variance update,
@@ -103,11 +143,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return "fused"
         return "formula"
 
-    def _scale_and_offset(self, dtype) -> tuple[tf.Tensor, tf.Tensor]:
+    def _scale_and_offset(self, dtype, device: str) -> tuple[tf.Tensor, tf.Tensor]:
+        """gamma and beta in ``dtype``; without them, ones and zeros made once per traced
+        graph and device (every BN of a search cell has none: ~300 constants a step)."""
         channels = self.moving_mean.shape[0]
-        gamma = self.gamma if self.scale else tf.ones([channels], self.moving_mean.dtype)
-        beta = self.beta if self.center else tf.zeros([channels], self.moving_mean.dtype)
-        return tf.cast(gamma, dtype), tf.cast(beta, dtype)
+
+        def constant(value: float) -> tf.Tensor:
+            return graph_constants.once_per_graph(
+                ("batch_norm", value, channels, dtype, device),
+                lambda: tf.constant(value, dtype, shape=[channels]),
+            )
+
+        gamma = tf.cast(self.gamma, dtype) if self.scale else constant(1.0)
+        beta = tf.cast(self.beta, dtype) if self.center else constant(0.0)
+        return gamma, beta
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
@@ -130,14 +179,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
         else:
             mean = tf.cast(self.moving_mean, dtype)
             variance = tf.cast(self.moving_variance, dtype)
-        gamma, beta = self._scale_and_offset(dtype)
+        gamma, beta = self._scale_and_offset(dtype, x.device)
         outputs = tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
         return tf.cast(outputs, self.compute_dtype)
 
     def _fused(self, inputs: tf.Tensor, training: bool) -> tf.Tensor:
         """FusedBatchNormV3: float32 statistics, output in the input's dtype."""
-        gamma, beta = self._scale_and_offset(tf.float32)
-        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        gamma, beta = self._scale_and_offset(tf.float32, inputs.device)
+        normalize = functools.partial(
+            tf.raw_ops.FusedBatchNormV3,
             x=inputs,
             scale=gamma,
             offset=beta,
@@ -152,10 +202,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
             data_format="NHWC",
             is_training=training,
         )
-        if training:
-            self.moving_mean.assign(tf.cast(mean, self.moving_mean.dtype))
-            self.moving_variance.assign(tf.cast(variance, self.moving_variance.dtype))
-        return tf.cast(outputs, self.compute_dtype)
+        if not training:
+            return tf.cast(normalize()[0], self.compute_dtype)
+        outputs = _record_output_only(normalize, inputs, gamma, beta, self.epsilon)
+        mean, variance = outputs[1:3]
+        self.moving_mean.assign(tf.cast(mean, self.moving_mean.dtype))
+        self.moving_variance.assign(tf.cast(variance, self.moving_variance.dtype))
+        return tf.cast(outputs[0], self.compute_dtype)
 
     def _moments(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Mean, biased variance and value count per channel of this replica's batch."""

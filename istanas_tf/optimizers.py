@@ -15,10 +15,10 @@ gradient, so it is applied after the cross-replica all-reduce, not per replica.
 
 from __future__ import annotations
 
-import weakref
-
 import keras
 import tensorflow as tf
+
+from istanas_tf import graph_constants
 
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
@@ -35,30 +35,16 @@ def _handle(variable):
     return _tf_variable(variable).handle
 
 
-# Per traced graph: key -> weak reference to the tensor made for it (see _once_per_graph).
-_GRAPH_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _once_per_graph(key, variable, make):
     """``make()``, made once per traced graph and device, shared by the updates of every
     variable on that device.
 
     An optimizer's ``update_step`` runs once per variable: a constant or a cast made in it
     is traced once per variable (two ``Const`` and a read of the learning rate each, a
-    few thousand ops in the dense super-net's step), and tracing costs ~0.4 ms an op.
-    Keyed by ``variable``'s device too, so that under a ``MirroredStrategy`` each
-    device's updates read their own. The cache holds the graph and the tensors weakly (a
-    tensor holds its graph), so it keeps no trace alive. Eager: ``make()`` each call.
+    few thousand ops in the dense super-net's step). Keyed by ``variable``'s device too,
+    so that under a ``MirroredStrategy`` each device's updates read their own.
     """
-    if tf.executing_eagerly():
-        return make()
-    key = (*key, _tf_variable(variable).device)
-    cache = _GRAPH_TENSORS.setdefault(tf.compat.v1.get_default_graph(), {})
-    tensor = cache[key]() if key in cache else None
-    if tensor is None:
-        tensor = make()
-        cache[key] = weakref.ref(tensor)
-    return tensor
+    return graph_constants.once_per_graph((*key, _tf_variable(variable).device), make)
 
 
 class _TorchStyleOptimizer(keras.optimizers.Optimizer):

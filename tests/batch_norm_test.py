@@ -23,10 +23,12 @@ few such sums (mean, variance, sum(dy), sum(dy * xhat)) combined with O(1) facto
 Measured (TF 2.21, CPU): at most 8.4e-7 in float32 and 8.7e-16 in float64.
 """
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import keras
 import numpy as np
@@ -312,6 +314,77 @@ def test_fused_graph_has_one_kernel_and_no_moments(training):
         assert "FusedBatchNormV3" in types
         assert not types & MOMENT_OPS, types & MOMENT_OPS
         assert "CollectiveReduceV2" not in types and "NcclAllReduce" not in types
+
+
+def _tf_recorded_fused_batch_norm(layer, x, training):
+    """The fused op as TF records it (every output on the tape): the oracle for the
+    layer's gradient, which records only the output."""
+    gamma = layer.gamma if layer.scale else tf.ones([x.shape[-1]])
+    beta = layer.beta if layer.center else tf.zeros([x.shape[-1]])
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=tf.convert_to_tensor(gamma),
+        offset=tf.convert_to_tensor(beta),
+        mean=tf.convert_to_tensor(layer.moving_mean),
+        variance=tf.convert_to_tensor(layer.moving_variance),
+        epsilon=EPS,
+        exponential_avg_factor=1.0 - MOMENTUM,
+        data_format="NHWC",
+        is_training=training,
+    )[0]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_fused_training_gradient_is_tfs_bit_for_bit_without_zeros_for_unused_outputs(affine):
+    """Only the output is recorded for gradients: the traced backward has no zeros for
+    the five outputs no gradient reaches (TF makes 4 ``Const`` + a ``ZerosLike`` per BN
+    otherwise), and its values are those of TF's own gradient of the op, bit for bit,
+    traced and eager; the running statistics move as before."""
+    layer = make_layer(SHAPE_4D, "float32", affine=affine)
+    oracle = make_layer(SHAPE_4D, "float32", affine=affine)
+    x = tf.constant(batch(SHAPE_4D, 1, "float32"))
+    dy = tf.constant(batch(SHAPE_4D, 2, "float32"))
+
+    def gradients(call, bn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = call(bn, x)
+        return [y, *tape.gradient(y, [x, *bn.trainable_variables], output_gradients=dy)]
+
+    ours = lambda bn, x: bn(x, training=True)  # noqa: E731
+    theirs = lambda bn, x: _tf_recorded_fused_batch_norm(bn, x, True)  # noqa: E731
+    for wrap in (lambda f: f, tf.function):
+        for a, b in zip(wrap(gradients)(ours, layer), wrap(gradients)(theirs, oracle)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    traced = tf.function(gradients).get_concrete_function(ours, layer).graph
+    types = [op.type for op in traced.get_operations()]
+    assert types.count("FusedBatchNormGradV3") == 1
+    assert "ZerosLike" not in types
+    zeros = [op.name for op in traced.get_operations() if op.type == "Const" and "zeros" in op.name]
+    assert not zeros, zeros
+    _, new_mean, new_var = reference_forward(
+        x.numpy(), *gamma_beta(layer, SHAPE_4D[-1]), np.zeros(6), np.ones(6), training=True
+    )
+    _, new_mean, new_var = reference_forward(
+        x.numpy(), *gamma_beta(layer, SHAPE_4D[-1]), new_mean, new_var, training=True
+    )  # two eager calls (ours and the traced one) moved them twice
+    assert_close(layer.moving_mean.numpy(), new_mean, F32_RTOL, "running mean")
+    assert_close(layer.moving_variance.numpy(), new_var, F32_RTOL, "running variance")
+
+
+def test_bns_without_affine_share_one_ones_and_one_zeros_per_graph():
+    """gamma = 1 and beta = 0 are made once per traced graph, channel count and dtype,
+    not per BN call; and the cache keeps no graph alive."""
+    layers = [make_layer(SHAPE_4D, "float32", affine=False) for _ in range(3)]
+    function = tf.function(lambda x: [bn(x, training=True) for bn in layers])
+    graph = function.get_concrete_function(tf.TensorSpec(SHAPE_4D, tf.float32)).graph
+    scales = {op.inputs[1].ref() for op in graph.get_operations() if op.type == "FusedBatchNormV3"}
+    offsets = {op.inputs[2].ref() for op in graph.get_operations() if op.type == "FusedBatchNormV3"}
+    assert len(scales) == len(offsets) == 1
+    graph_ref = weakref.ref(graph)
+    del function, graph, scales, offsets
+    gc.collect()
+    assert graph_ref() is None
 
 
 def test_formula_graph_has_moments_and_no_fused_kernel():

@@ -31,6 +31,7 @@ FLOORS = [
     "istanas_tf.proximal",
     "istanas_tf.optimality",
     "istanas_tf.lasso",
+    "istanas_tf.graph_constants",
     "istanas_tf.optimizers",
     "istanas_tf.batch_norm",
     "istanas_tf.blocks",

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from testing import this_checkout_env
 
-from istanas_tf import optimizers
+from istanas_tf import graph_constants, optimizers
 
 
 def _torch_sgd_reference(w, grads, lrs, momentum, wd, clip):
@@ -140,7 +140,7 @@ def test_constants_made_once_per_graph_keep_no_graph_alive():
         op.inputs[-1].ref() for op in graph.get_operations() if op.type == "ResourceApplyMomentum"
     }
     assert len(momentum_inputs) == 1  # one momentum constant for both variables
-    assert graph in optimizers._GRAPH_TENSORS
+    assert graph in graph_constants._GRAPH_TENSORS
     graph_ref = weakref.ref(graph)
     del apply, graph, momentum_inputs
     gc.collect()
