@@ -152,7 +152,8 @@ class SearchSteps:
         """The architecture step, then the weight step (see train_step)."""
         (images, labels), (arch_images, arch_labels) = data
         arch_vars = self.architecture_variables
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(_tf_variables(arch_vars))
             per_example, loss = self._loss(arch_labels, self(arch_images, training=True))
             # Loss scaling (a LossScaleOptimizer under mixed_float16; else the identity).
             scaled_loss = self.arch_optimizer.scale_loss(loss)
@@ -162,7 +163,8 @@ class SearchSteps:
         self.trackers["arch_loss"].update_state(per_example)
 
         weight_vars = self.active_weight_variables()
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(_tf_variables(weight_vars))
             logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             scaled_loss = self.optimizer.scale_loss(loss)
@@ -189,7 +191,8 @@ class SearchSteps:
         weight_scale = self.optimizer.scale_loss(1.0)
         arch_scale = self.arch_optimizer.scale_loss(1.0) if arch_vars else weight_scale
         scale = tf.minimum(weight_scale, arch_scale)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(_tf_variables(arch_vars + weight_vars))
             logits, aux_logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             loss = loss + self.config.auxiliary_weight * self._loss(labels, aux_logits)[1]
@@ -215,6 +218,17 @@ class SearchSteps:
         self.trackers["loss"].update_state(per_example)
         self.accuracy.update_state(labels, logits)
         return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy.result()}
+
+
+def _tf_variables(variables: list) -> list:
+    """The TF variables of Keras variables, for ``GradientTape.watch``.
+
+    Each step's tapes watch only the variables they differentiate: a tape that watches
+    every variable read records, and traces gradient ops for, what grappler then prunes
+    unused (the weight step's products by alpha toward b, the architecture step's
+    convolution-filter gradients).
+    """
+    return [v.value if isinstance(v, keras.Variable) else v for v in variables]
 
 
 def apply_present_gradients(optimizer, gradients, variables) -> None:

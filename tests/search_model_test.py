@@ -149,6 +149,45 @@ def test_train_step_updates_b_and_supported_weights_only():
     )
 
 
+@pytest.mark.parametrize("method", ["ista", "darts"])
+def test_each_step_traces_gradients_only_toward_what_it_trains(method):
+    """The architecture step's tape watches only the architecture variables, the weight
+    step's only the active weights. Watching every variable read, each step also traced
+    the other's gradients (grappler pruned them only at the first call): the
+    architecture step the 1x1 kernels' (a MatMul with ``transpose_a``), the weight step
+    the node weights' (each Unpack's gradient, a Pack)."""
+    network = _network(method=method)
+    _compile(network)
+    batch = (
+        (tf.random.normal([4, 8, 8, 3], seed=4), tf.constant([0, 1, 2, 3])),
+        (tf.random.normal([4, 8, 8, 3], seed=5), tf.constant([4, 5, 6, 7])),
+    )
+    graph = tf.function(network.train_step).get_concrete_function(batch).graph
+    operations = graph.get_operations()
+    # Gradient ops are named after their forward op's scope: the network's call in the
+    # architecture step, then its call in the weight step (each splits the node weights).
+    forward_scopes = list(
+        dict.fromkeys(op.name.split("/")[0] for op in operations if op.type == "Unpack")
+    )
+    assert len(forward_scopes) == 2
+    arch_backward, weight_backward = (f"gradient_tape/{scope}/" for scope in forward_scopes)
+
+    def kernel_gradients(scope):
+        return [
+            op.name
+            for op in operations
+            if op.type == "MatMul" and op.get_attr("transpose_a") and op.name.startswith(scope)
+        ]
+
+    def node_weight_gradients(scope):
+        pattern = re.compile(re.escape(scope) + r"stack(_\d+)?$")
+        return [op.name for op in operations if op.type == "Pack" and pattern.match(op.name)]
+
+    assert kernel_gradients(weight_backward) and not kernel_gradients(arch_backward)
+    assert len(node_weight_gradients(arch_backward)) == 2 * genotypes.STEPS
+    assert not node_weight_gradients(weight_backward)
+
+
 def test_recover_changes_support_when_b_moves_and_genotype_has_two_picks_per_node():
     network = _network()
     genotype = network.genotype()
