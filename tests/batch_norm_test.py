@@ -367,7 +367,7 @@ def test_fused_training_gradient_is_tfs_bit_for_bit_without_zeros_for_unused_out
     )
     _, new_mean, new_var = reference_forward(
         x.numpy(), *gamma_beta(layer, SHAPE_4D[-1]), new_mean, new_var, training=True
-    )  # two eager calls (ours and the traced one) moved them twice
+    )  # the eager and the traced call each moved them once
     assert_close(layer.moving_mean.numpy(), new_mean, F32_RTOL, "running mean")
     assert_close(layer.moving_variance.numpy(), new_var, F32_RTOL, "running variance")
 
