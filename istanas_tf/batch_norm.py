@@ -148,14 +148,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         graph and device (every BN of a search cell has none: ~300 constants a step)."""
         channels = self.moving_mean.shape[0]
 
-        def make(value: float) -> tf.Tensor:
-            # Shared by later calls: none of this call's control dependencies.
-            with tf.control_dependencies(None):
-                return tf.constant(value, dtype, shape=[channels])
-
         def constant(value: float) -> tf.Tensor:
             return graph_constants.once_per_graph(
-                ("batch_norm", value, channels, dtype, device), lambda: make(value)
+                ("batch_norm", value, channels, dtype, device),
+                lambda: tf.constant(value, dtype, shape=[channels]),
             )
 
         gamma = tf.cast(self.gamma, dtype) if self.scale else constant(1.0)

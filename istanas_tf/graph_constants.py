@@ -21,15 +21,17 @@ def once_per_graph(key: Hashable, make: Callable[[], tf.Tensor]) -> tf.Tensor:
     """``make()``, made once per traced graph and ``key``; eager, ``make()`` each call.
 
     ``key`` must name everything the tensor depends on, its device included where
-    several devices trace into one graph (a ``MirroredStrategy`` step). The cache holds
-    the graph and the tensors weakly (a tensor holds its graph), so it keeps no trace
-    alive.
+    several devices trace into one graph (a ``MirroredStrategy`` step). It is made
+    outside the caller's control dependencies. The cache holds the graph and the
+    tensors weakly (a tensor holds its graph), so it keeps no trace alive.
     """
     if tf.executing_eagerly():
         return make()
     cache = _GRAPH_TENSORS.setdefault(tf.compat.v1.get_default_graph(), {})
     tensor = cache[key]() if key in cache else None
     if tensor is None:
-        tensor = make()
+        # Shared by later callers: none of this caller's control dependencies.
+        with tf.control_dependencies(None):
+            tensor = make()
         cache[key] = weakref.ref(tensor)
     return tensor

@@ -23,16 +23,16 @@ from istanas_tf import graph_constants
 _register = keras.saving.register_keras_serializable(package="istanas_tf")
 
 
-def _tf_variable(variable):
+def tf_variable(variable):
     """The TF variable of a Keras or TF variable (inside a strategy's ``update``, a
-    distributed variable's local component)."""
+    distributed variable's local component); what ``GradientTape.watch`` takes."""
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 def _handle(variable):
     """The resource handle of a Keras or TF variable (per device inside a strategy's
     ``update``, where a distributed variable's handle is its local component's)."""
-    return _tf_variable(variable).handle
+    return tf_variable(variable).handle
 
 
 def _once_per_graph(key, variable, make):
@@ -44,7 +44,7 @@ def _once_per_graph(key, variable, make):
     few thousand ops in the dense super-net's step). Keyed by ``variable``'s device too,
     so that under a ``MirroredStrategy`` each device's updates read their own.
     """
-    return graph_constants.once_per_graph((*key, _tf_variable(variable).device), make)
+    return graph_constants.once_per_graph((*key, tf_variable(variable).device), make)
 
 
 class _TorchStyleOptimizer(keras.optimizers.Optimizer):

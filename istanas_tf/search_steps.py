@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from istanas_tf import batch_norm, genotypes, networks
+from istanas_tf import batch_norm, genotypes, networks, optimizers
 
 
 class SearchSteps:
@@ -153,7 +153,7 @@ class SearchSteps:
         (images, labels), (arch_images, arch_labels) = data
         arch_vars = self.architecture_variables
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(_tf_variables(arch_vars))
+            _watch_only(tape, arch_vars)
             per_example, loss = self._loss(arch_labels, self(arch_images, training=True))
             # Loss scaling (a LossScaleOptimizer under mixed_float16; else the identity).
             scaled_loss = self.arch_optimizer.scale_loss(loss)
@@ -164,7 +164,7 @@ class SearchSteps:
 
         weight_vars = self.active_weight_variables()
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(_tf_variables(weight_vars))
+            _watch_only(tape, weight_vars)
             logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             scaled_loss = self.optimizer.scale_loss(loss)
@@ -192,7 +192,7 @@ class SearchSteps:
         arch_scale = self.arch_optimizer.scale_loss(1.0) if arch_vars else weight_scale
         scale = tf.minimum(weight_scale, arch_scale)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(_tf_variables(arch_vars + weight_vars))
+            _watch_only(tape, arch_vars + weight_vars)
             logits, aux_logits = self(images, training=True)
             per_example, loss = self._loss(labels, logits)
             loss = loss + self.config.auxiliary_weight * self._loss(labels, aux_logits)[1]
@@ -220,15 +220,15 @@ class SearchSteps:
         return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy.result()}
 
 
-def _tf_variables(variables: list) -> list:
-    """The TF variables of Keras variables, for ``GradientTape.watch``.
+def _watch_only(tape: tf.GradientTape, variables: list) -> None:
+    """Watches ``variables`` on a tape made with ``watch_accessed_variables=False``.
 
     Each step's tapes watch only the variables they differentiate: a tape that watches
     every variable read records, and traces gradient ops for, what grappler then prunes
     unused (the weight step's products by alpha toward b, the architecture step's
     convolution-filter gradients).
     """
-    return [v.value if isinstance(v, keras.Variable) else v for v in variables]
+    tape.watch([optimizers.tf_variable(v) for v in variables])
 
 
 def apply_present_gradients(optimizer, gradients, variables) -> None:
