@@ -192,14 +192,19 @@ def _worker(args: argparse.Namespace) -> dict:
     import tensorflow as tf  # noqa: F401  (imported before measuring)
 
     from istanas_tf.training import builders  # noqa: F401  (imported before measuring)
+    from istanas_tf.training import steps as steps_lib
+
+    # As an epoch calls its steps (checkouts before call_step: a plain call).
+    call_step = getattr(steps_lib, "call_step", lambda fn, *batches, first: fn(*batches))
 
     method = args.worker
     rss_after_imports = _mb(_proc_status_kb("VmRSS"))
     model, train_fn, weights_batch, arch_batch, build_s = build_step(args, method)
 
-    def step() -> float:
+    def step(first: bool = False) -> float:
         start = time.perf_counter()
-        logs = {k: float(v) for k, v in train_fn(weights_batch, arch_batch).items()}
+        outputs = call_step(train_fn, weights_batch, arch_batch, first=first)
+        logs = {k: float(v) for k, v in outputs.items()}
         seconds = time.perf_counter() - start
         bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
         if bad:
@@ -210,7 +215,7 @@ def _worker(args: argparse.Namespace) -> dict:
     peak_before_steps = _max_rss_mb()
     peak_reset = _reset_peak_rss()
 
-    warmup = [step() for _ in range(WARMUP_STEPS)]
+    warmup = [step(first=i == 0) for i in range(WARMUP_STEPS)]  # as an epoch's steps
     _tensor_peak_mb(reset=True)
     timed = [step() for _ in range(args.steps)]
     tensor_peak = _tensor_peak_mb()

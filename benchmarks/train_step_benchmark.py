@@ -142,20 +142,24 @@ def _worker(args: argparse.Namespace) -> dict:
     import tensorflow as tf
 
     from istanas_tf import network_size
+    from istanas_tf.training import steps as steps_lib
+
+    # As an epoch calls its steps (checkouts before call_step: a plain call).
+    call_step = getattr(steps_lib, "call_step", lambda fn, *batches, first: fn(*batches))
 
     variant = args.worker
     model, train_fn, batch, build_s = build_step(args, variant)
 
-    def timed_step() -> float:
+    def timed_step(first: bool = False) -> float:
         start = time.perf_counter()
-        logs = {k: float(v) for k, v in train_fn(batch).items()}
+        logs = {k: float(v) for k, v in call_step(train_fn, batch, first=first).items()}
         seconds = time.perf_counter() - start
         bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
         if bad:
             raise RuntimeError(f"{variant}: non-finite training values {bad}")
         return seconds
 
-    warmup = [timed_step() for _ in range(WARMUP_STEPS)]
+    warmup = [timed_step(first=i == 0) for i in range(WARMUP_STEPS)]  # as an epoch's steps
     times = [timed_step() for _ in range(args.steps)]
     return {
         "variant": variant,

@@ -65,6 +65,7 @@ FLOORS = [
     "istanas_tf.training.runtime",
     "istanas_tf.training.summaries",
     "istanas_tf.training.state",
+    "istanas_tf.training.host_memory",
     "istanas_tf.training.steps",
     "istanas_tf.training.builders",
     "istanas_tf.training.search_run",
