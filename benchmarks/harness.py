@@ -58,6 +58,19 @@ def cpu_kernels() -> str:
     )
 
 
+def proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, RssFile) in MB, None where
+    unavailable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (``ru_maxrss``) in MB."""
     import resource
@@ -75,6 +88,7 @@ def run_worker(
     prefix: str,
     library: str | None = None,
     env_overrides: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> tuple[dict | None, float, subprocess.CompletedProcess]:
     """Runs ``script --worker name`` with the network flags of ``args`` and ``extra``.
 
@@ -84,11 +98,13 @@ def run_worker(
         this commit's benchmark, in the same run.
       env_overrides: environment variables set for the worker only (e.g.
         ``TF_ENABLE_ONEDNN_OPTS=0`` for a baseline on TensorFlow's own kernels).
+      python: the interpreter to run it with (default: this one), e.g. a virtual
+        environment with PyTorch for the published code.
 
     Returns:
       ``(result or None if the worker printed none, wall seconds, the process)``.
     """
-    command = [sys.executable, os.path.abspath(script), "--worker", name, *extra]
+    command = [python or sys.executable, os.path.abspath(script), "--worker", name, *extra]
     for flag in NETWORK_FLAGS:
         command += [f"--{flag}", str(getattr(args, flag))]
     env = {**os.environ, **(env_overrides or {})}

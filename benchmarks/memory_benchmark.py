@@ -81,16 +81,7 @@ CLASSES, IMAGES_PER_CLASS, TEST_IMAGES_PER_CLASS = 2, 32, 8
 
 
 # ---------------------------------------------------------------------------- worker
-def _status_mb(field: str) -> float | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in MB, None where unavailable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+_status_mb = harness.proc_status_mb
 
 
 def live_traces() -> dict[str, int]:

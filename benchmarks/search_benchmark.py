@@ -91,18 +91,6 @@ TARGET_MEMORY_RATIO = 0.3
 
 
 # ---------------------------------------------------------------------------- memory
-def _proc_status_kb(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None where unavailable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak_rss() -> bool:
     """Resets VmHWM to the current RSS (Linux >= 4.0); returns whether it worked."""
     try:
@@ -114,10 +102,6 @@ def _reset_peak_rss() -> bool:
 
 
 _max_rss_mb = harness.peak_rss_mb
-
-
-def _mb(kb: int | None) -> float | None:
-    return None if kb is None else kb / 1024
 
 
 # ---------------------------------------------------------------------------- worker
@@ -198,7 +182,7 @@ def _worker(args: argparse.Namespace) -> dict:
     call_step = getattr(steps_lib, "call_step", lambda fn, *batches, first: fn(*batches))
 
     method = args.worker
-    rss_after_imports = _mb(_proc_status_kb("VmRSS"))
+    rss_after_imports = harness.proc_status_mb("VmRSS")
     model, train_fn, weights_batch, arch_batch, build_s = build_step(args, method)
 
     def step(first: bool = False) -> float:
@@ -211,7 +195,7 @@ def _worker(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"{method}: non-finite training values {bad}")
         return seconds
 
-    baseline_rss = _mb(_proc_status_kb("VmRSS"))
+    baseline_rss = harness.proc_status_mb("VmRSS")
     peak_before_steps = _max_rss_mb()
     peak_reset = _reset_peak_rss()
 
@@ -220,7 +204,7 @@ def _worker(args: argparse.Namespace) -> dict:
     timed = [step() for _ in range(args.steps)]
     tensor_peak = _tensor_peak_mb()
 
-    step_peak = _mb(_proc_status_kb("VmHWM")) if peak_reset else None
+    step_peak = harness.proc_status_mb("VmHWM") if peak_reset else None
     graph = train_fn.get_concrete_function(weights_batch, arch_batch).graph
     result = {
         "method": method,
@@ -242,6 +226,8 @@ def _worker(args: argparse.Namespace) -> dict:
             None if step_peak is None or baseline_rss is None else step_peak - baseline_rss
         ),
         "peak_rss_mb": _max_rss_mb(),
+        # Mapped files' pages (the libraries' code): not freed while they stay loaded.
+        "rss_file_mb": harness.proc_status_mb("RssFile"),
         "tensor_peak_mb": tensor_peak,
         "supports": {k: [list(s) for s in v] for k, v in model.supports.items()},
     }

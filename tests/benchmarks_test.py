@@ -7,6 +7,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -93,3 +94,77 @@ def test_speed_report_gives_traced_ops_and_their_ratio(monkeypatch, capsys):
     assert rows[0].split(" | ")[-2] == "traced ops"
     assert rows[2].split(" | ")[-2] == "11625" and rows[3].split(" | ")[-2] == "9788"
     assert rows[4].split(" | ")[-2] == "0.84"
+
+
+@pytest.fixture
+def published_benchmark(monkeypatch):
+    """benchmarks/published_benchmark.py as a module; the stand-in published packages it
+    registers are dropped afterwards."""
+    _load("harness", monkeypatch)
+    module = _load("published_benchmark", monkeypatch)
+    yield module
+    for name in [n for n in sys.modules if n == "ista_nas" or n.startswith("ista_nas.")]:
+        del sys.modules[name]
+
+
+def test_the_published_step_runs_exactly_the_support(published_benchmark):
+    """As the published Trainer.sample_and_proj: off the support every op's weight is
+    exactly 0 whatever the architecture code (MixedOp skips it), and at the code b = A z
+    of z = 1 on the support the weights are z."""
+    rng = np.random.default_rng(0)
+    num_ops = 7
+    bases = [rng.random((7, (i + 2) * num_ops)) for i in range(4)]
+    supports = [[1, 9], [18, 19], [8, 16], [13, 5]]
+    matrices, bias = published_benchmark.support_projections(bases, supports, num_ops)
+    biases = np.split(bias.reshape(-1), np.cumsum([m.shape[1] for m in matrices])[:-1])
+    for base, matrix, node_bias, support in zip(bases, matrices, biases, supports):
+        off = np.setdiff1d(np.arange(matrix.shape[1]), support)
+        code = rng.normal(size=matrix.shape[0]).astype(np.float32)
+        weights = code @ matrix - node_bias  # the published proj_alphas
+        assert np.all(weights[off] == 0.0) and np.all(weights[support] != 0.0)
+        z = np.zeros(matrix.shape[1])
+        z[support] = 1.0
+        consistent = (base @ z).astype(np.float32) @ matrix - node_bias
+        np.testing.assert_allclose(consistent, z, atol=1e-4)
+
+
+def test_published_modules_load_without_their_packages_init(published_benchmark, tmp_path):
+    """The published packages' __init__ files import torchvision and MOSEK; the module the
+    step needs loads without running them, relative imports included."""
+    search = tmp_path / "ista_nas" / "search"
+    (search / "models").mkdir(parents=True)
+    for package in (tmp_path / "ista_nas", search, search / "models"):
+        (package / "__init__.py").write_text("raise ImportError('torchvision')\n")
+    (search / "operations.py").write_text("OPS = {'skip_connect': 1}\n")
+    (search / "models" / "model_search.py").write_text(
+        "from ..operations import OPS\nN = len(OPS)\n"
+    )
+    module = published_benchmark.import_published(
+        str(tmp_path), "ista_nas.search.models.model_search"
+    )
+    assert module.N == 1
+
+
+def test_a_directory_that_is_not_the_published_code_is_named(
+    published_benchmark, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(sys, "argv", ["published_benchmark.py", "--published_repo", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        published_benchmark.main()
+    assert (
+        f"--published_repo='{tmp_path}' is not a checkout of the published"
+        in capsys.readouterr().err
+    )
+
+
+def test_published_report_gives_ours_over_published(published_benchmark, capsys):
+    run = dict(first_step_s=10.0, build_s=2.0, rss_file_mb=100.0, load_before=1.0, load_after=1.0)
+    results = {
+        "ours": [{**run, "median_s": 0.6, "peak_rss_mb": 1500.0}],
+        "published": [{**run, "median_s": 3.0, "peak_rss_mb": 1400.0, "code": "published"}],
+        "supports": {"normal": [[0, 1]] * 4, "reduce": [[0, 1]] * 4},
+    }
+    args = SimpleNamespace(batch_size=64, image_size=32, channels=16, layers=8, rounds=1, json="")
+    published_benchmark._print_report(results, args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours /")]
+    assert rows == ["| ours / published | 0.20 | 1.00 | 1.00 | 1.07 | 1.00 | |"]

@@ -1,0 +1,274 @@
+"""Our sparse search step against the published PyTorch code's, same run, same support.
+
+Issue 15 measures us against the published ISTA-NAS code (github.com/iboing/ISTA-NAS,
+PyTorch). This runs both on this machine's CPU in alternating fresh processes: our
+search step as ``search_benchmark.py`` builds and times it (worker ``ista``), and the
+published super-net (``ista_nas.search.models.model_search.NetWork``, imported from
+the checkout given) driven through the published search step on the support our
+super-net recovered: ``OuterTrainer.step`` (Adam on the architecture code, its own
+module imported as is), then the weight step of ``InnerTrainer.train_epoch`` (SGD,
+momentum 0.9, weight decay 3e-4, gradients clipped at norm 5). The projection matrices
+of the support are made as the published ``Trainer.sample_and_proj`` makes them: the
+columns off the support zeroed, so the published ``MixedOp`` runs exactly the supported
+ops. Settings are the published ``tools/train_search.py`` defaults (projection
+dimension 7); batch 64 of random 32x32 images, C = 16, 8 cells. Nothing of the
+published code is in this repository: give a checkout of it.
+
+Command (from the repository root, on an otherwise idle machine; ~2 minutes per round):
+
+    git clone https://github.com/iboing/ISTA-NAS /tmp/ISTA-NAS
+    python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy
+    python benchmarks/published_benchmark.py --published_repo /tmp/ISTA-NAS \\
+        --torch_python /tmp/torch/bin/python --rounds 3
+
+Reading the output: per code, the medians over rounds of the step's median time
+(``s/step``, after 3 warm-up steps), the first step, the build (network and optimizers),
+the process's peak RSS and, of it, the pages of mapped files (``RssFile`` at the end:
+the libraries' code, which stays mapped; the rest is the process's own memory), then
+ours / published per number, and the load average before and after each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+import harness  # benchmarks/harness.py, beside this file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PREFIX = "PUBLISHED_BENCHMARK_RESULT "
+SEARCH_PREFIX = "SEARCH_BENCHMARK_RESULT "
+PUBLISHED_MODULES = ("ista_nas", "ista_nas.search", "ista_nas.search.models")
+NUMBERS = (
+    ("median_s", "s/step"),
+    ("first_step_s", "first step s"),
+    ("build_s", "build s"),
+    ("peak_rss_mb", "peak RSS MB"),
+    ("rss_file_mb", "of it mapped files MB"),
+)
+WARMUP_STEPS = 3
+# The published tools/train_search.py defaults.
+PROJ_DIMS, LR, MOMENTUM, WEIGHT_DECAY, GRAD_CLIP = 7, 0.025, 0.9, 3e-4, 5.0
+ARCH_LR, ARCH_WEIGHT_DECAY = 3e-4, 1e-3
+
+
+def import_published(repo: str, module: str):
+    """``module`` of the published checkout at ``repo``, without running the packages'
+    ``__init__`` files (they import torchvision and the MOSEK solver, which the step
+    does not use). Raises ValueError when ``repo`` is not such a checkout."""
+    import importlib
+
+    package_dirs = [os.path.join(repo, *name.split(".")) for name in PUBLISHED_MODULES]
+    if not all(os.path.isdir(d) for d in package_dirs):
+        raise ValueError(
+            f"--published_repo={repo!r} is not a checkout of the published ISTA-NAS code "
+            "(expected ista_nas/search/models/ in it)"
+        )
+    for name, directory in zip(PUBLISHED_MODULES, package_dirs):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [directory]
+            sys.modules[name] = package
+    return importlib.import_module(module)
+
+
+def support_projections(base_matrices, supports, num_ops: int):
+    """Per node, the projection matrix and bias of ``Trainer.sample_and_proj`` for a
+    support given as flat indices (edge * num_ops + op), z = 1 on it.
+
+    Off the support, A's columns and the bias are zero, so every unsupported op's weight
+    is exactly 0 whatever the architecture code (the published ``MixedOp`` then skips
+    it). Returns float32 numpy arrays: the matrices, and the biases stacked as
+    ``[edges, num_ops]``.
+    """
+    import numpy as np
+
+    matrices, biases = [], []
+    for base, support in zip(base_matrices, supports):
+        matrix = np.array(base, dtype=np.float64)
+        gram = matrix.T @ matrix - np.eye(matrix.shape[1])
+        z = np.zeros(matrix.shape[1])
+        z[list(support)] = 1.0
+        off = np.setdiff1d(np.arange(matrix.shape[1]), list(support))
+        matrix[:, off] = 0.0
+        gram[:, off] = 0.0
+        matrices.append(matrix.astype(np.float32))
+        biases.append((gram.T @ z).reshape(-1, num_ops).astype(np.float32))
+    return matrices, np.concatenate(biases)
+
+
+def _published_worker(args: argparse.Namespace) -> dict:
+    """The published super-net's search step (see the module docstring), timed."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    model_search = import_published(args.published_repo, "ista_nas.search.models.model_search")
+    outer = import_published(args.published_repo, "ista_nas.search.outer_trainer")
+    genotypes = import_published(args.published_repo, "ista_nas.search.genotypes")
+    supports = json.loads(args.supports)
+    num_ops = len(genotypes.PRIMITIVES)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    build_start = time.perf_counter()
+    model = model_search.NetWork(args.channels, args.num_classes, args.layers, proj_dims=PROJ_DIMS)
+    projections = {}
+    for cell_type in ("normal", "reduce"):
+        bases = [
+            rng.random((PROJ_DIMS, (i + 2) * num_ops)) for i in range(len(supports[cell_type]))
+        ]
+        matrices, bias = support_projections(bases, supports[cell_type], num_ops)
+        projections[cell_type] = ([torch.from_numpy(m) for m in matrices], torch.from_numpy(bias))
+    model.init_proj_mat(projections["normal"][0], projections["reduce"][0])
+    model.init_bias(projections["normal"][1], projections["reduce"][1])
+    weights = [p for name, p in model.named_parameters() if "alpha" not in name]
+    optimizer = torch.optim.SGD(weights, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    outer_trainer = outer.OuterTrainer(
+        model,
+        types.SimpleNamespace(arch_learning_rate=ARCH_LR, arch_weight_decay=ARCH_WEIGHT_DECAY),
+    )
+    build_s = time.perf_counter() - build_start
+
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    batches = [
+        (
+            torch.randn(shape, generator=generator),
+            torch.randint(0, args.num_classes, (args.batch_size,), generator=generator),
+        )
+        for _ in range(2)
+    ]
+    model.train()
+
+    def step() -> float:
+        """OuterTrainer.step, then the weight step of InnerTrainer.train_epoch."""
+        start = time.perf_counter()
+        (x_weights, y_weights), (x_arch, y_arch) = batches
+        outer_trainer.step(x_arch, y_arch)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x_weights), y_weights)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        if not np.isfinite(loss.item()):
+            raise RuntimeError(f"published step: non-finite loss {loss.item()}")
+        return time.perf_counter() - start
+
+    warmup = [step() for _ in range(WARMUP_STEPS)]
+    timed = [step() for _ in range(args.steps)]
+    return {
+        "code": f"published (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        "build_s": build_s,
+        "first_step_s": warmup[0],
+        "median_s": statistics.median(timed),
+        "step_times_s": timed,
+        "peak_rss_mb": harness.peak_rss_mb(),
+        "rss_file_mb": harness.proc_status_mb("RssFile"),
+    }
+
+
+def _run(code: str, args: argparse.Namespace, supports=None) -> dict:
+    """One fresh process of ``code`` ("ours" or "published"); its result."""
+    print(f"[{code}] ...", file=sys.stderr, flush=True)
+    load_before = harness.load_average()
+    if code == "ours":
+        script, worker, prefix = os.path.join(HERE, "search_benchmark.py"), "ista", SEARCH_PREFIX
+        extra = ["--steps", str(args.steps)]
+        python = None
+    else:
+        script, worker, prefix = os.path.abspath(__file__), "published", PREFIX
+        extra = [
+            "--published_repo",
+            args.published_repo,
+            "--supports",
+            json.dumps(supports),
+            "--steps",
+            str(args.steps),
+        ]
+        python = args.torch_python
+    result, wall, process = harness.run_worker(script, worker, args, extra, prefix, python=python)
+    if result is None:
+        sys.stderr.write(process.stdout[-3000:] + process.stderr[-5000:])
+        raise RuntimeError(f"the {code} step failed (exit {process.returncode})")
+    result.update(load_before=load_before, load_after=harness.load_average(), wall_s=wall)
+    print(f"[{code}] {result['median_s']:.3f} s/step, {wall:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def _median(runs: list[dict], key: str):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _print_report(results: dict, args: argparse.Namespace) -> None:
+    published = results["published"][0]["code"] if results["published"] else "published"
+    print(
+        f"\nBatch {args.batch_size}, {args.image_size}x{args.image_size}, C = {args.channels}, "
+        f"{args.layers} cells; {os.cpu_count()} CPUs; medians over {args.rounds} round(s), "
+        f"each in a fresh process; ours: {harness.cpu_kernels()}; {published}; "
+        f"supports {json.dumps(results['supports'])}\n"
+    )
+    print("| code | " + " | ".join(label for _, label in NUMBERS) + " | load avg before/after |")
+    print("| --- |" + " ---: |" * (len(NUMBERS) + 1))
+    for code in ("ours", "published"):
+        cells = [
+            "-"
+            if (v := _median(results[code], key)) is None
+            else format(v, ".3f" if key == "median_s" else ".1f")
+            for key, _ in NUMBERS
+        ]
+        loads = ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in results[code])
+        print(f"| {code} | {' | '.join(cells)} | {loads} |")
+    ratios = []
+    for key, _ in NUMBERS:
+        ours, theirs = _median(results["ours"], key), _median(results["published"], key)
+        ratios.append("-" if not theirs or ours is None else f"{ours / theirs:.2f}")
+    print(f"| ours / published | {' | '.join(ratios)} | |")
+    harness.save_results(args, results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    harness.add_network_arguments(parser)
+    parser.add_argument("--published_repo", required=True, help="a checkout of iboing/ISTA-NAS")
+    parser.add_argument(
+        "--torch_python",
+        default=sys.executable,
+        help="a Python with torch and numpy for the published code (default: this one)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps after 3 warm-up")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--supports", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "published":
+        print(PREFIX + json.dumps(_published_worker(args)), flush=True)
+        return
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be >= 1")
+    try:
+        import_published(args.published_repo, "ista_nas.search")
+    except ValueError as error:
+        parser.error(str(error))
+    if not os.access(args.torch_python, os.X_OK):
+        parser.error(f"--torch_python={args.torch_python!r} is not an executable")
+    results = {"ours": [], "published": [], "supports": None}
+    for _ in range(args.rounds):
+        ours = _run("ours", args)
+        results["ours"].append(ours)
+        # Every round of ours recovers the same support (fixed seed); the published step
+        # runs the one the first round recovered.
+        results["supports"] = results["supports"] or ours["supports"]
+        results["published"].append(_run("published", args, results["supports"]))
+    _print_report(results, args)
+
+
+if __name__ == "__main__":
+    main()
