@@ -174,6 +174,8 @@ def _worker(args: argparse.Namespace) -> dict:
         "parameters_with_auxiliary": network_size.count_parameters(model, include_auxiliary=True),
         "drop_path_rate": float(model.drop_path_rate.numpy()),
         "peak_rss_mb": harness.peak_rss_mb(),
+        # Mapped files' pages (the libraries' code): not freed while they stay loaded.
+        "rss_file_mb": harness.proc_status_mb("RssFile"),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }

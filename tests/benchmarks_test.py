@@ -159,12 +159,32 @@ def test_a_directory_that_is_not_the_published_code_is_named(
 
 def test_published_report_gives_ours_over_published(published_benchmark, capsys):
     run = dict(first_step_s=10.0, build_s=2.0, rss_file_mb=100.0, load_before=1.0, load_after=1.0)
+    published = {**run, "code": "published (torch 2.13.0+cpu, 2 threads)"}
     results = {
-        "ours": [{**run, "median_s": 0.6, "peak_rss_mb": 1500.0}],
-        "published": [{**run, "median_s": 3.0, "peak_rss_mb": 1400.0, "code": "published"}],
+        "configs": {
+            "search": {
+                "ours": [{**run, "median_s": 0.6, "peak_rss_mb": 1500.0}],
+                "published": [{**published, "median_s": 3.0, "peak_rss_mb": 1400.0}],
+            },
+            "evaluation": {
+                "ours": [{**run, "median_s": 0.5, "peak_rss_mb": 1600.0}],
+                "published": [{**published, "median_s": 4.0, "peak_rss_mb": 1600.0}],
+            },
+        },
         "supports": {"normal": [[0, 1]] * 4, "reduce": [[0, 1]] * 4},
     }
     args = SimpleNamespace(batch_size=64, image_size=32, channels=16, layers=8, rounds=1, json="")
     published_benchmark._print_report(results, args)
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours /")]
-    assert rows == ["| ours / published | 0.20 | 1.00 | 1.00 | 1.07 | 1.00 | |"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if "ours / published" in line]
+    assert rows == [
+        "| search | ours / published | 0.20 | 1.00 | 1.00 | 1.07 | 1.00 | |",
+        "| evaluation | ours / published | 0.12 | 1.00 | 1.00 | 1.00 | 1.00 | |",
+    ]
+
+
+def test_an_unknown_configuration_is_named(published_benchmark, monkeypatch, capsys):
+    argv = ["published_benchmark.py", "--published_repo", "/x", "--configs", "search,eval"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        published_benchmark.main()
+    assert "--configs: unknown ['eval']; valid: search, evaluation" in capsys.readouterr().err
