@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -117,3 +118,33 @@ def run_worker(
         if line.startswith(prefix):
             return json.loads(line[len(prefix) :]), wall, process
     return None, wall, process
+
+
+def run_configuration(
+    label: str,
+    script: str,
+    name: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    prefix: str,
+    **worker_options,
+) -> dict:
+    """:func:`run_worker` for one configuration of a same-run comparison: progress on
+    stderr, the load average before and after, the wall time in the result; a worker
+    that prints no result raises with the end of its output. ``worker_options``:
+    ``library``, ``env_overrides``, ``python`` of :func:`run_worker`."""
+    print(f"[{label}] ...", file=sys.stderr, flush=True)
+    load_before = load_average()
+    result, wall, process = run_worker(script, name, args, extra, prefix, **worker_options)
+    if result is None:
+        sys.stderr.write(process.stdout[-3000:] + process.stderr[-5000:])
+        raise RuntimeError(f"{label} failed (exit {process.returncode})")
+    result.update(load_before=load_before, load_after=load_average(), wall_s=wall)
+    print(f"[{label}] {result['median_s']:.3f} s/step, {wall:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def median(runs: list[dict], key: str):
+    """The median of ``key`` over the runs that report it (None if none does)."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None

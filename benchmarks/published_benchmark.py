@@ -270,38 +270,22 @@ def _published_evaluation(args: argparse.Namespace) -> dict:
 
 def _run(config: str, code: str, args: argparse.Namespace, details: dict) -> dict:
     """One fresh process of ``code`` ("ours" or "published") for ``config``; its result."""
-    print(f"[{config} / {code}] ...", file=sys.stderr, flush=True)
-    load_before = harness.load_average()
     if code == "ours":
         script, worker, prefix, extra = OURS[config]
         script, python = os.path.join(HERE, script), None
     else:
-        script, worker, prefix, python = (
-            os.path.abspath(__file__),
-            config,
-            PREFIX,
-            args.torch_python,
-        )
+        script, worker, prefix = os.path.abspath(__file__), config, PREFIX
+        python = args.torch_python
         extra = ["--published_repo", args.published_repo]
         extra += ["--supports", json.dumps(details.get("supports"))]
         extra += ["--genotype", json.dumps(details.get("genotype"))]
     extra = [*extra, "--steps", str(args.steps)]
-    result, wall, process = harness.run_worker(script, worker, args, extra, prefix, python=python)
-    if result is None:
-        sys.stderr.write(process.stdout[-3000:] + process.stderr[-5000:])
-        raise RuntimeError(f"the {code} {config} step failed (exit {process.returncode})")
-    result.update(load_before=load_before, load_after=harness.load_average(), wall_s=wall)
-    print(
-        f"[{config} / {code}] {result['median_s']:.3f} s/step, {wall:.0f} s",
-        file=sys.stderr,
-        flush=True,
+    return harness.run_configuration(
+        f"{config} / {code}", script, worker, args, extra, prefix, python=python
     )
-    return result
 
 
-def _median(runs: list[dict], key: str):
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
+_median = harness.median
 
 
 def _print_report(results: dict, args: argparse.Namespace) -> None:

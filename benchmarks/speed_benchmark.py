@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 
 import harness  # benchmarks/harness.py, beside this file
 
@@ -61,27 +59,19 @@ FORMATS = {"median_s": ".3f", "graph_ops": ".0f"}
 
 def _run(config: str, code: str, library: str | None, args) -> dict:
     script, worker, extra = CONFIGS[config]
-    print(f"[{config} / {code}] ...", file=sys.stderr, flush=True)
-    load_before = harness.load_average()
-    env = args.baseline_env if code == "baseline" else None
-    result, wall, process = harness.run_worker(
-        os.path.join(HERE, script), worker, args, extra, PREFIXES[script], library, env
+    return harness.run_configuration(
+        f"{config} / {code}",
+        os.path.join(HERE, script),
+        worker,
+        args,
+        extra,
+        PREFIXES[script],
+        library=library,
+        env_overrides=args.baseline_env if code == "baseline" else None,
     )
-    if result is None:
-        sys.stderr.write(process.stdout[-3000:] + process.stderr[-5000:])
-        raise RuntimeError(f"{config} on the {code} code failed (exit {process.returncode})")
-    result.update(load_before=load_before, load_after=harness.load_average(), wall_s=wall)
-    print(
-        f"[{config} / {code}] {result['median_s']:.3f} s/step, {wall:.0f} s",
-        file=sys.stderr,
-        flush=True,
-    )
-    return result
 
 
-def _median(runs: list[dict], key: str):
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
+_median = harness.median
 
 
 def _print_report(results: dict, args) -> None:
