@@ -226,11 +226,11 @@ class DropPath(keras.layers.Layer):
     def call(self, x, rate=0.0, training=None):
         if not training or (isinstance(rate, (int, float)) and rate == 0):
             return x
-        if not tf.is_tensor(rate) and not isinstance(rate, keras.Variable):
-            return self._drop(x, rate)
-        # A variable rate (ramped per epoch) is read in the traced step: at 0, the branch
-        # taken draws no noise and touches no pixel.
-        return tf.cond(rate > 0, lambda: self._drop(x, rate), lambda: tf.identity(x))
+        # A variable rate (ramped per epoch) is read in the traced step. No tf.cond to
+        # skip the work at 0: 52 conds made 40 % of the evaluation step's trace and 10 %
+        # of its step time; the networks leave drop path out of the trace instead while
+        # the rate is 0 (DropPathSchedule). At a variable rate of 0 this is x / 1 = x.
+        return self._drop(x, rate)
 
     def _drop(self, x, rate):
         keep = 1.0 - tf.cast(rate, x.dtype)
@@ -246,3 +246,31 @@ class DropPath(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+class DropPathSchedule:
+    """For networks whose ``drop_path_rate`` variable the training loop ramps per epoch:
+    whether their traced training steps hold drop path at all.
+
+    While the rate is 0 (a retraining's first epoch, a one-stage search) the steps are
+    traced without drop path: no mask is drawn, no pixel touched. Above 0 they read the
+    variable, so the ramp needs no new trace. :meth:`set_drop_path_rate` says when the
+    steps traced before it are stale. Until it is called the steps read the variable,
+    so assigning ``drop_path_rate`` directly (e.g. in a Keras callback) keeps working.
+    """
+
+    drop_path_traced = True
+
+    def set_drop_path_rate(self, rate: float) -> bool:
+        """Assigns ``rate``; returns whether training steps traced before are now stale
+        (the rate crossed 0 either way)."""
+        self.drop_path_rate.assign(rate)
+        traced = rate > 0
+        stale = traced != self.drop_path_traced
+        self.drop_path_traced = traced
+        return stale
+
+    @property
+    def traced_drop_path_rate(self):
+        """What the traced forward pass gets: the variable, or 0.0 (no drop path ops)."""
+        return self.drop_path_rate if self.drop_path_traced else 0.0

@@ -202,7 +202,7 @@ def _build_by_shape(network: keras.Model, images_shape) -> None:
     network.classifier.build((s1[0], s1[-1]))
 
 
-class _Network(keras.Model):
+class _Network(blocks.DropPathSchedule, keras.Model):
     """Shared body of the evaluation networks: cells, auxiliary head and classifier.
 
     Subclasses set ``imagenet``, which picks the stem (:func:`stem_layers`), the first
@@ -277,7 +277,7 @@ class _Network(keras.Model):
         s0, s1 = run_stem(self.stem_layers, images, training)
         aux_logits = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, drop_path_rate=self.drop_path_rate, training=training)
+            s0, s1 = s1, cell(s0, s1, drop_path_rate=self.traced_drop_path_rate, training=training)
             if i == self.aux_position and self.auxiliary_head is not None and training:
                 aux_logits = self.auxiliary_head(s1, training=training)
         logits = self.classifier(tf.reduce_mean(s1, axis=[1, 2]))

@@ -134,7 +134,7 @@ class SearchNetworkConfig:
 
 
 @keras.saving.register_keras_serializable(package="istanas_tf")
-class SearchNetwork(search_steps.SearchSteps, keras.Model):
+class SearchNetwork(search_steps.SearchSteps, blocks.DropPathSchedule, keras.Model):
     """The super-net: stem, ``layers`` search cells, global pool and classifier.
 
     The two-stage net uses affine-free BN in all cells and a BN after each pooling op;
@@ -424,7 +424,7 @@ class SearchNetwork(search_steps.SearchSteps, keras.Model):
                     s1,
                     supports=supports[cell_type],
                     weights=weights[cell_type],
-                    drop_path_rate=self.drop_path_rate,
+                    drop_path_rate=self.traced_drop_path_rate,
                     training=training,
                 ),
             )

@@ -181,3 +181,36 @@ def test_a_saved_keras_file_loads_the_network_compiled_and_training_goes_on_alik
     loaded.train_step((images, labels))
     for saved, restored in zip(network.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(restored, saved)
+
+
+def _drop_path_divisions(network, x):
+    """The divisions drop path makes in the traced training forward pass (named by its
+    layers), and the values the pass returns."""
+    forward = tf.function(lambda images: network(images, training=True))
+    graph = forward.get_concrete_function(x).graph
+    divisions = [
+        op for op in graph.get_operations() if op.type == "RealDiv" and "drop_path" in op.name
+    ]
+    return divisions, forward(x)
+
+
+def test_a_rate_crossing_zero_says_the_traced_steps_are_stale():
+    """At rate 0 the trace holds no drop path at all (no division, no mask drawn); above
+    0 one division per dropped path reads the variable, so the ramp needs no new
+    trace; set_drop_path_rate says when the rate crossed 0."""
+    network = networks.build_network("cifar", "DARTS_V1", 4, 3, 10, 8)
+    x = tf.random.stateless_normal([2, 8, 8, 3], [0, 1])
+    assert network.drop_path_traced  # until told, the trace reads the variable
+    divisions = len(_drop_path_divisions(network, x)[0])
+    assert divisions > 0
+
+    assert network.set_drop_path_rate(0.0)  # stale: the drop path leaves the trace
+    states = [p.seed_generator.state.numpy().copy() for p in _drop_paths(network)]
+    assert _drop_path_divisions(network, x)[0] == []
+    for path, state in zip(_drop_paths(network), states):
+        np.testing.assert_array_equal(path.seed_generator.state.numpy(), state)
+
+    assert network.set_drop_path_rate(0.2)  # stale again: back in
+    assert not network.set_drop_path_rate(0.3)  # the ramp: same trace
+    assert float(network.drop_path_rate.numpy()) == pytest.approx(0.3)
+    assert len(_drop_path_divisions(network, x)[0]) == divisions

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from testing import candidate_bn_affine, tiny_loop
 
 from istanas_tf import (
     absorption,
+    blocks,
     data,
     genotypes,
     network_size,
@@ -661,3 +663,32 @@ def test_cpu_config_runs_to_completion_and_exports(cifar10_folder, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert summary["test_top1"] > 0.15  # chance is 0.10
     assert (pathlib.Path(summary["export"]) / "saved_model.pb").exists()
+
+
+def test_training_epochs_trace_the_steps_again_only_when_the_rate_crosses_zero(monkeypatch):
+    """After the search (rate 0, steps without drop path) the training phase's epoch 0
+    keeps the steps; epoch 1 (rate > 0) traces steps that read the rate, kept after."""
+
+    class RatedModel(blocks.DropPathSchedule):
+        drop_path_traced = False  # as the search epochs left it
+
+        def __init__(self):
+            self.drop_path_rate = tf.Variable(0.0)
+
+    traces = []
+    run = types.SimpleNamespace(
+        config=types.SimpleNamespace(drop_path_prob=0.2, loop=types.SimpleNamespace(epochs=3)),
+        weight_optimizer=types.SimpleNamespace(learning_rate=None),
+        model=RatedModel(),
+        trace_steps=lambda: traces.append(len(traces)),
+        _train_epoch=lambda epoch, steps: {},
+        state=types.SimpleNamespace(end_epoch=lambda row: None),
+        clock=None,
+    )
+    monkeypatch.setattr(one_stage.runtime, "learning_rate_at", lambda config, epoch: 0.1)
+    monkeypatch.setattr(one_stage.steps_lib, "log_epoch", lambda *a, **k: None)
+    seen = []
+    for phase_epoch in range(3):
+        one_stage.OneStageRun._training_epoch(run, 10 + phase_epoch, phase_epoch, 1)
+        seen.append((len(traces), run.model.drop_path_traced))
+    assert seen == [(0, False), (1, True), (1, True)]

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import pathlib
 import signal
+import types
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from main_runner import (
 from PIL import Image
 from testing import tiny_loop
 
-from istanas_tf import data, search_model
+from istanas_tf import blocks, data, search_model
 from istanas_tf.training import config as config_lib
 from istanas_tf.training import retrain, runtime, two_stage
 
@@ -276,3 +277,39 @@ def test_warmup_then_linear_decay_schedule():
     assert lrs[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert lrs[5] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 / 245)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+class _RatedModel(blocks.DropPathSchedule):
+    """A model with nothing but a drop path rate (and a step the loop can trace)."""
+
+    def __init__(self):
+        self.drop_path_rate = tf.Variable(0.0)
+        self.train_step = "train_step"
+
+
+def test_the_step_is_traced_again_only_when_the_drop_path_rate_crosses_zero(monkeypatch):
+    """Epoch 0 of the ramp (rate 0) trains a step without drop path; epoch 1 (rate > 0) a
+    new one that reads the rate, which later epochs keep."""
+    traced = []
+    run = types.SimpleNamespace(
+        config=types.SimpleNamespace(
+            drop_path_prob=0.2,
+            loop=types.SimpleNamespace(epochs=4, eval_steps=0),
+            data=types.SimpleNamespace(cutout_length=0),
+        ),
+        optimizer=types.SimpleNamespace(learning_rate=None),
+        model=_RatedModel(),
+        _step_fn=lambda step: traced.append(step) or f"step {len(traced)}",
+        evaluate=lambda steps: {},
+        state=types.SimpleNamespace(end_epoch=lambda row: None),
+        clock=None,
+    )
+    monkeypatch.setattr(retrain.runtime, "learning_rate_at", lambda config, epoch: 0.1)
+    monkeypatch.setattr(retrain.steps_lib, "train_on_split", lambda *a, **k: ({}, 0.0, 0.0))
+    monkeypatch.setattr(retrain.steps_lib, "log_epoch", lambda *a, **k: None)
+    seen = []
+    for epoch in range(4):
+        retrain.TrainRun.run_epoch(run, epoch, 1)
+        seen.append((run.train_fn, run.model.drop_path_traced))
+    assert seen == [("step 1", False), ("step 2", True), ("step 2", True), ("step 2", True)]
+    assert float(run.model.drop_path_rate.numpy()) == pytest.approx(0.2 * 3 / 4)

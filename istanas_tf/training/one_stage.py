@@ -211,7 +211,8 @@ class OneStageRun(search_run.SearchRun):
         config = self.config
         lr = search_learning_rate(config, epoch)
         self.weight_optimizer.learning_rate = lr
-        self.model.drop_path_rate.assign(0.0)
+        if self.model.set_drop_path_rate(0.0):
+            self.trace_steps()  # steps without drop path
         logs = self._train_epoch(epoch, steps)
         row: dict[str, Any] = {"epoch": epoch + 1, "phase": "search", "lr": lr, **logs}
         architecture_before = (self.model.supports, self.model.frozen_nodes)
@@ -334,7 +335,8 @@ class OneStageRun(search_run.SearchRun):
         lr = runtime.learning_rate_at(config, phase_epoch)
         drop_path = config.drop_path_prob * phase_epoch / loop.epochs
         self.weight_optimizer.learning_rate = lr
-        self.model.drop_path_rate.assign(drop_path)
+        if self.model.set_drop_path_rate(drop_path):
+            self.trace_steps()  # drop path in or out of the steps
         logs = self._train_epoch(epoch, steps)
         row = {
             "epoch": epoch + 1,

@@ -112,7 +112,8 @@ class TrainRun:
         lr = runtime.learning_rate_at(config, epoch)
         self.optimizer.learning_rate = lr
         drop_path = config.drop_path_prob * epoch / loop.epochs  # DARTS' linear ramp
-        self.model.drop_path_rate.assign(drop_path)
+        if self.model.set_drop_path_rate(drop_path):
+            self.train_fn = self._step_fn(self.model.train_step)  # drop path in or out
         logs, train_time, _ = steps_lib.train_on_split(
             self, "train", epoch, steps, cutout=config.data.cutout_length > 0
         )
