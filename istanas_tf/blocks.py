@@ -227,9 +227,9 @@ class DropPath(keras.layers.Layer):
         if not training or (isinstance(rate, (int, float)) and rate == 0):
             return x
         # A variable rate (ramped per epoch) is read in the traced step. No tf.cond to
-        # skip the work at 0: 52 conds made 40 % of the evaluation step's trace and 10 %
-        # of its step time; the networks leave drop path out of the trace instead while
-        # the rate is 0 (DropPathSchedule). At a variable rate of 0 this is x / 1 = x.
+        # skip the work at 0: 52 conds made 40 % of the evaluation step's trace; the
+        # networks leave drop path out of the trace instead while the rate is 0
+        # (DropPathSchedule). At a variable rate of 0 this is x / 1 = x.
         return self._drop(x, rate)
 
     def _drop(self, x, rate):

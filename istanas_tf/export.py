@@ -292,8 +292,8 @@ def load_for_finetuning(path: str) -> keras.Model:
     takes normalised images: ``data.normalize(pixels / 255, mean, std)`` with the
     ``mean`` and ``std`` of :func:`finetuning_spec`. It is not compiled; its
     ``compile(optimizer)`` sets the training recipe (auxiliary head, label smoothing).
-    The drop path rate is a weight, exported as it was; ``network.drop_path_rate.assign``
-    changes it.
+    The drop path rate is a weight, exported as it was; ``network.set_drop_path_rate``
+    changes it (``blocks.DropPathSchedule``).
 
     Args:
       path: a version directory, its ``assets.extra/keras`` folder or ``network.json``.
