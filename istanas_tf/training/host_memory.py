@@ -11,8 +11,8 @@ a background thread while a block runs (the first call is one C++ call: nothing 
 between its optimisation and its execution on the calling thread).
 
 Only where the C library has ``malloc_trim`` (glibc, i.e. Linux); elsewhere the context
-does nothing. Measured in WORKSPACE.md ("Peak RSS: the first call's freed memory
-returned").
+does nothing. Measured in WORKSPACE.md (section "Against the published code on this
+machine; the first call's freed memory returned").
 """
 
 from __future__ import annotations
