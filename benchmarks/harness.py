@@ -148,3 +148,13 @@ def median(runs: list[dict], key: str):
     """The median of ``key`` over the runs that report it (None if none does)."""
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
+
+
+def call_step(step_fn, *batches, first: bool):
+    """``step_fn(*batches)`` as an epoch of the library calls its steps
+    (``training.steps.call_step``: the first inside the freed-memory return); a plain
+    call on checkouts from before it, so a baseline's worker measures that code."""
+    from istanas_tf.training import steps
+
+    epoch_call = getattr(steps, "call_step", None)
+    return epoch_call(step_fn, *batches, first=first) if epoch_call else step_fn(*batches)

@@ -176,10 +176,6 @@ def _worker(args: argparse.Namespace) -> dict:
     import tensorflow as tf  # noqa: F401  (imported before measuring)
 
     from istanas_tf.training import builders  # noqa: F401  (imported before measuring)
-    from istanas_tf.training import steps as steps_lib
-
-    # As an epoch calls its steps (checkouts before call_step: a plain call).
-    call_step = getattr(steps_lib, "call_step", lambda fn, *batches, first: fn(*batches))
 
     method = args.worker
     rss_after_imports = harness.proc_status_mb("VmRSS")
@@ -187,7 +183,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
     def step(first: bool = False) -> float:
         start = time.perf_counter()
-        outputs = call_step(train_fn, weights_batch, arch_batch, first=first)
+        outputs = harness.call_step(train_fn, weights_batch, arch_batch, first=first)
         logs = {k: float(v) for k, v in outputs.items()}
         seconds = time.perf_counter() - start
         bad = {k: v for k, v in logs.items() if not np.isfinite(v)}

@@ -142,17 +142,13 @@ def _worker(args: argparse.Namespace) -> dict:
     import tensorflow as tf
 
     from istanas_tf import network_size
-    from istanas_tf.training import steps as steps_lib
-
-    # As an epoch calls its steps (checkouts before call_step: a plain call).
-    call_step = getattr(steps_lib, "call_step", lambda fn, *batches, first: fn(*batches))
 
     variant = args.worker
     model, train_fn, batch, build_s = build_step(args, variant)
 
     def timed_step(first: bool = False) -> float:
         start = time.perf_counter()
-        logs = {k: float(v) for k, v in call_step(train_fn, batch, first=first).items()}
+        logs = {k: float(v) for k, v in harness.call_step(train_fn, batch, first=first).items()}
         seconds = time.perf_counter() - start
         bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
         if bad:
