@@ -41,7 +41,9 @@ def traced_multiply_adds(function, input_shape) -> tuple[int, object]:
     Returns ``(multiply_adds, outputs)``: the outputs are the traced (symbolic) tensors,
     whose static shapes tell the next part of a network its input shape.
     """
-    concrete = tf.function(function).get_concrete_function(tf.TensorSpec(input_shape, tf.float32))
+    concrete = tf.function(function, autograph=False).get_concrete_function(
+        tf.TensorSpec(input_shape, tf.float32)
+    )
     return graph_multiply_adds(concrete.graph), concrete.structured_outputs
 
 

@@ -313,3 +313,26 @@ def test_the_step_is_traced_again_only_when_the_drop_path_rate_crosses_zero(monk
         seen.append((run.train_fn, run.model.drop_path_traced))
     assert seen == [("step 1", False), ("step 2", True), ("step 2", True), ("step 2", True)]
     assert float(run.model.drop_path_rate.numpy()) == pytest.approx(0.2 * 3 / 4)
+
+
+@pytest.mark.slow  # ~40 s: XLA compiles the step on the CPU
+def test_jit_compiled_retraining_trains_every_weight(cifar10_folder, tmp_path):
+    """``--jit_compile`` wraps the step in its own XLA-compiled ``tf.function``."""
+    run = retrain.TrainRun(
+        config_lib.TrainConfig(
+            model_dir=str(tmp_path / "train"),
+            data=data.DataConfig(
+                dataset=f"folder:{cifar10_folder}", max_examples_per_class=8, deterministic=True
+            ),
+            channels=4,
+            layers=3,
+            jit_compile=True,
+            drop_path_prob=0.0,
+            loop=dataclasses.replace(tiny_loop(steps_per_epoch=2), eval_steps=1),
+        )
+    )
+    variables = run.model.trainable_variables
+    before = [v.numpy() for v in variables]
+    row = run.run_epoch(0, 2)
+    assert np.isfinite(row["loss"]) and np.isfinite(row["test_loss"])
+    assert np.mean(_changed(before, variables)) > 0.95

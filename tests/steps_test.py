@@ -67,3 +67,18 @@ def test_the_epoch_line_ends_with_elapsed_time_and_eta(monkeypatch):
     clock = steps.EpochClock(first_epoch=2, epochs=10)
     steps.log_epoch("epoch 3/10", {"epoch": 3, "loss": 1.23456}, ("loss", "lr"), clock)
     assert logged[0].startswith("epoch 3/10  loss 1.235  lr -  elapsed 0m00s  eta 0m00s")
+
+
+def test_distributed_steps_are_traced_without_autograph():
+    """AutoGraph would rewrite this ``if`` into a ``tf.cond``; without it the tensor's
+    truth value is refused at trace time (the step's first trace is cheaper so)."""
+    import tensorflow as tf
+
+    def step(x):
+        return x if tf.reduce_sum(x) > 0 else -x
+
+    train_fn = steps.distributed_step(
+        tf.distribute.get_strategy(), step, types.SimpleNamespace(metrics=[])
+    )
+    with pytest.raises(TypeError, match="bool"):
+        train_fn(tf.ones([2]))

@@ -56,7 +56,7 @@ class TrainRun:
                     "--jit_compile on a CPU-only machine: XLA's CPU kernels for "
                     "depthwise convolutions are slow; expect a slower step"
                 )
-            step = tf.function(step, jit_compile=True)
+            step = tf.function(step, jit_compile=True, autograph=False)
         return steps_lib.distributed_step(self.strategy, step, self.model)
 
     def evaluate(self, max_steps: int | None = None) -> dict[str, float]:

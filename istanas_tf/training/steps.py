@@ -29,13 +29,19 @@ class NonFiniteLossError(RuntimeError):
 def distributed_step(strategy: tf.distribute.Strategy, step: Callable, model) -> Callable:
     """A traced function running ``step`` on every replica, returning global metrics.
 
+    Traced without AutoGraph: the steps here (the networks', Keras' optimizers') branch
+    and loop on Python values only, and AutoGraph's rewriting of every function they
+    call was ~1.5 s of the sparse search step's 4-6 s first trace (each later trace
+    reuses the rewrites). A step must branch on tensors with ``tf.cond`` (a Python
+    ``if`` on a tensor raises at trace time).
+
     Args:
       strategy: the run's strategy.
       step: a per-replica step, e.g. ``model.train_step``; it takes the batches.
       model: the model whose ``metrics`` the function returns (aggregated).
     """
 
-    @tf.function
+    @tf.function(autograph=False)
     def run(*batches):
         strategy.run(step, args=batches)
         # Read metrics in cross-replica context: SyncOnRead variables then aggregate.
