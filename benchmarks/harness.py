@@ -150,6 +150,15 @@ def median(runs: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
+def trace_seconds(step_fn, *batches) -> float:
+    """Seconds to trace the ``tf.function`` ``step_fn`` for ``batches``: the part of its
+    first step that is tracing. Its first call then reuses the trace and runs the rest
+    (grappler's passes, the first execution)."""
+    start = time.perf_counter()
+    step_fn.get_concrete_function(*batches)
+    return time.perf_counter() - start
+
+
 def call_step(step_fn, *batches, first: bool):
     """``step_fn(*batches)`` as an epoch of the library calls its steps
     (``training.steps.call_step``: the first inside the freed-memory return); a plain

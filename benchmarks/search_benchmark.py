@@ -195,6 +195,7 @@ def _worker(args: argparse.Namespace) -> dict:
     peak_before_steps = _max_rss_mb()
     peak_reset = _reset_peak_rss()
 
+    trace_s = harness.trace_seconds(train_fn, weights_batch, arch_batch)
     warmup = [step(first=i == 0) for i in range(WARMUP_STEPS)]  # as an epoch's steps
     _tensor_peak_mb(reset=True)
     timed = [step() for _ in range(args.steps)]
@@ -205,7 +206,9 @@ def _worker(args: argparse.Namespace) -> dict:
     result = {
         "method": method,
         "build_s": build_s,
-        "first_step_s": warmup[0],
+        # The first step as an epoch's: tracing, then the first call.
+        "first_step_s": trace_s + warmup[0],
+        "trace_s": trace_s,
         "second_step_s": warmup[1] if len(warmup) > 1 else None,
         "step_times_s": timed,
         "median_s": statistics.median(timed),

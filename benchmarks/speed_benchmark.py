@@ -19,11 +19,12 @@ on the current code only):
 
 Reading the output: one row per configuration and code (``baseline`` / ``current``),
 the medians over rounds of: the step's median time (``s/step``), the first step
-(tracing and first run), the build (network, optimizers, first recovery), the process's
-peak RSS, the traced step's op count (``traced ops``: exact, and what the first step's
-cost scales with); then ``current / baseline`` per number (below 1: this commit is faster or
-leaner), the sparse / dense step ratio, and the 1-minute load average before and after
-each process (above the CPU count, other work competed and times are inflated).
+(tracing and first run) and its tracing alone (``trace s``), the build (network,
+optimizers, first recovery), the process's peak RSS, the traced step's op count
+(``traced ops``: exact, and what the first step's cost scales with); then ``current /
+baseline`` per number (below 1: this commit is faster or leaner), the sparse / dense
+step ratio, and the 1-minute load average before and after each process (above the CPU
+count, other work competed and times are inflated).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ PREFIXES = {
 NUMBERS = (
     ("median_s", "s/step"),
     ("first_step_s", "first step s"),
+    # Its tracing part: steadier than the whole first step, whose first call (grappler,
+    # the first execution) varies by a second or more from process to process.
+    ("trace_s", "trace s"),
     ("build_s", "build s"),
     ("peak_rss_mb", "peak RSS MB"),
     # The traced step's op count: no noise, and what tracing and grappler's first-call

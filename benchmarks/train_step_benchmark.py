@@ -155,12 +155,15 @@ def _worker(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"{variant}: non-finite training values {bad}")
         return seconds
 
+    trace_s = harness.trace_seconds(train_fn, batch)
     warmup = [timed_step(first=i == 0) for i in range(WARMUP_STEPS)]  # as an epoch's steps
     times = [timed_step() for _ in range(args.steps)]
     return {
         "variant": variant,
         "build_s": build_s,
-        "first_step_s": warmup[0],
+        # The first step as an epoch's: tracing, then the first call.
+        "first_step_s": trace_s + warmup[0],
+        "trace_s": trace_s,
         "second_step_s": warmup[1] if len(warmup) > 1 else None,
         "step_times_s": times,
         "median_s": statistics.median(times),

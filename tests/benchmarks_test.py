@@ -188,3 +188,14 @@ def test_an_unknown_configuration_is_named(published_benchmark, monkeypatch, cap
     with pytest.raises(SystemExit):
         published_benchmark.main()
     assert "--configs: unknown ['eval']; valid: search, evaluation" in capsys.readouterr().err
+
+
+def test_trace_seconds_traces_the_step_its_first_call_then_reuses(monkeypatch):
+    """The workers' ``trace s`` is the first step's tracing: timing it must not add a
+    trace, or the first call would be measured without its own."""
+    harness = _load("harness", monkeypatch)
+    step = tf.function(lambda x: x * 2.0)
+    seconds = harness.trace_seconds(step, tf.ones([3]))
+    assert seconds > 0 and step.experimental_get_tracing_count() == 1
+    assert float(tf.reduce_sum(step(tf.ones([3])))) == 6.0
+    assert step.experimental_get_tracing_count() == 1
