@@ -31,8 +31,8 @@ def distributed_step(strategy: tf.distribute.Strategy, step: Callable, model) ->
 
     Traced without AutoGraph: the steps here (the networks', Keras' optimizers') branch
     and loop on Python values only, and AutoGraph's rewriting of every function they
-    call was ~1.5 s of the sparse search step's 4-6 s first trace (each later trace
-    reuses the rewrites). A step must branch on tensors with ``tf.cond`` (a Python
+    call was ~1.3 s of the sparse search step's ~6 s first trace in a process (later
+    traces reuse the rewrites). A step must branch on tensors with ``tf.cond`` (a Python
     ``if`` on a tensor raises at trace time).
 
     Args:
