@@ -315,7 +315,7 @@ def test_the_step_is_traced_again_only_when_the_drop_path_rate_crosses_zero(monk
     assert float(run.model.drop_path_rate.numpy()) == pytest.approx(0.2 * 3 / 4)
 
 
-@pytest.mark.slow  # ~40 s: XLA compiles the step on the CPU
+@pytest.mark.slow  # ~30 s: XLA compiles the step on the CPU
 def test_jit_compiled_retraining_trains_every_weight(cifar10_folder, tmp_path):
     """``--jit_compile`` wraps the step in its own XLA-compiled ``tf.function``."""
     run = retrain.TrainRun(
