@@ -22,13 +22,13 @@ reused every step.
 Each method runs in its own subprocess, so that its peak memory is its own. Per method:
 2 warm-up steps (the first includes tracing), then ``--steps`` timed steps.
 
-Command (from the repository root; about 12 minutes on 2 cores, ~1 for ista and ~11
-for darts, of which ~10 are the dense step's first call: tracing its ~287k-op graph
-(~1.5 min) and the first run of the traced graph at batch 64 (~6-9 min)):
+Command (from the repository root; about 3 minutes on 2 cores, ~0.5 for ista and ~2.5
+for darts, of which ~2 are the dense step's first step: tracing its ~80k-op graph
+(~50 s) and its first call (~60 s, most of it TensorFlow's graph optimisation)):
 
     python benchmarks/search_benchmark.py
 
-``--methods ista`` alone takes about 1 minute.
+``--methods ista`` alone takes about half a minute.
 
 Options: ``--batch_size 64 --channels 16 --layers 8 --image_size 32``,
 ``--steps ista=5,darts=3`` (or one number for every method), ``--methods ista,darts``,
