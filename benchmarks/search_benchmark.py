@@ -39,8 +39,9 @@ below).
 Reading the output (a markdown table, one row per method, then the ratios):
 
 - ``s/step (median)``: median wall time of the timed steps (arch + weight step).
-- ``first step s``: the first call, tracing included; ``2nd step s``: the second
-  warm-up step (no tracing, but first-run graph optimisation and allocations).
+- ``first step s``: the first step as an epoch's: tracing, then the first call, where
+  TensorFlow optimises the traced graph before running it; ``of it tracing s``: the
+  tracing alone; ``2nd step s``: the second warm-up step.
 - ``build s``: constructing and building the super-net (all candidate ops' weights),
   the optimizers' slots and the first recovery.
 - ``peak RSS MB``: ``ru_maxrss`` of the subprocess at the end: its whole peak resident
@@ -343,18 +344,19 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
         f"{WARMUP_STEPS} warm-up steps, then the timed steps\n"
     )
     print(
-        "| method | timed steps | s/step (median) | min-max s | first step s (tracing) "
-        "| 2nd step s | build s | peak RSS MB | baseline RSS MB | step peak +MB "
-        "| graph ops | updated weights | tensor peak MB |"
+        "| method | timed steps | s/step (median) | min-max s | first step s "
+        "| of it tracing s | 2nd step s | build s | peak RSS MB | baseline RSS MB "
+        "| step peak +MB | graph ops | updated weights | tensor peak MB |"
     )
-    print("| --- |" + " ---: |" * 12)
+    print("| --- |" + " ---: |" * 13)
     for method, r in results.items():
         label = {"ista": "ista (sparse)", "darts": "darts (dense)"}.get(method, method)
         times = r["step_times_s"]
         print(
             f"| {label} | {len(times)} | {r['median_s']:.3f} | "
             f"{min(times):.2f}-{max(times):.2f} | {r['first_step_s']:.1f} | "
-            f"{_fmt(r['second_step_s'])} | {r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{_fmt(r.get('trace_s'), '.1f')} | {_fmt(r['second_step_s'])} | "
+            f"{r['build_s']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{_fmt(r['baseline_rss_mb'], '.0f')} | {_fmt(r['step_increment_mb'], '.0f')} | "
             f"{r['graph_ops']} | {r['updated_weights']}/{r['all_weights']} | "
             f"{_fmt(r.get('tensor_peak_mb'), '.0f')} |"
@@ -362,7 +364,7 @@ def _print_report(results: dict, args: argparse.Namespace) -> None:
     for method, published in PUBLISHED.items():
         label = {"ista": "published PyTorch, sparse", "darts": "published PyTorch, dense"}
         print(
-            f"| {label[method]} | - | {published['s_per_step']:.1f} | - | - | - | - | "
+            f"| {label[method]} | - | {published['s_per_step']:.1f} | - | - | - | - | - | "
             f"{published['peak_mb']:.0f} | - | - | - | - | - |"
         )
 

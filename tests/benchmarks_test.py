@@ -96,6 +96,31 @@ def test_speed_report_gives_traced_ops_and_their_ratio(monkeypatch, capsys):
     assert rows[4].split(" | ")[-2] == "0.84"
 
 
+def test_search_report_splits_the_first_step_into_tracing_and_the_rest(monkeypatch, capsys):
+    """The dense step's first step is mostly tracing and graph optimisation: the report
+    gives the tracing apart, per method, under its own header."""
+    _load("harness", monkeypatch)
+    search_benchmark = _load("search_benchmark", monkeypatch)
+    run = dict(step_times_s=[1.0, 2.0], median_s=1.5, second_step_s=1.2, build_s=8.0)
+    run.update(peak_rss_mb=1500.0, baseline_rss_mb=700.0, step_increment_mb=800.0)
+    run.update(graph_ops=7957, updated_weights=115, all_weights=1399)
+    results = {
+        "ista": {**run, "first_step_s": 7.2, "trace_s": 3.4},
+        "darts": {**run, "first_step_s": 109.7, "trace_s": 49.6},
+    }
+    args = SimpleNamespace(batch_size=64, image_size=32, channels=16, layers=8, num_classes=10)
+    args.breakdown, args.json = False, ""
+    search_benchmark._print_report(results, args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header = rows[0].strip("| ").split(" | ")
+    cells = {row.strip("| ").split(" | ")[0]: row.strip("| ").split(" | ") for row in rows}
+    column = header.index("of it tracing s")
+    assert header[column - 1] == "first step s"
+    assert cells["ista (sparse)"][column - 1 : column + 1] == ["7.2", "3.4"]
+    assert cells["darts (dense)"][column - 1 : column + 1] == ["109.7", "49.6"]
+    assert all(len(cells[label]) == len(header) for label in cells if "PyTorch" in label)
+
+
 @pytest.fixture
 def published_benchmark(monkeypatch):
     """benchmarks/published_benchmark.py as a module; the stand-in published packages it
