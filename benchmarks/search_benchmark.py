@@ -24,7 +24,7 @@ Each method runs in its own subprocess, so that its peak memory is its own. Per 
 
 Command (from the repository root; about 3 minutes on 2 cores, ~0.5 for ista and ~2.5
 for darts, of which ~2 are the dense step's first step: tracing its ~80k-op graph
-(~50 s) and its first call (~60 s, most of it TensorFlow's graph optimisation)):
+(~40-50 s) and its first call (~60-90 s, most of it TensorFlow's graph optimisation)):
 
     python benchmarks/search_benchmark.py
 
